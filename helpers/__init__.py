@@ -1,0 +1,1 @@
+"""Stable Diffusion, dissected: the small package every notebook imports."""
