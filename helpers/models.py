@@ -1,0 +1,200 @@
+"""Load a Stable Diffusion pipeline, or one component of it, from wherever the weights are.
+
+`MODEL` can be:
+- `"toy"`: the project's miniature SD trained on a synthetic world, shipped in `helpers/toy/weights/`;
+- `"tiny-random"` / `"sd15-random"`: random weights at tiny / SD 1.5 shapes (`helpers.testing`);
+- a hub id such as `"stable-diffusion-v1-5/stable-diffusion-v1-5"`;
+- a local diffusers folder (with `model_index.json`) or a single `.safetensors` file in the original LDM layout.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import (
+    ControlNetModel,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD15_DEPTH_CONTROLNET_HUB_ID = "lllyasviel/control_v11f1p_sd15_depth"
+RANDOM_MODELS = ("tiny-random", "sd15-random")
+
+# Short names users type in a widget, mapped to diffusers' scheduler classes.
+SCHEDULERS = {
+    "pndm": PNDMScheduler,  # SD 1.5's default
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "lms": LMSDiscreteScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The device asked for, else CUDA, else Apple's MPS, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (half the memory, tensor cores); fp32 elsewhere, where fp16 is slow or inexact."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def make_scheduler(name_or_scheduler, config):
+    """A fresh scheduler from a short name (`SCHEDULERS`), a class, or an instance, on the model's config."""
+    if isinstance(name_or_scheduler, str):
+        if name_or_scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler={name_or_scheduler!r} is unknown; choose one of {sorted(SCHEDULERS)}")
+        return SCHEDULERS[name_or_scheduler].from_config(config)
+    if isinstance(name_or_scheduler, type):
+        return name_or_scheduler.from_config(config)
+    return name_or_scheduler
+
+
+def toy_paths() -> tuple[Path, Path]:
+    """(pipeline folder, depth ControlNet folder) of the shipped toy model; a clear error if missing."""
+    from helpers.toy import TOY_CONTROLNET_DIR, TOY_SD_DIR
+
+    if not (Path(TOY_SD_DIR) / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"The toy model's weights are missing at {TOY_SD_DIR}. Rebuild them with "
+            "`python -m helpers.toy.train`, or use MODEL='tiny-random' for a random-weight stand-in."
+        )
+    return Path(TOY_SD_DIR), Path(TOY_CONTROLNET_DIR)
+
+
+def _resolve_controlnet(model: str, controlnet, dtype: torch.dtype):
+    if controlnet is None or isinstance(controlnet, ControlNetModel):
+        return controlnet
+    if controlnet == "depth":
+        controlnet = str(toy_paths()[1]) if model == "toy" else SD15_DEPTH_CONTROLNET_HUB_ID
+    return ControlNetModel.from_pretrained(controlnet, torch_dtype=dtype, local_files_only=hub_offline())
+
+
+def load_pipeline(
+    model: str = "toy",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    controlnet: str | ControlNetModel | None = None,
+    scheduler: str | None = None,
+    cpu_offload: bool = False,
+    attention_slicing: bool = False,
+    safety_checker: bool = True,
+    single_file_config: str | Path | None = None,
+) -> DiffusionPipeline:
+    """A ready-to-run pipeline (a ControlNet one if `controlnet` is given: a folder, hub id, or "depth").
+
+    `cpu_offload` keeps each component on the CPU until it runs (fits SD 1.5 in ~3 GB of a T4's VRAM);
+    `attention_slicing` trades speed for lower peak memory; `safety_checker=False` drops SD 1.5's checker.
+    """
+    device = pick_device(device)
+    dtype = dtype or default_dtype(device)
+    if model in RANDOM_MODELS:
+        from helpers import testing
+
+        build = testing.tiny_random_pipeline if model == "tiny-random" else testing.sd15_random_pipeline
+        pipe = build(dtype=dtype)
+    else:
+        pipe = _load_weights(model, dtype, safety_checker, single_file_config)
+    controlnet = _resolve_controlnet(model, controlnet, dtype)
+    if controlnet is not None:
+        pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    if attention_slicing:
+        pipe.enable_attention_slicing()
+    if cpu_offload:
+        if device.type != "cuda":
+            raise ValueError(f"cpu_offload=True needs a CUDA device, but the device is {device.type!r}")
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_weights(model: str, dtype: torch.dtype, safety_checker: bool, single_file_config) -> DiffusionPipeline:
+    extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    if model == "toy":
+        return StableDiffusionPipeline.from_pretrained(toy_paths()[0], torch_dtype=dtype, **extra)
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".ckpt"):
+            raise ValueError(f"MODEL={model!r} is a file but not a .safetensors or .ckpt checkpoint")
+        kwargs = {"config": str(single_file_config)} if single_file_config else {}
+        return StableDiffusionPipeline.from_single_file(
+            str(path), torch_dtype=dtype, local_files_only=hub_offline() or bool(kwargs), **kwargs, **extra
+        )
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise FileNotFoundError(f"MODEL={model!r} is a folder without model_index.json (not a diffusers folder)")
+        return StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **extra)
+    if model.count("/") != 1 or model.startswith(("/", ".", "~")):
+        raise FileNotFoundError(
+            f"MODEL={model!r} is neither 'toy', {RANDOM_MODELS}, an existing path, nor a hub id like {SD15_HUB_ID!r}"
+        )
+    return StableDiffusionPipeline.from_pretrained(
+        model, torch_dtype=dtype, local_files_only=hub_offline(), low_cpu_mem_usage=True, **extra
+    )
+
+
+COMPONENT_CLASSES = {
+    "unet": "UNet2DConditionModel",
+    "vae": "AutoencoderKL",
+    "text_encoder": "CLIPTextModel",
+    "tokenizer": "CLIPTokenizer",
+    "controlnet": "ControlNetModel",
+}
+
+
+def load_component(model: str, component: str, *, device=None, dtype: torch.dtype | None = None):
+    """Load one component (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`) without the rest."""
+    import diffusers
+    import transformers
+
+    if component not in (*COMPONENT_CLASSES, "scheduler"):
+        raise ValueError(f"component={component!r} is unknown; choose one of {[*COMPONENT_CLASSES, 'scheduler']}")
+    device = pick_device(device)
+    dtype = dtype or default_dtype(device)
+    if model in RANDOM_MODELS:
+        return getattr(load_pipeline(model, device=device, dtype=dtype), component)
+    if Path(model).is_file():
+        from helpers.ldm import load_component_from_single_file
+
+        return load_component_from_single_file(model, component, config_dir=toy_paths()[0])
+    root = toy_paths()[0] if model == "toy" else model
+    kwargs = {"subfolder": component, "local_files_only": hub_offline()}
+    if component == "scheduler":
+        config = PNDMScheduler.load_config(root, **kwargs)
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+    if component == "tokenizer":
+        return transformers.CLIPTokenizer.from_pretrained(root, **kwargs)
+    library = transformers if component == "text_encoder" else diffusers
+    cls = getattr(library, COMPONENT_CLASSES[component])
+    return cls.from_pretrained(root, torch_dtype=dtype, **kwargs).to(device)
