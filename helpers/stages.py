@@ -167,9 +167,9 @@ def denoise(
     - `callback(step_index, t, latents)` runs every `callback_steps` steps, e.g. to keep intermediate latents.
     """
     # 0. Default height and width to unet
-    if height is None or width is None:
-        default_height, default_width = default_size(pipe)
-        height, width = height or default_height, width or default_width
+    default_height, default_width = default_size(pipe)
+    height = default_height if height is None else height
+    width = default_width if width is None else width
     # 1. Check inputs
     factor = pipe.vae_scale_factor if hasattr(pipe, "vae_scale_factor") else vae_scale_factor(pipe.vae)
     _check_size("height", height, factor)

@@ -1,0 +1,171 @@
+"""The three hand-written stages against diffusers' own pipelines, on the tiny random SD."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+from helpers.models import make_scheduler
+from helpers.stages import decode, denoise, encode_image, encode_text, generate, make_generators
+
+PROMPTS = ["a red circle on a blue background", "a small green square on the left", "a photo of a cat"]
+STEPS = 4
+
+
+def pipeline_images(pipe, prompts, seeds, **kwargs):
+    return pipe(prompts, generator=make_generators(seeds), output_type="np", **kwargs).images
+
+
+def test_encode_text_equals_encode_prompt(tiny_pipe):
+    prompt_embeds, negative_prompt_embeds = encode_text(tiny_pipe, PROMPTS, ["blurry", "", "ugly"])
+    expected, expected_negative = tiny_pipe.encode_prompt(PROMPTS, "cpu", 1, True, ["blurry", "", "ugly"])
+    assert prompt_embeds.shape == (3, 77, tiny_pipe.text_encoder.config.hidden_size)
+    torch.testing.assert_close(prompt_embeds, expected, rtol=0, atol=0)
+    torch.testing.assert_close(negative_prompt_embeds, expected_negative, rtol=0, atol=0)
+    assert not torch.equal(prompt_embeds[0], prompt_embeds[1]), "different prompts must embed differently"
+
+
+def test_encode_text_without_guidance_has_no_negative(tiny_pipe):
+    prompt_embeds, negative_prompt_embeds = encode_text(tiny_pipe, "a red circle", guidance=False)
+    assert negative_prompt_embeds is None and prompt_embeds.shape[0] == 1
+
+
+@pytest.mark.parametrize("scheduler", [None, "euler_a", "dpm++"])
+def test_generate_equals_pipeline_call(tiny_pipe, scheduler):
+    seeds = [11, 12, 13]
+    ours = generate(
+        tiny_pipe, PROMPTS, seeds=seeds, num_inference_steps=STEPS, scheduler=scheduler, output_type="np", progress=False
+    )
+    if scheduler:
+        tiny_pipe.scheduler = make_scheduler(scheduler, tiny_pipe.scheduler.config)
+    theirs = pipeline_images(tiny_pipe, PROMPTS, seeds, num_inference_steps=STEPS)
+    assert ours.images.shape == theirs.shape == (3, 64, 64, 3)
+    assert np.abs(ours.images - theirs).max() <= 1e-4
+    assert set(ours.timings) == {"encode_text", "denoise", "decode", "total"}
+    assert all(seconds > 0 for seconds in ours.timings.values())
+
+
+def test_negative_prompt_and_guidance_change_the_image(tiny_pipe):
+    kwargs = dict(seeds=[5], num_inference_steps=STEPS, output_type="np", progress=False)
+    plain = generate(tiny_pipe, "a red circle", **kwargs).images
+    negative = generate(tiny_pipe, "a red circle", "a blue square", **kwargs).images
+    unguided = generate(tiny_pipe, "a red circle", guidance_scale=1.0, **kwargs).images
+    theirs = pipeline_images(tiny_pipe, ["a red circle"], [5], num_inference_steps=STEPS, guidance_scale=1.0)
+    assert np.abs(plain - negative).max() > 1e-3
+    assert np.abs(plain - unguided).max() > 1e-3
+    assert np.abs(unguided - theirs).max() <= 1e-4
+
+
+def test_batch_equals_single_calls(tiny_pipe):
+    seeds = [3, 1, 4]
+    batch = generate(tiny_pipe, PROMPTS, seeds=seeds, num_inference_steps=STEPS, output_type="np", progress=False)
+    singles = [
+        generate(tiny_pipe, [p], seeds=[s], num_inference_steps=STEPS, output_type="np", progress=False).images[0]
+        for p, s in zip(PROMPTS, seeds)
+    ]
+    assert np.abs(batch.images - np.stack(singles)).max() <= 1e-4
+
+
+def test_img2img_equals_diffusers_img2img(tiny_pipe):
+    source = generate(tiny_pipe, PROMPTS[:2], seeds=[1, 2], num_inference_steps=STEPS, progress=False).images
+    init_latents = encode_image(tiny_pipe, source)
+    assert init_latents.shape == (2, 4, 8, 8)
+    prompt_embeds, negative_prompt_embeds = encode_text(tiny_pipe, PROMPTS[:2])
+    latents = denoise(
+        tiny_pipe, prompt_embeds, negative_prompt_embeds, num_inference_steps=10, strength=0.6,
+        latents=init_latents, seeds=[7, 8], progress=False,
+    )
+    ours = decode(tiny_pipe, latents, output_type="np")
+    img2img = StableDiffusionImg2ImgPipeline(**tiny_pipe.components)
+    theirs = img2img(
+        PROMPTS[:2], image=init_latents, strength=0.6, num_inference_steps=10,
+        generator=make_generators([7, 8]), output_type="np",
+    ).images
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_callback_sees_every_kth_step_and_the_last(tiny_pipe):
+    seen = []
+    prompt_embeds, negative_prompt_embeds = encode_text(tiny_pipe, "a red circle")
+    latents = denoise(
+        tiny_pipe, prompt_embeds, negative_prompt_embeds, num_inference_steps=7, callback_steps=3, scheduler="ddim",
+        callback=lambda i, t, lat: seen.append((i, int(t), lat.clone())), progress=False,
+    )
+    assert [i for i, _, _ in seen] == [0, 3, 6]
+    assert seen[0][1] > seen[-1][1], "timesteps run from noisy to clean"
+    torch.testing.assert_close(seen[-1][2], latents)
+
+
+def test_decode_returns_pil_numpy_and_tensors(tiny_pipe):
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pil = decode(tiny_pipe, latents)
+    array = decode(tiny_pipe, latents, output_type="np")
+    tensor = decode(tiny_pipe, latents, output_type="pt")
+    assert [im.size for im in pil] == [(64, 64)] * 2
+    assert array.shape == (2, 64, 64, 3) and tensor.shape == (2, 3, 64, 64)
+    np.testing.assert_allclose(np.asarray(pil[0]) / 255, array[0], atol=1 / 255 + 1e-6)
+
+
+def test_non_square_sizes(tiny_pipe):
+    result = generate(tiny_pipe, "a red circle", height=48, width=96, num_inference_steps=2, progress=False)
+    assert result.images[0].size == (96, 48) and result.latents.shape == (1, 4, 6, 12)
+
+
+# --- bad input: a clear error naming the argument -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts=[]), "prompts is empty"),
+        (dict(prompts=["a", "b"], negative_prompts=["c"]), "negative_prompts has 1 entries but there are 2"),
+        (dict(prompts=["a", "b"], seeds=[1]), "seeds has 1 entries but there are 2"),
+        (dict(prompts=["a"], height=100), "height=100 must be a positive multiple of the VAE's scale factor 8"),
+        (dict(prompts=["a"], width=0), "width=0"),
+        (dict(prompts=["a"], num_inference_steps=0), "num_inference_steps=0 must be at least 1"),
+        (dict(prompts=["a"], latents=torch.zeros(1, 4, 9, 8)), "latents have shape (1, 4, 9, 8) but (1, 4, 8, 8)"),
+        (dict(prompts=["a"], strength=0.5), "needs latents"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tiny_pipe, kwargs, message):
+    kwargs.setdefault("num_inference_steps", 2)
+    with pytest.raises(ValueError, match=None) as error:
+        generate(tiny_pipe, progress=False, **kwargs)
+    assert message in str(error.value)
+
+
+def test_guidance_without_negative_embeds_is_an_error(tiny_pipe):
+    prompt_embeds, _ = encode_text(tiny_pipe, "a red circle", guidance=False)
+    with pytest.raises(ValueError, match="needs negative_prompt_embeds"):
+        denoise(tiny_pipe, prompt_embeds, None, guidance_scale=7.5, num_inference_steps=2)
+
+
+def test_prompt_over_77_tokens_warns_with_what_was_cut(tiny_pipe):
+    long_prompt = " ".join(["red"] * 80 + ["zebra"])
+    with pytest.warns(UserWarning, match="zebra"):
+        prompt_embeds, _ = encode_text(tiny_pipe, long_prompt)
+    assert prompt_embeds.shape[1] == 77
+
+
+def test_decode_rejects_wrong_latent_channels(tiny_pipe):
+    with pytest.raises(ValueError, match=r"decode needs \(batch, 4, h, w\)"):
+        decode(tiny_pipe, torch.zeros(1, 3, 8, 8))
+
+
+def test_stages_run_on_components_alone(tiny_pipe):
+    """Each stage needs only its own part of the model (the point of partial loading)."""
+    from types import SimpleNamespace
+
+    text_part = SimpleNamespace(tokenizer=tiny_pipe.tokenizer, text_encoder=tiny_pipe.text_encoder)
+    denoise_part = SimpleNamespace(unet=tiny_pipe.unet, scheduler=tiny_pipe.scheduler, vae_scale_factor=8)
+    decode_part = SimpleNamespace(vae=tiny_pipe.vae)
+    prompt_embeds, negative_prompt_embeds = encode_text(text_part, "a red circle")
+    latents = denoise(denoise_part, prompt_embeds, negative_prompt_embeds, num_inference_steps=STEPS, seeds=[9],
+                      progress=False)
+    ours = decode(decode_part, latents, output_type="np")
+    theirs = pipeline_images(tiny_pipe, ["a red circle"], [9], num_inference_steps=STEPS)
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_pipeline_class_is_the_one_users_know(tiny_pipe):
+    assert isinstance(tiny_pipe, StableDiffusionPipeline)
