@@ -448,6 +448,7 @@ class _Torrent:
         for peer in extra_peers:
             self.handle.connect_peer(tuple(peer))
         self.hash_failures = 0
+        self.banned_peers = 0
         self.resume_data: bytes | None = None
         self.error: DownloadError | None = None
 
@@ -460,6 +461,8 @@ class _Torrent:
     def _on_alert(self, alert) -> None:
         if isinstance(alert, lt.hash_failed_alert):
             self.hash_failures += 1
+        elif isinstance(alert, lt.peer_ban_alert):
+            self.banned_peers += 1
         elif isinstance(alert, lt.save_resume_data_alert):
             self.resume_data = lt.write_resume_data_buf(alert.params)
         elif isinstance(alert, lt.file_error_alert):
@@ -491,6 +494,16 @@ class _Torrent:
             finally:
                 self.session.pause()
                 self.session = None
+
+
+def _verified_bytes(st: lt.torrent_status, handle: lt.torrent_handle) -> int:
+    """Bytes in pieces that passed their hash (total_done also counts blocks of unfinished pieces)."""
+    info = handle.torrent_file()
+    if info is None or not st.pieces:
+        return 0
+    last = info.num_pieces() - 1
+    full = sum(1 for i, have in enumerate(st.pieces) if have and i != last)
+    return full * info.piece_length() + (info.piece_size(last) if st.pieces[last] else 0)
 
 
 def _torrent_source(source: str | Path | lt.torrent_info) -> tuple[MagnetLink | None, lt.torrent_info | None]:
@@ -549,21 +562,34 @@ def download_torrent(
     stored = _read_resume(resume_file) if resume_file and resume_file.is_file() else None
     if stored is not None and str(stored.info_hashes.v1) != info_hash:
         stored = None  # resume data of another torrent with the same name: ignore it
-    if name and (dest / name).is_file() and expected_size == (dest / name).stat().st_size:
-        known = stored.ti if stored is not None and stored.ti is not None else info
-        try:
-            verified = verify_file(
-                dest / name, expected_size, info=known if verify_cached_pieces else None, sha256=sha256
-            )
-        except VerificationError as exc:
-            print(f"{name} is on disk but does not verify ({exc}); libtorrent will re-fetch the bad pieces")
+    partial = stored is not None and not all(stored.have_pieces or [False])  # an interrupted download
+    # Only with the metadata at hand (stored resume data or a .torrent) can a file be checked offline; a file
+    # of the right size without it may be an interrupted download with holes, so libtorrent checks it
+    # piece by piece once the metadata arrives (and the report says cached if nothing had to be fetched).
+    known = stored.ti if stored is not None and stored.ti is not None else info
+    present = name and (dest / name).is_file() and expected_size == (dest / name).stat().st_size
+    if present and not partial and known is not None:
+        bad = check_pieces(dest / name, known) if verify_cached_pieces else []
+        if bad:
+            print(f"{name} is on disk but {len(bad)} of {known.num_pieces()} pieces fail their hash; "
+                  "fetching just those again")
+            if stored is not None:  # tell libtorrent which pieces it no longer has
+                have = list(stored.have_pieces)
+                for i in bad:
+                    have[i] = False
+                stored.have_pieces = have
         else:
-            if known is None:
-                verified["pieces"] = "not checked (no metadata stored)"
-            t1, finished = _now()
-            return DownloadReport("torrent", str(dest / name), expected_size, started, finished, t1 - t0, 0,
-                                  resumed_bytes=expected_size, cached=True, verified=verified,
-                                  detail={"info_hash": info_hash})
+            try:
+                verified = verify_file(dest / name, expected_size, sha256=sha256)
+            except VerificationError as exc:
+                print(f"{name} is on disk but does not verify ({exc}); libtorrent will check it piece by piece")
+                stored, info = None, known  # no resume data: libtorrent hashes the file and keeps good pieces
+            else:
+                verified["pieces"] = f"ok ({known.num_pieces()} SHA-1)" if verify_cached_pieces else "not checked"
+                t1, finished = _now()
+                return DownloadReport("torrent", str(dest / name), expected_size, started, finished, t1 - t0, 0,
+                                      resumed_bytes=expected_size, cached=True, verified=verified,
+                                      detail={"info_hash": info_hash})
     if expected_size:
         check_disk_space(dest, expected_size, dest / name if name else None)
 
@@ -617,9 +643,8 @@ def download_torrent(
                 bar.set_postfix_str("checking pieces on disk")
                 last_change = now
                 continue
-            if resumed_bytes is None:
-                resumed_bytes = max(0, st.total_done - st.total_payload_download)
-                bar.update(st.total_done - bar.n)
+            if resumed_bytes is None:  # pieces that passed their hash before any payload of this run
+                resumed_bytes = max(0, _verified_bytes(st, run.handle) - st.total_payload_download)
             bar.update(st.total_done - bar.n)
             bar.set_postfix(peers=st.num_peers, seeds=st.num_seeds,
                             rate=f"{format_bytes(st.download_payload_rate)}/s", refresh=False)
@@ -632,7 +657,8 @@ def download_torrent(
                 if run.hash_failures or st.total_failed_bytes:
                     raise CorruptDataError(
                         f"{run.hash_failures} piece(s) ({format_bytes(st.total_failed_bytes)}) failed their SHA-1 "
-                        f"hash and no good data arrived for {stall_timeout:.0f} s: the peers send corrupt data"
+                        f"hash and no good data arrived for {stall_timeout:.0f} s: the peers send corrupt data "
+                            f"({run.banned_peers} peer(s) banned for it)"
                     )
                 raise NoPeersError(
                     f"no data for {stall_timeout:.0f} s at {st.progress:.1%} ({st.num_peers} peers connected)"
@@ -640,9 +666,10 @@ def download_torrent(
             if timeout is not None and now - t0 > timeout:
                 raise DownloadTimeoutError(f"download not finished after {timeout:.0f} s ({st.progress:.1%} done)")
             if stop_when is not None and stop_when(st):
+                kept = _verified_bytes(st, run.handle)
                 raise DownloadInterrupted(
-                    f"stopped at {st.progress:.1%} ({format_bytes(st.total_done)} verified and kept); "
-                    "call again to resume", st.total_done, total)
+                    f"stopped at {st.progress:.1%} ({format_bytes(kept)} in verified pieces kept); "
+                    "call again to resume", kept, total)
             if now - last_resume_save > resume_interval and st.need_save_resume:
                 run.save_resume(resume_file)
                 last_resume_save = now
@@ -667,7 +694,7 @@ def download_torrent(
     downloaded = total - (resumed_bytes or 0)
     return DownloadReport(
         "torrent", str(path), total, started, finished, t1 - t0, downloaded,
-        resumed_bytes=resumed_bytes or 0, peers_max=peers_max, verified=verified,
+        resumed_bytes=resumed_bytes or 0, cached=downloaded == 0, peers_max=peers_max, verified=verified,
         detail={"info_hash": info_hash, "payload_downloaded": st.total_payload_download,
                 "failed_bytes": st.total_failed_bytes, "redundant_bytes": st.total_redundant_bytes,
                 "hash_failures": run.hash_failures},

@@ -14,7 +14,6 @@ Nothing here touches the internet: every socket is bound to 127.0.0.1, DHT/LSD/U
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
 import threading
@@ -175,7 +174,11 @@ class CorruptPeer:
 
     It speaks just enough of the wire protocol (BEP 3: handshake, bitfield, unchoke, request -> piece) to be
     downloaded from; the leecher must notice that no piece passes its SHA-1 hash and ban it.
+    It has no encryption (MSE) and no uTP, so a leecher must use `CorruptPeer.LEECHER_SETTINGS`
+    (libtorrent tries both first by default and would only fall back to plain TCP after a timeout).
     """
+
+    LEECHER_SETTINGS = {"out_enc_policy": lt.enc_policy.pe_disabled, "enable_outgoing_utp": False}
 
     def __init__(self, torrent: str | Path | lt.torrent_info):
         self.info = torrent if isinstance(torrent, lt.torrent_info) else lt.torrent_info(str(torrent))

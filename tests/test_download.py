@@ -1,0 +1,273 @@
+"""Downloads over a real BitTorrent swarm on loopback (127.0.0.1): no tracker, no DHT, no internet.
+
+A libtorrent seeder serves a generated safetensors file; the leecher starts from a magnet link whose only
+peer is `x.pe=127.0.0.1:PORT` and gets the metadata from the seeder (BEP 9) before the pieces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import download as D
+from helpers.swarm import CorruptPeer, LoopbackSeeder, free_loopback_port, generate_safetensors_file, make_torrent
+
+LOOPBACK = {"dht": False, "listen_interfaces": "127.0.0.1:0", "progress": False}
+SIZE = 8 << 20  # 8 MiB
+PIECE = 64 << 10  # 128 pieces of 64 KiB: enough to interrupt half-way
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def source_file(tmp_path_factory) -> Path:
+    return generate_safetensors_file(tmp_path_factory.mktemp("seed") / "model.safetensors", SIZE, seed=1)
+
+
+@pytest.fixture
+def seeder(source_file):
+    with LoopbackSeeder(source_file, piece_size=PIECE) as s:
+        yield s
+
+
+# --- magnet links ------------------------------------------------------------------------------------
+
+
+def test_magnet_base32_and_hex_are_the_same_torrent():
+    hex_link = D.parse_magnet(D.SD15_MAGNET)
+    b32_link = D.parse_magnet(D.SD15_MAGNET.replace(hex_link.info_hash, "H6ABMBQRGKWUUR26WM62YVU7HKEEDCLU"))
+    assert hex_link.info_hash == b32_link.info_hash == "3f8016061132ad4a475eb33dac569f3a88418974"
+    assert hex_link.size == D.SD15_SIZE == 4_265_146_304
+    assert hex_link.name == "v1-5-pruned-emaonly.safetensors"
+    assert hex_link.trackers == ("udp://exodus.desync.com:6969/announce",)
+
+
+def test_magnet_peers_and_roundtrip():
+    link = D.parse_magnet("magnet:?xt=urn:btih:" + "ab" * 20 + "&dn=a%20b.bin&xl=10&x.pe=127.0.0.1:6881&x.pe=[::1]:7")
+    assert link.peers == (("127.0.0.1", 6881), ("::1", 7))
+    assert link.name == "a b.bin"
+    assert D.parse_magnet(link.to_uri()) == D.parse_magnet(link.to_uri())
+    assert D.parse_magnet(link.to_uri()).peers == link.peers
+
+
+@pytest.mark.parametrize(
+    "uri, words",
+    [
+        ("http://example.com/file", "not a magnet"),
+        ("magnet:?dn=x&xl=3", "no 'xt"),
+        ("magnet:?xt=urn:btih:1234", "40 (hex) or 32 (base32)"),
+        ("magnet:?xt=urn:btih:" + "zz" * 20, "not hexadecimal"),
+        ("magnet:?xt=urn:btih:" + "1" * 32, "not base32"),
+        ("magnet:?xt=urn:btih:" + "ab" * 20 + "&xl=-5", "positive integer"),
+        ("magnet:?xt=urn:btih:" + "ab" * 20 + "&x.pe=localhost", "HOST:PORT"),
+        ("magnet:?xt=urn:btih:" + "ab" * 20 + "&dn=../../etc/passwd", "plain file name"),
+    ],
+)
+def test_malformed_magnets_are_rejected(uri, words):
+    with pytest.raises(D.MagnetError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        D.parse_magnet(uri)
+    with pytest.raises(D.MagnetError):  # and download_torrent refuses before opening a session
+        D.download_torrent(uri, "/nonexistent-never-created", **LOOPBACK)
+
+
+# --- the happy path: metadata exchange, pieces, report, cache ---------------------------------------
+
+
+def test_loopback_download_from_magnet_then_cached(seeder, source_file, tmp_path):
+    assert "x.pe=127.0.0.1:" in seeder.magnet and "tr=" not in seeder.magnet
+    report = D.download_torrent(seeder.magnet, tmp_path, metadata_timeout=20, stall_timeout=20, **LOOPBACK)
+    path = tmp_path / "model.safetensors"
+    assert report.path == str(path) and not report.cached
+    assert sha(path) == sha(source_file)
+    assert report.size_bytes == SIZE == report.downloaded_bytes
+    assert report.elapsed_s > 0 and report.average_speed > 0
+    assert report.peers_max >= 1
+    assert report.verified["size"] == "ok" and report.verified["safetensors"].startswith("ok")
+    assert report.detail["hash_failures"] == 0
+    text = str(report)
+    for word in ("start", "finish", "elapsed", "size", "average"):
+        assert word in text
+    assert D.resume_path(tmp_path, "model.safetensors").is_file()  # metadata kept for cache checks
+
+    seeder.close()  # the second call must not need the network at all
+    again = D.download_torrent(seeder.magnet, tmp_path, metadata_timeout=2, **LOOPBACK)
+    assert again.cached and again.downloaded_bytes == 0
+    assert again.verified["pieces"].startswith("ok")
+    assert "cached" in str(again)
+
+
+def test_download_from_torrent_file_with_sha256(seeder, source_file, tmp_path):
+    report = D.download_torrent(seeder.torrent_path, tmp_path, peers=[("127.0.0.1", seeder.port)],
+                                sha256=sha(source_file), stall_timeout=20, **LOOPBACK)
+    assert report.verified["sha256"] == "ok"
+
+
+# --- resume -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep_resume_data", [True, False])
+def test_interrupted_download_resumes_without_refetching(source_file, tmp_path, keep_resume_data):
+    with LoopbackSeeder(source_file, piece_size=PIECE, upload_rate_limit=2 << 20) as seeder:  # 2 MB/s: ~4 s
+        with pytest.raises(D.DownloadInterrupted) as stopped:
+            D.download_torrent(seeder.magnet, tmp_path, stall_timeout=20,
+                               stop_when=lambda st: st.progress >= 0.4, **LOOPBACK)
+        done_first = stopped.value.done_bytes
+        assert 0.4 * SIZE <= done_first < SIZE
+        resume_file = D.resume_path(tmp_path, "model.safetensors")
+        assert resume_file.is_file()
+        if not keep_resume_data:  # then libtorrent hashes what is on disk once the metadata arrives
+            resume_file.unlink()
+        seeder.set_upload_rate_limit(0)
+        report = D.download_torrent(seeder.magnet, tmp_path, stall_timeout=20, **LOOPBACK)
+    assert sha(tmp_path / "model.safetensors") == sha(source_file)
+    assert not report.cached
+    assert report.resumed_bytes >= done_first
+    # only the missing pieces travel again: the leecher's own payload counter for this run
+    assert report.downloaded_bytes <= SIZE - done_first
+    assert report.detail["payload_downloaded"] <= SIZE - done_first + PIECE
+
+
+def test_damaged_piece_on_disk_is_refetched_alone(seeder, source_file, tmp_path):
+    D.download_torrent(seeder.magnet, tmp_path, stall_timeout=20, **LOOPBACK)
+    path = tmp_path / "model.safetensors"
+    with open(path, "r+b") as f:  # flip bytes in the middle of piece 70
+        f.seek(70 * PIECE + 123)
+        f.write(b"\x00\xff" * 8)
+    with pytest.raises(D.CorruptDataError, match="1 of 128 pieces"):
+        D.verify_file(path, SIZE, info=seeder.info)
+    report = D.download_torrent(seeder.magnet, tmp_path, stall_timeout=20, **LOOPBACK)
+    assert not report.cached
+    assert sha(path) == sha(source_file)
+    assert report.downloaded_bytes == PIECE
+    assert report.detail["payload_downloaded"] == PIECE
+
+
+def test_complete_file_without_metadata_is_checked_by_libtorrent(seeder, source_file, tmp_path):
+    # e.g. the file came from the hub: no resume data, so libtorrent hashes it once the metadata arrives
+    (tmp_path / "model.safetensors").write_bytes(source_file.read_bytes())
+    report = D.download_torrent(seeder.magnet, tmp_path, stall_timeout=20, **LOOPBACK)
+    assert report.cached and report.downloaded_bytes == 0 and report.detail["payload_downloaded"] == 0
+
+
+# --- bad cases ----------------------------------------------------------------------------------------
+
+
+def test_no_peer_times_out_quickly(tmp_path):
+    port = free_loopback_port()  # nobody listens there
+    magnet = f"magnet:?xt=urn:btih:{'ab' * 20}&dn=x.safetensors&xl=1000&x.pe=127.0.0.1:{port}"
+    t = time.monotonic()
+    with pytest.raises(D.NoPeersError, match="no metadata .* after 2 s .*no peer connected"):
+        D.download_torrent(magnet, tmp_path, metadata_timeout=2, **LOOPBACK)
+    assert time.monotonic() - t < 10
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_wrong_magnet_for_the_swarm(seeder, tmp_path):
+    # right peer, wrong info hash: the seeder drops the handshake, so no metadata ever comes
+    wrong = seeder.magnet.replace(seeder.info_hash, "cd" * 20)
+    with pytest.raises(D.NoPeersError):
+        D.download_torrent(wrong, tmp_path, metadata_timeout=2, **LOOPBACK)
+    # right torrent, wrong size in the link: caught as soon as the metadata arrives
+    wrong_size = seeder.magnet.replace(f"xl={SIZE}", f"xl={SIZE - 1}")
+    with pytest.raises(D.MagnetError, match="xl=8,388,607"):
+        D.download_torrent(wrong_size, tmp_path, metadata_timeout=10, **LOOPBACK)
+
+
+def test_corrupt_peer_data_is_rejected(source_file, tmp_path):
+    torrent = make_torrent(source_file, PIECE, tmp_path / "model.torrent")
+    dest = tmp_path / "dest"
+    with CorruptPeer(torrent) as liar:
+        with pytest.raises(D.CorruptDataError, match="failed their SHA-1"):
+            D.download_torrent(torrent, dest, peers=[("127.0.0.1", liar.port)], stall_timeout=3,
+                               metadata_timeout=5, settings=CorruptPeer.LEECHER_SETTINGS, **LOOPBACK)
+        assert liar.blocks_sent > 0  # it did send data, and none of it was accepted
+    path = dest / "model.safetensors"
+    assert not path.exists() or D.check_pieces(path, D.lt.torrent_info(str(torrent))) != []
+
+
+def test_not_enough_disk_space(seeder, tmp_path, monkeypatch):
+    huge = f"magnet:?xt=urn:btih:{'ab' * 20}&dn=big.safetensors&xl={10**18}"
+    with pytest.raises(D.InsufficientDiskSpaceError, match="not enough disk space"):
+        D.download_torrent(huge, tmp_path, metadata_timeout=1, **LOOPBACK)
+    # and when only the metadata tells the size (no xl), after the metadata arrives
+    no_xl = seeder.magnet.replace(f"&xl={SIZE}", "")
+    monkeypatch.setattr(D.shutil, "disk_usage", lambda p: _Usage(SIZE // 2))
+    with pytest.raises(D.InsufficientDiskSpaceError):
+        D.download_torrent(no_xl, tmp_path, metadata_timeout=10, **LOOPBACK)
+
+
+class _Usage:
+    def __init__(self, free):
+        self.free = free
+
+
+def test_destination_not_writable(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(D.NotWritableError, match="is a file"):
+        D.download_torrent(D.SD15_MAGNET, blocker / "sub", **LOOPBACK)
+    with pytest.raises(PermissionError):  # NotWritableError is a PermissionError too
+        D.ensure_writable_dir(blocker)
+
+
+def test_truncated_and_corrupt_files_are_reported(source_file, tmp_path):
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(source_file.read_bytes())
+    assert D.verify_file(good, SIZE, sha256=sha(source_file))["sha256"] == "ok"
+
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(source_file.read_bytes()[: SIZE - 1000])
+    with pytest.raises(D.TruncatedFileError, match="1,000 missing"):
+        D.verify_file(cut, SIZE)
+    with pytest.raises(D.TruncatedFileError):  # no expected size: the header still knows
+        D.verify_file(cut)
+
+    bad_header = tmp_path / "bad.safetensors"
+    bad_header.write_bytes(source_file.read_bytes()[:8] + b"{not json" + source_file.read_bytes()[17:])
+    with pytest.raises(D.VerificationError, match="not valid JSON"):
+        D.verify_file(bad_header, SIZE)
+
+    flipped = tmp_path / "flipped.safetensors"
+    data = bytearray(source_file.read_bytes())
+    data[SIZE // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(D.CorruptDataError, match="SHA-256"):
+        D.verify_file(flipped, SIZE, sha256=sha(source_file))
+
+
+# --- the hub (offline here: the library is exercised through hf_hub_download's own offline mode) ------
+
+
+def test_hub_offline_without_cache_is_a_clear_error(tmp_path):
+    with pytest.raises(D.DownloadError, match="cannot reach"):
+        D.download_hub("someone/not-here", "model.safetensors", tmp_path / "hub", cache_dir=tmp_path / "cache")
+
+
+def test_hub_report_uses_hf_hub_download(source_file, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.file_download import DryRunFileInfo
+
+    calls = []
+
+    def fake_hf_hub_download(repo_id, filename, *, dry_run=False, local_dir=None, **kwargs):
+        target = Path(local_dir) / filename
+        calls.append(dry_run)
+        if dry_run:
+            cached = target.is_file()
+            return DryRunFileInfo(commit_hash="0" * 40, file_size=SIZE, filename=filename, is_cached=cached,
+                                  local_path=str(target), will_download=not cached)
+        if not target.is_file():
+            target.write_bytes(source_file.read_bytes())
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
+    first = D.download_hub("org/repo", "model.safetensors", tmp_path)
+    assert not first.cached and first.downloaded_bytes == SIZE and first.source == "hub"
+    second = D.download_hub("org/repo", "model.safetensors", tmp_path)
+    assert second.cached and second.downloaded_bytes == 0
+    assert calls == [True, False, True, False]
