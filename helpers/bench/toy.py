@@ -1,0 +1,112 @@
+"""The toy model's quality bars: `python -m helpers bench toy` (or `python -m helpers.bench.toy`).
+
+Prints a table and writes outputs/bench_toy.json:
+  oracle accuracy on rendered held-out scenes,
+  prompt adherence on held-out single- and two-object prompts at guidance 7.5 and 1.0 (20 steps),
+  ControlNet control adherence (mask IoU) on held-out depth maps,
+  seconds per 20-step guided image (batch 1, median of repeats, warm-up excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BARS = {  # the issue's bars (tests check looser ones)
+    "oracle_accuracy": (">=", 0.99),
+    "prompt_adherence_single_cfg7.5": (">=", 0.90),
+    "control_iou": (">=", 0.80),
+    "seconds_per_image": ("<", 1.0),
+}
+
+
+def oracle_accuracy(n: int, seed: int) -> float:
+    """Share of rendered held-out scenes (1 or 2 objects) the oracle reads exactly right."""
+    from helpers.toy import sample_scenes
+    from helpers.toy.oracle import reading_accuracy
+
+    sample = sample_scenes(n, seed=seed, split="heldout", max_objects=2)
+    return reading_accuracy(sample.images, sample.scenes)
+
+
+def seconds_per_image(pipe, steps: int, guidance_scale: float, repeats: int) -> float:
+    prompt = "a red circle on the left"
+    with torch.inference_mode():
+        pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                 generator=torch.Generator().manual_seed(0))
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeats: int) -> dict:
+    from helpers.toy import control_adherence, generate, load_pipeline, prompt_adherence, sample_scenes
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    results: dict = {"steps": steps, "n_single": n_single, "n_two": n_two, "n_control": n_control}
+    results["oracle_accuracy"] = oracle_accuracy(1000, seed)
+    pipe = load_pipeline()
+    single = sample_scenes(n_single, seed=seed, split="heldout", max_objects=1)
+    two = sample_scenes(n_two, seed=seed, split="heldout", min_objects=2, max_objects=2)
+    with torch.inference_mode():
+        for guidance_scale in (7.5, 1.0):
+            for name, sample in (("single", single), ("two", two)):
+                if not sample.prompts:
+                    continue
+                images = generate(pipe, sample.prompts, seed=seed, num_inference_steps=steps,
+                                  guidance_scale=guidance_scale)
+                key = f"prompt_adherence_{name}_cfg{guidance_scale:g}"
+                results[key] = prompt_adherence(images, sample.scenes)
+    results["seconds_per_image"] = seconds_per_image(pipe, steps, 7.5, repeats)
+    control = sample_scenes(n_control, seed=seed + 1, split="heldout", max_objects=2)
+    control_pipe = load_pipeline(controlnet=True)
+    with torch.inference_mode():
+        images = generate(control_pipe, control.prompts, seed=seed, num_inference_steps=steps,
+                          guidance_scale=7.5, control_images=control.control_images())
+    results["control_iou"] = control_adherence(images, control.depth_maps)
+    results["control_prompt_adherence"] = prompt_adherence(images, control.scenes)
+    return results
+
+
+def print_table(results: dict) -> None:
+    print(f"{'metric':38s} {'value':>8s}  bar")
+    for key, value in results.items():
+        if isinstance(value, float):
+            bar = BARS.get(key)
+            verdict = ""
+            if bar:
+                ok = value >= bar[1] if bar[0] == ">=" else value < bar[1]
+                verdict = f"{bar[0]} {bar[1]:g}  {'PASS' if ok else 'FAIL'}"
+            print(f"{key:38s} {value:8.3f}  {verdict}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers bench toy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-single", type=int, default=200, help="held-out single-object prompts")
+    parser.add_argument("--n-two", type=int, default=100, help="held-out two-object prompts")
+    parser.add_argument("--n-control", type=int, default=100, help="held-out depth maps for ControlNet")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs for seconds per image")
+    parser.add_argument("--output", type=Path, default=Path("outputs/bench_toy.json"))
+    args = parser.parse_args(argv)
+    results = run(args.n_single, args.n_two, args.n_control, args.steps, args.seed, args.repeats)
+    print_table(results)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,599 @@
+"""Train the toy Stable Diffusion from scratch on 2 CPU cores: `python -m helpers.toy.train`.
+
+Stages (each resumable from its checkpoint in --work-dir, each skipped when its result already exists):
+
+  data        render the training scenes once (images, depth maps, captions)      -> work/data.pt
+  oracle      the classifier behind the quality metrics                            -> weights/oracle/
+  vae         AutoencoderKL on random crops (fully convolutional, so crops suffice) -> work/vae/
+  latents     encode every training image once with the trained VAE                -> work/latents.pt
+  unet        UNet2DConditionModel + CLIPTextModel jointly, DDPM epsilon loss, caption dropout, EMA
+  pipeline    assemble the StableDiffusionPipeline folder (PNDM, SD 1.5 config)    -> weights/sd/
+  controlnet  ControlNetModel.from_unet on depth maps, base model frozen           -> weights/controlnet-depth/
+  ldm         single-file export in the original LDM key layout (helpers.ldm)      -> weights/toy-sd-ldm.safetensors
+
+Examples:
+  python -m helpers.toy.train                          # everything, default budget (~60 min on 2 cores)
+  python -m helpers.toy.train --stage unet --unet-steps 100 --work-dir scratch/try
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from helpers.toy import world
+from helpers.toy.oracle import Oracle, oracle_loss, save_oracle, scene_labels
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_WORK_DIR = Path(__file__).resolve().parents[2] / "scratch" / "toy"
+STAGES = ("data", "oracle", "vae", "latents", "unet", "pipeline", "controlnet", "ldm")
+
+# SD 1.5's training noise schedule (scheduler_config.json of stable-diffusion-v1-5).
+SD_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+# SD 1.5's shipped inference scheduler (PNDM, as in the hub folder).
+SD_PNDM_CONFIG = {
+    **SD_SCHEDULE,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+@dataclass
+class Budget:
+    """Steps per stage; --max-minutes caps each stage in wall time too (a busy machine stops early)."""
+
+    oracle_steps: int = 600
+    vae_steps: int = 1500
+    unet_steps: int = 3000
+    controlnet_steps: int = 1200
+    max_minutes: float = 1e9
+    batch_size: int = 64
+    n_scenes: int = 20000
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(  # 3 levels: 64x64x3 image <-> 16x16x4 latent (vae_scale_factor 4)
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=world.IMAGE_SIZE,
+    )
+
+
+def make_unet(cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(  # SD 1.5's block structure, shrunk channels
+        sample_size=world.IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+    )
+
+
+def make_tokenizer():
+    from helpers.tokenizer import DEFAULT_WORDS, build_clip_tokenizer
+
+    return build_clip_tokenizer([*world.VOCABULARY, *DEFAULT_WORDS])
+
+
+def make_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,  # 77, like SD
+        hidden_act="quick_gelu",
+        projection_dim=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def make_controlnet(unet):
+    from diffusers import ControlNetModel
+
+    # 3 conditioning channels sizes = 2 downsamplings: 64x64 depth -> 16x16, the latent size
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64))
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1], the VAE's input range."""
+    return images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def cosine_lr(progress: float, warmup: float = 0.05) -> float:
+    """Learning-rate factor at `progress` in [0, 1]: linear warm-up, then cosine decay to 0."""
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+class Checkpointer:
+    """Saves a stage's state every `every_seconds` (and at the end) to work_dir/<stage>.ckpt."""
+
+    def __init__(self, path: Path, every_seconds: float = 180):
+        self.path, self.every_seconds, self.last = path, every_seconds, time.time()
+
+    def load(self) -> dict | None:
+        if self.path.exists():
+            log(f"resuming from {self.path}")
+            return torch.load(self.path, weights_only=False)
+        return None
+
+    def maybe_save(self, state: Callable[[], dict], force: bool = False) -> None:
+        if force or time.time() - self.last > self.every_seconds:
+            tmp = self.path.with_suffix(".tmp")
+            torch.save(state(), tmp)
+            tmp.replace(self.path)  # atomic: a kill mid-save never corrupts the checkpoint
+            self.last = time.time()
+
+
+def train_loop(
+    name: str,
+    steps: int,
+    step_fn: Callable[[int, float], float],
+    checkpointer: Checkpointer,
+    state_fn: Callable[[int], dict],
+    start_step: int,
+    max_minutes: float,
+) -> list[float]:
+    """Run step_fn(step, progress) -> loss from start_step until `steps` or `max_minutes`, whichever
+    comes first, with progress, checkpoints and a smoothed loss. `progress` in [0, 1) is the further
+    along of the two, so learning-rate schedules still anneal fully when a busy machine hits the cap."""
+    started = time.time()
+    running = None
+    losses = []
+    bar = tqdm(range(start_step, steps), desc=name, initial=start_step, total=steps, mininterval=20)
+    for step in bar:
+        progress = max(step / steps, (time.time() - started) / (max_minutes * 60))
+        if progress >= 1.0:
+            log(f"{name}: time cap of {max_minutes} min reached at step {step}/{steps}")
+            break
+        loss = step_fn(step, progress)
+        losses.append(loss)
+        running = loss if running is None else 0.98 * running + 0.02 * loss
+        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+        checkpointer.maybe_save(lambda s=step: state_fn(s + 1))
+    bar.close()
+    checkpointer.maybe_save(lambda: state_fn(steps), force=True)
+    log(f"{name}: done in {(time.time() - started) / 60:.1f} min, smoothed loss {running}")
+    return losses
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless shuffled index batches over range(n)."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+def stage_data(work: Path, budget: Budget) -> None:
+    path = work / "data.pt"
+    if path.exists():
+        return
+    scenes = world.make_scenes(budget.n_scenes, seed=0, split="train", max_objects=2)
+    images, depths = [], []
+    for scene in tqdm(scenes, desc="render", mininterval=20):
+        image, depth = world.render(scene)
+        images.append(image)
+        depths.append(depth)
+    data = {
+        "images": torch.from_numpy(np.stack(images)),  # (N, 64, 64, 3) uint8
+        "depths": torch.from_numpy(np.stack(depths)).half(),  # (N, 64, 64)
+        "captions": [s.caption for s in scenes],
+        "seeds": [s.seed for s in scenes],
+        "n_objects": [len(s.objects) for s in scenes],
+    }
+    torch.save(data, path)
+    log(f"rendered {len(scenes)} scenes -> {path}")
+
+
+def augment_for_oracle(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mimic generated images: pixel noise and a slight blur, so the oracle reads samples as reliably
+    as rendered scenes. (N, 3, H, W) in [0, 1] -> same."""
+    n = len(images)
+    noise_level = torch.rand(n, 1, 1, 1, generator=generator) * 0.06
+    images = images + noise_level * torch.randn(images.shape, generator=generator)
+    blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    use_blur = (torch.rand(n, 1, 1, 1, generator=generator) < 0.3).float()
+    return (use_blur * blurred + (1 - use_blur) * images).clamp(0, 1)
+
+
+def stage_oracle(work: Path, budget: Budget) -> None:
+    if (WEIGHTS_DIR / "oracle" / "model.safetensors").exists():
+        return
+    torch.manual_seed(0)
+    data = torch.load(work / "data.pt", weights_only=False)
+    scenes = [
+        world.make_scene(seed, "train", n) for seed, n in zip(data["seeds"], data["n_objects"])
+    ]
+    labels = scene_labels(scenes)
+    oracle = Oracle()
+    optimizer = torch.optim.AdamW(oracle.parameters(), lr=2e-3, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    index_batches = batches(len(scenes), budget.batch_size, generator)
+    checkpointer = Checkpointer(work / "oracle.ckpt")
+
+    def step_fn(step: int, progress: float) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = 2e-3 * cosine_lr(progress)
+        idx = next(index_batches)
+        images = data["images"][idx].permute(0, 3, 1, 2).float() / 255.0  # (B, 3, 64, 64) in [0, 1]
+        loss = oracle_loss(oracle(augment_for_oracle(images, generator)), {k: v[idx] for k, v in labels.items()})
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    train_loop("oracle", budget.oracle_steps, step_fn, checkpointer,
+               lambda s: {"step": s}, 0, budget.max_minutes)
+    save_oracle(oracle, WEIGHTS_DIR / "oracle")
+    log(f"oracle saved to {WEIGHTS_DIR / 'oracle'}")
+
+
+def vae_loss(vae, images: torch.Tensor) -> torch.Tensor:
+    """Reconstruction (L1 + MSE) + a small KL, as in SD's VAE minus the perceptual/GAN terms."""
+    posterior = vae.encode(images).latent_dist
+    reconstruction = vae.decode(posterior.sample()).sample
+    error = reconstruction - images
+    return error.abs().mean() + error.pow(2).mean() + 1e-6 * posterior.kl().mean()
+
+
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 3, size, size), one random crop per image (4x cheaper VAE steps at size=H/2)."""
+    n, _, h, w = images.shape
+    ys = torch.randint(0, h - size + 1, (n,), generator=generator)
+    xs = torch.randint(0, w - size + 1, (n,), generator=generator)
+    return torch.stack([im[:, y : y + size, x : x + size] for im, y, x in zip(images, ys, xs)])
+
+
+def stage_vae(work: Path, budget: Budget) -> list[float]:
+    if (work / "vae" / "config.json").exists():
+        return []
+
+    torch.manual_seed(0)
+    data = torch.load(work / "data.pt", weights_only=False)
+    vae = make_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+    checkpointer = Checkpointer(work / "vae.ckpt")
+    start = 0
+    if (state := checkpointer.load()) is not None:
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start = state["step"]
+    index_batches = batches(len(data["images"]), budget.batch_size // 2, generator)
+
+    def step_fn(step: int, progress: float) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * cosine_lr(progress)
+        images = to_model_range(data["images"][next(index_batches)])  # (B, 3, 64, 64)
+        loss = vae_loss(vae, random_crops(images, world.IMAGE_SIZE // 2, generator))  # on (B, 3, 32, 32)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        return loss.item()
+
+    def state(step: int) -> dict:
+        return {"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "step": step}
+
+    losses = train_loop("vae", budget.vae_steps, step_fn, checkpointer, state, start, budget.max_minutes)
+    # SD's scaling_factor makes latents unit-variance for the UNet: measure it on the training set.
+    with torch.inference_mode():
+        sample = to_model_range(data["images"][:512])
+        latents = vae.encode(sample).latent_dist.mean  # (512, 4, 16, 16)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.save_pretrained(work / "vae")
+    log(f"vae saved, scaling_factor={vae.config.scaling_factor:.4f}")
+    return losses
+
+
+def stage_latents(work: Path, budget: Budget) -> None:
+    path = work / "latents.pt"
+    if path.exists():
+        return
+    from diffusers import AutoencoderKL
+
+    data = torch.load(work / "data.pt", weights_only=False)
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    means, stds = [], []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(data["images"]), 256), desc="encode", mininterval=20):
+            dist = vae.encode(to_model_range(data["images"][start : start + 256])).latent_dist
+            means.append(dist.mean)  # (b, 4, 16, 16)
+            stds.append(dist.std)
+    torch.save({"mean": torch.cat(means), "std": torch.cat(stds)}, path)
+    log(f"latents cached -> {path}")
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Captions -> (N, 77) token ids, padded like SD."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length,
+        truncation=True, return_tensors="pt",
+    ).input_ids
+
+
+def noisy_latents_batch(
+    latents: dict, idx: torch.Tensor, scaling_factor: float, scheduler, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample latents from the cached posteriors, noise them at random timesteps (DDPM forward process)."""
+    mean, std = latents["mean"][idx], latents["std"][idx]  # (B, 4, 16, 16)
+    clean = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling_factor
+    noise = torch.randn(clean.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
+    return scheduler.add_noise(clean, noise, timesteps), noise, timesteps
+
+
+def drop_captions(token_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, generator) -> torch.Tensor:
+    """Replace a fraction p of the captions by the empty prompt "", so classifier-free guidance works."""
+    drop = torch.rand(len(token_ids), generator=generator) < p
+    return torch.where(drop[:, None], empty_ids[None, :], token_ids)
+
+
+def stage_unet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list[float]:
+    if (work / "unet" / "config.json").exists():
+        return []
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    data = torch.load(work / "data.pt", weights_only=False)
+    latents = torch.load(work / "latents.pt")
+    scaling_factor = AutoencoderKL.load_config(work / "vae")["scaling_factor"]
+    tokenizer = make_tokenizer()
+    token_ids = tokenize(tokenizer, data["captions"])  # (N, 77)
+    empty_ids = tokenize(tokenizer, [""])[0]  # (77,)
+    text_encoder = make_text_encoder(tokenizer)
+    unet = make_unet(text_encoder.config.hidden_size)
+    scheduler = DDPMScheduler(**SD_SCHEDULE)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    ema = EMAModel(params, decay=0.999, use_ema_warmup=True, power=3 / 4)
+    generator = torch.Generator().manual_seed(2)
+    checkpointer = Checkpointer(work / "unet.ckpt")
+    start = 0
+    if (state := checkpointer.load()) is not None:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        start = state["step"]
+    index_batches = batches(len(token_ids), budget.batch_size, generator)
+
+    def step_fn(step: int, progress: float) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * cosine_lr(progress)
+        idx = next(index_batches)
+        noisy, noise, timesteps = noisy_latents_batch(latents, idx, scaling_factor, scheduler, generator)
+        ids = drop_captions(token_ids[idx], empty_ids, caption_dropout, generator)
+        prompt_embeds = text_encoder(ids)[0]  # (B, 77, hidden)
+        noise_pred = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample  # (B, 4, 16, 16)
+        loss = torch.nn.functional.mse_loss(noise_pred, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema.step(params)
+        return loss.item()
+
+    def state(step: int) -> dict:
+        return {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
+                "generator": generator.get_state(), "step": step}
+
+    losses = train_loop("unet", budget.unet_steps, step_fn, checkpointer, state, start, budget.max_minutes)
+    ema.copy_to(params)  # ship the EMA weights
+    unet.save_pretrained(work / "unet")
+    text_encoder.save_pretrained(work / "text_encoder")
+    tokenizer.save_pretrained(work / "tokenizer")
+    log("unet + text encoder saved (EMA weights)")
+    return losses
+
+
+def stage_pipeline(work: Path, budget: Budget) -> None:
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(work / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(work / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(work / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(work / "unet"),
+        scheduler=PNDMScheduler(**SD_PNDM_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    # Ship fp16 weights (half the bytes; diffusers upcasts them to the model's float32 on load). The
+    # text encoder stays float32 on disk (transformers would load fp16 as fp16) but is rounded to fp16
+    # values, so the fp16 single-file export holds exactly the same numbers as this folder.
+    pipe.unet.to(torch.float16)
+    pipe.vae.to(torch.float16)
+    pipe.text_encoder.to(torch.float16).to(torch.float32)
+    target = WEIGHTS_DIR / "sd"
+    if target.exists():
+        shutil.rmtree(target)
+    pipe.save_pretrained(target, safe_serialization=True)
+    log(f"pipeline saved -> {target}")
+
+
+def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list[float]:
+    target = WEIGHTS_DIR / "controlnet-depth"
+    if (target / "config.json").exists():
+        return []
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    sd = WEIGHTS_DIR / "sd"
+    data = torch.load(work / "data.pt", weights_only=False)
+    latents = torch.load(work / "latents.pt")
+    scaling_factor = AutoencoderKL.load_config(sd / "vae")["scaling_factor"]
+    tokenizer = CLIPTokenizer.from_pretrained(sd / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(sd / "text_encoder").eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(sd / "unet").eval().requires_grad_(False)
+    controlnet = make_controlnet(unet)
+    scheduler = DDPMScheduler(**SD_SCHEDULE)
+    token_ids = tokenize(tokenizer, data["captions"])
+    empty_ids = tokenize(tokenizer, [""])[0]
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=5e-4)
+    generator = torch.Generator().manual_seed(3)
+    checkpointer = Checkpointer(work / "controlnet.ckpt")
+    start = 0
+    if (state := checkpointer.load()) is not None:
+        controlnet.load_state_dict(state["controlnet"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start = state["step"]
+    index_batches = batches(len(token_ids), budget.batch_size, generator)
+
+    def step_fn(step: int, progress: float) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = 5e-4 * cosine_lr(progress)
+        idx = next(index_batches)
+        noisy, noise, timesteps = noisy_latents_batch(latents, idx, scaling_factor, scheduler, generator)
+        ids = drop_captions(token_ids[idx], empty_ids, caption_dropout, generator)
+        with torch.no_grad():
+            prompt_embeds = text_encoder(ids)[0]  # (B, 77, hidden)
+        control = data["depths"][idx].float()[:, None].expand(-1, 3, -1, -1)  # (B, 64, 64) -> (B, 3, 64, 64)
+        down_residuals, mid_residual = controlnet(
+            noisy, timesteps, encoder_hidden_states=prompt_embeds, controlnet_cond=control, return_dict=False
+        )
+        noise_pred = unet(
+            noisy, timesteps, encoder_hidden_states=prompt_embeds,
+            down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual,
+        ).sample
+        loss = torch.nn.functional.mse_loss(noise_pred, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        optimizer.step()
+        return loss.item()
+
+    def state(step: int) -> dict:
+        return {"controlnet": controlnet.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "step": step}
+
+    losses = train_loop("controlnet", budget.controlnet_steps, step_fn, checkpointer, state, start, budget.max_minutes)
+    controlnet.to(torch.float16).save_pretrained(target, safe_serialization=True)  # upcast on load
+    log(f"controlnet saved -> {target}")
+    return losses
+
+
+def stage_ldm(work: Path, budget: Budget) -> None:
+    try:
+        from helpers.ldm import export_ldm_checkpoint
+    except ImportError:
+        log("helpers.ldm.export_ldm_checkpoint is not available yet: skipping the single-file export")
+        return
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR / "sd", local_files_only=True)
+    path = WEIGHTS_DIR / "toy-sd-ldm.safetensors"
+    export_ldm_checkpoint(pipe, path, dtype=torch.float16)  # the folder's weights are fp16 values too
+    log(f"single-file LDM checkpoint -> {path}")
+
+
+STAGE_FUNCTIONS = {
+    "data": stage_data,
+    "oracle": stage_oracle,
+    "vae": stage_vae,
+    "latents": stage_latents,
+    "unet": stage_unet,
+    "pipeline": stage_pipeline,
+    "controlnet": stage_controlnet,
+    "ldm": stage_ldm,
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    defaults = Budget()
+    parser = argparse.ArgumentParser(prog="python -m helpers.toy.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=["all", *STAGES], action="append",
+                        help="stage(s) to run (repeatable); default: all in order")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="checkpoints and caches")
+    parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="where shipped weights go")
+    for name in ("oracle_steps", "vae_steps", "unet_steps", "controlnet_steps", "batch_size", "n_scenes"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
+                        help="wall-time cap per training stage")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global WEIGHTS_DIR
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(args.threads)
+    WEIGHTS_DIR = args.weights_dir
+    budget = Budget(**{k: getattr(args, k) for k in Budget.__dataclass_fields__})
+    stages = [s for s in (args.stage or []) if s != "all"] or list(STAGES)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    (args.work_dir / "budget.json").write_text(json.dumps(budget.__dict__, indent=2))
+    for stage in stages:
+        started = time.time()
+        log(f"stage {stage}")
+        STAGE_FUNCTIONS[stage](args.work_dir, budget)
+        log(f"stage {stage} finished in {(time.time() - started) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
