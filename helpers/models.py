@@ -65,6 +65,26 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can the model hub be reached (and is it allowed by HF_HUB_OFFLINE)?"""
+    if hub_offline():
+        return False
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(SD15_HUB_ID, timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+def resolve_model(model: str) -> str:
+    """`"auto"` becomes SD 1.5 from the hub when there is a CUDA GPU and the hub answers, else `"toy"`."""
+    if model != "auto":
+        return model
+    return SD15_HUB_ID if torch.cuda.is_available() and hub_reachable() else "toy"
+
+
 def make_scheduler(name_or_scheduler, config):
     """A fresh scheduler from a short name (`SCHEDULERS`), a class, or an instance, on the model's config."""
     if isinstance(name_or_scheduler, str):
@@ -113,6 +133,7 @@ def load_pipeline(
     `cpu_offload` keeps each component on the CPU until it runs (fits SD 1.5 in ~3 GB of a T4's VRAM);
     `attention_slicing` trades speed for lower peak memory; `safety_checker=False` drops SD 1.5's checker.
     """
+    model = resolve_model(model)
     device = pick_device(device)
     dtype = dtype or default_dtype(device)
     if model in RANDOM_MODELS:
@@ -178,6 +199,7 @@ def load_component(model: str, component: str, *, device=None, dtype: torch.dtyp
     import diffusers
     import transformers
 
+    model = resolve_model(model)
     if component not in (*COMPONENT_CLASSES, "scheduler"):
         raise ValueError(f"component={component!r} is unknown; choose one of {[*COMPONENT_CLASSES, 'scheduler']}")
     device = pick_device(device)

@@ -236,7 +236,7 @@ def denoise(
         latents = latents.to(device) * scheduler.init_noise_sigma
 
     # 6. Prepare extra step kwargs (only some schedulers take eta and a generator)
-    extra_step_kwargs = _extra_step_kwargs(scheduler, generator, eta)
+    extra_step_kwargs = scheduler_step_kwargs(scheduler, generator, eta)
 
     # 7. Denoising loop
     for i, t in enumerate(tqdm(timesteps, desc="denoise", disable=not progress, leave=False)):
@@ -260,7 +260,8 @@ def denoise(
     return latents
 
 
-def _extra_step_kwargs(scheduler, generator, eta: float) -> dict:
+def scheduler_step_kwargs(scheduler, generator, eta: float = 0.0) -> dict:
+    """`eta` and `generator` for the schedulers whose `step` takes them (DDIM, the ancestral samplers)."""
     import inspect
 
     parameters = set(inspect.signature(scheduler.step).parameters)

@@ -1,0 +1,54 @@
+"""Command line: `python -m helpers run|bench|list`.
+
+  python -m helpers run [--profile smoke|cpu|gpu|auto] [--only 02 03] [--outputs DIR]
+  python -m helpers bench NAME [args...]      (NAME: a module in helpers/bench/, e.g. load, toy)
+  python -m helpers list                      the notebooks and benchmarks there are
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import helpers.bench
+
+
+def benchmarks() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(helpers.bench.__path__) if not m.name.startswith("_"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="execute the notebooks with papermill into outputs/")
+    run.add_argument("--profile", default="auto", choices=["smoke", "cpu", "gpu", "auto"])
+    run.add_argument("--only", nargs="+", help="notebook numbers or names, e.g. 02")
+    run.add_argument("--outputs", help="where executed notebooks and results go (default: outputs/)")
+    bench = commands.add_parser("bench", help="run a benchmark: prints a table, writes outputs/bench_NAME.json")
+    bench.add_argument("name", help=f"one of {benchmarks()}")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    commands.add_parser("list", help="list notebooks and benchmarks")
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        from helpers.run import run_series, summary_table
+
+        runs = run_series(args.profile, args.only, args.outputs)
+        print(summary_table(runs))
+        return 0 if all(r.status == "ok" for r in runs) else 1
+    if args.command == "bench":
+        if args.name not in benchmarks():
+            parser.error(f"no benchmark {args.name!r}; there are {benchmarks()}")
+        return importlib.import_module(f"helpers.bench.{args.name}").main(args.args)
+    from helpers.run import find_notebooks
+
+    print("notebooks:", *[nb.stem for nb in find_notebooks()], sep="\n  ")
+    print("benchmarks:", *benchmarks(), sep="\n  ")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Run profiles: which model and how much work each notebook does under papermill.
+
+- `smoke`: CI and the tests. The toy model, tiny N and few steps: minutes for the whole series.
+- `cpu`:   the offline main job. The toy model at full size (N=128 and 20 steps where a notebook asks).
+- `gpu`:   SD 1.5 from the hub on Kaggle/Colab.
+- `auto`:  `gpu` when CUDA and the hub are both there, else `cpu`.
+Each notebook's `parameters` cell holds its defaults (the `cpu` values); a profile overrides some of them.
+"""
+
+from __future__ import annotations
+
+PROFILE_NAMES = ("smoke", "cpu", "gpu", "auto")
+
+COMMON = {
+    "smoke": {"MODEL": "toy"},
+    "cpu": {"MODEL": "toy"},
+    "gpu": {"MODEL": "stable-diffusion-v1-5/stable-diffusion-v1-5"},  # helpers.models.SD15_HUB_ID
+}
+
+# Per-notebook overrides, keyed by the notebook's two-digit number.
+NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
+    "01": {
+        "smoke": {},
+        "cpu": {},
+        "gpu": {"SOURCE": "torrent"},
+    },
+    "02": {
+        "smoke": {"STEPS": 8, "GRID_STEPS": [2, 8], "GRID_GUIDANCE": [1.0, 7.5], "CALLBACK_EVERY": 2},
+        "cpu": {},
+        "gpu": {"HEIGHT": 512, "WIDTH": 512},
+    },
+}
+
+
+def resolve_profile(profile: str) -> str:
+    if profile not in PROFILE_NAMES:
+        raise ValueError(f"profile={profile!r} is unknown; choose one of {PROFILE_NAMES}")
+    if profile != "auto":
+        return profile
+    import torch
+
+    from helpers.models import hub_reachable
+
+    return "gpu" if torch.cuda.is_available() and hub_reachable() else "cpu"
+
+
+def parameters_for(notebook_number: str, profile: str) -> dict:
+    """The papermill parameters of one notebook under a (resolved) profile."""
+    return {"PROFILE": profile, **COMMON[profile], **NOTEBOOK_OVERRIDES.get(notebook_number, {}).get(profile, {})}
