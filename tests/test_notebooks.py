@@ -1,0 +1,56 @@
+"""Every notebook, executed headless by papermill in the `smoke` profile, and what it recorded.
+
+The notebooks run once per session (the `smoke_runs` fixture); each test then checks one notebook's
+numbers in outputs/NN_*.json, so a notebook that "runs" but measures nonsense still fails.
+"""
+
+import pytest
+
+from helpers.run import find_notebooks, run_series
+
+pytestmark = pytest.mark.notebook
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("outputs")
+    runs = run_series("smoke", out_dir=out_dir)
+    return {run.number: run for run in runs}, out_dir
+
+
+def results_of(smoke_runs, number: str) -> dict:
+    runs, _ = smoke_runs
+    if number not in runs:
+        pytest.fail(f"notebook {number} was not found in notebooks/")
+    run = runs[number]
+    assert run.status == "ok", run.error
+    merged = {}
+    for result in run.results.values():
+        merged.update(result)
+    return merged
+
+
+@pytest.mark.parametrize("notebook", [nb.stem for nb in find_notebooks()])
+def test_notebook_runs_and_records_results(smoke_runs, notebook):
+    runs, out_dir = smoke_runs
+    run = runs[notebook[:2]]
+    assert run.status == "ok", run.error
+    assert run.results, f"{notebook} wrote no outputs/{notebook[:2]}_*.json"
+    assert (out_dir / f"{notebook}.ipynb").exists(), "the executed copy goes to outputs/"
+
+
+def test_02_three_stages(smoke_runs):
+    r = results_of(smoke_runs, "02")
+    assert r["model"] == "toy" and r["profile"] == "smoke"
+    assert r["max_abs_diff_helpers_vs_pipeline"] <= 1e-4
+    assert r["max_abs_diff_loop_vs_pipeline"] <= 1e-4
+    assert r["prompt_embeds_shape"] == [1, 77, r["prompt_embeds_shape"][2]]
+    factor = r["height"] // r["latents_shape"][2]
+    assert r["latents_shape"] == [1, 4, r["height"] // factor, r["width"] // factor] and factor in (4, 8)
+    assert r["callback_steps_seen"][0] == 0 and r["callback_matches_final"]
+    assert r["sigma_first_last"][0] > 10 * r["sigma_first_last"][1], "the schedule runs from noisy to clean"
+    assert r["negative_prompt_mean_abs_change"] > 0.005, "the negative prompt must change the picture"
+    assert len(r["grid_seconds"]) == 4
+    assert set(r["stage_seconds"]) == {"encode_text", "denoise", "decode"}
+    assert r["stage_seconds"]["denoise"] > r["stage_seconds"]["encode_text"]
+    assert r["oracle_matches_prompt"], "the toy model's picture must show what the prompt says"
