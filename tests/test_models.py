@@ -103,3 +103,22 @@ def test_hub_ids_stay_offline_here():
     """With HF_HUB_OFFLINE=1 a hub id fails fast instead of trying the network."""
     with pytest.raises(Exception, match="(?i)offline|local|cannot find|not found|connect"):
         load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cpu")
+
+
+def test_generation_panel_generates_from_its_widgets(tiny_pipe):
+    """The widgets' values (prompt, seed, steps, scheduler) are what the click generates with."""
+    import numpy as np
+
+    from helpers.stages import make_generators
+    from helpers.ui import GenerationPanel
+
+    panel = GenerationPanel(tiny_pipe, prompt="a red circle", steps=2, scheduler="ddim")
+    panel.seed.value, panel.prompt.value, panel.steps.value = 7, "a blue square", 3
+    panel.button.click()
+    assert panel.last_result is not None and panel.last_result.images[0].size == (64, 64)
+    tiny_pipe.scheduler = make_scheduler("ddim", tiny_pipe.scheduler.config)
+    expected = tiny_pipe(["a blue square"], num_inference_steps=3, generator=make_generators([7])).images[0]
+    assert np.array_equal(np.asarray(panel.last_result.images[0]), np.asarray(expected))
+    panel.height.value = 50  # not a multiple of 8: the panel reports it and keeps the last image
+    panel.button.click()
+    assert panel.last_result.images[0].size == (64, 64)
