@@ -194,8 +194,14 @@ COMPONENT_CLASSES = {
 }
 
 
-def load_component(model: str, component: str, *, device=None, dtype: torch.dtype | None = None):
-    """Load one component (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`) without the rest."""
+def load_component(
+    model: str, component: str, *, device=None, dtype: torch.dtype | None = None, config_dir: str | Path | None = None
+):
+    """Load one component (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`) without the rest.
+
+    For a single-file checkpoint, `config_dir` is a diffusers folder holding the component's config.json
+    (the architecture is not in the file); for the toy model's file it defaults to the toy folder.
+    """
     import diffusers
     import transformers
 
@@ -208,8 +214,16 @@ def load_component(model: str, component: str, *, device=None, dtype: torch.dtyp
         return getattr(load_pipeline(model, device=device, dtype=dtype), component)
     if Path(model).is_file():
         from helpers.ldm import load_component_from_single_file
+        from helpers.toy import TOY_LDM_FILE
 
-        return load_component_from_single_file(model, component, config_dir=toy_paths()[0])
+        if config_dir is None and Path(model).resolve() == Path(TOY_LDM_FILE).resolve():
+            config_dir = toy_paths()[0]
+        if config_dir is None:
+            raise ValueError(
+                f"loading {component!r} from the single file {model} needs config_dir=<a diffusers folder with "
+                f"{component}/config.json> (for SD 1.5, a local copy of the hub repo's config files)"
+            )
+        return load_component_from_single_file(model, component, config_dir=config_dir, torch_dtype=dtype).to(device)
     root = toy_paths()[0] if model == "toy" else model
     kwargs = {"subfolder": component, "local_files_only": hub_offline()}
     if component == "scheduler":
