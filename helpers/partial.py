@@ -7,7 +7,8 @@ and the checkpoint is evicted from the page cache first (`posix_fadvise(POSIX_FA
 What is measured, per load:
 - `time_s`: wall time of the load itself (imports excluded);
 - `read_bytes`: bytes the process made the kernel fetch from storage, from `/proc/self/io` (`read_bytes`;
-  it counts mmap page faults too, which is how safetensors reads). Readahead can add a little;
+  it counts mmap page faults too, which is how safetensors reads). The kernel's readahead
+  (`/sys/block/*/queue/read_ahead_kb`) adds up to that much around each contiguous range read;
 - `tensor_bytes`: bytes of the tensors asked for, from the safetensors header (the ideal `read_bytes`);
 - `peak_rss_mb`: the process's peak resident set (`VmHWM` in /proc/self/status), and `rss_before_mb`
   after the imports, so `peak_rss_mb - rss_before_mb` is what the load itself cost.
