@@ -253,7 +253,7 @@ class DownloadReport:
                 f"({format_bytes(self.downloaded_bytes)} fetched by this run"
                 + (f", {format_bytes(self.resumed_bytes)} resumed from disk)" if self.resumed_bytes else ")")
             )
-        if self.peers_max is not None:
+        if self.peers_max:
             out.append(f"peers    : up to {self.peers_max} connected")
         if self.verified:
             out.append("verified : " + ", ".join(f"{k} {v}" for k, v in self.verified.items()))
@@ -496,6 +496,14 @@ class _Torrent:
                 self.session = None
 
 
+def _has_all_pieces(params: lt.add_torrent_params) -> bool:
+    """Resume data says every piece passed its hash (the bitfield is padded to whole bytes)."""
+    if params.ti is None:
+        return False
+    have = list(params.have_pieces)[: params.ti.num_pieces()]
+    return len(have) == params.ti.num_pieces() and all(have)
+
+
 def _verified_bytes(st: lt.torrent_status, handle: lt.torrent_handle) -> int:
     """Bytes in pieces that passed their hash (total_done also counts blocks of unfinished pieces)."""
     info = handle.torrent_file()
@@ -562,7 +570,7 @@ def download_torrent(
     stored = _read_resume(resume_file) if resume_file and resume_file.is_file() else None
     if stored is not None and str(stored.info_hashes.v1) != info_hash:
         stored = None  # resume data of another torrent with the same name: ignore it
-    partial = stored is not None and not all(stored.have_pieces or [False])  # an interrupted download
+    partial = stored is not None and not _has_all_pieces(stored)  # an interrupted download
     # Only with the metadata at hand (stored resume data or a .torrent) can a file be checked offline; a file
     # of the right size without it may be an interrupted download with holes, so libtorrent checks it
     # piece by piece once the metadata arrives (and the report says cached if nothing had to be fetched).

@@ -117,7 +117,7 @@ def test_interrupted_download_resumes_without_refetching(source_file, tmp_path, 
             D.download_torrent(seeder.magnet, tmp_path, stall_timeout=20,
                                stop_when=lambda st: st.progress >= 0.4, **LOOPBACK)
         done_first = stopped.value.done_bytes
-        assert 0.4 * SIZE <= done_first < SIZE
+        assert 0.3 * SIZE <= done_first < SIZE  # progress counts unfinished pieces too; done_bytes does not
         resume_file = D.resume_path(tmp_path, "model.safetensors")
         assert resume_file.is_file()
         if not keep_resume_data:  # then libtorrent hashes what is on disk once the metadata arrives
@@ -130,6 +130,8 @@ def test_interrupted_download_resumes_without_refetching(source_file, tmp_path, 
     # only the missing pieces travel again: the leecher's own payload counter for this run
     assert report.downloaded_bytes <= SIZE - done_first
     assert report.detail["payload_downloaded"] <= SIZE - done_first + PIECE
+    again = D.download_torrent(seeder.magnet, tmp_path, metadata_timeout=2, **LOOPBACK)  # seeder closed: offline
+    assert again.cached and again.verified["pieces"].startswith("ok")
 
 
 def test_damaged_piece_on_disk_is_refetched_alone(seeder, source_file, tmp_path):
