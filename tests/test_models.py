@@ -40,7 +40,8 @@ def test_sd15_shapes_are_the_real_ones():
 
 
 def test_tiny_random_pipeline_is_small_and_seeded():
-    first, second, other = testing.tiny_random_pipeline(0), testing.tiny_random_pipeline(0), testing.tiny_random_pipeline(1)
+    first, second = testing.tiny_random_pipeline(0), testing.tiny_random_pipeline(0)
+    other = testing.tiny_random_pipeline(1)
     assert testing.count_parameters(first.unet) < 2_000_000
     assert first.vae_scale_factor == 8 and first.unet.config.sample_size == 8
     weight = "conv_in.weight"

@@ -33,9 +33,8 @@ def test_encode_text_without_guidance_has_no_negative(tiny_pipe):
 @pytest.mark.parametrize("scheduler", [None, "euler_a", "dpm++"])
 def test_generate_equals_pipeline_call(tiny_pipe, scheduler):
     seeds = [11, 12, 13]
-    ours = generate(
-        tiny_pipe, PROMPTS, seeds=seeds, num_inference_steps=STEPS, scheduler=scheduler, output_type="np", progress=False
-    )
+    ours = generate(tiny_pipe, PROMPTS, seeds=seeds, num_inference_steps=STEPS, scheduler=scheduler,
+                    output_type="np", progress=False)
     if scheduler:
         tiny_pipe.scheduler = make_scheduler(scheduler, tiny_pipe.scheduler.config)
     theirs = pipeline_images(tiny_pipe, PROMPTS, seeds, num_inference_steps=STEPS)
