@@ -71,3 +71,17 @@ def test_a_notebook_that_records_nothing_fails(notebooks_dir, tmp_path):
 def test_unknown_notebook_is_a_clear_error(notebooks_dir):
     with pytest.raises(ValueError, match="no such notebook"):
         run_module.find_notebooks(["42"])
+
+
+def test_notebooks_are_committed_clean_with_one_parameters_cell():
+    """Stored without outputs; exactly one cell tagged `parameters` (papermill injects after it)."""
+    notebooks = run_module.find_notebooks()
+    assert notebooks, "no notebooks found"
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs"
+        tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{path.name} has {len(tagged)} parameters cells"
+        assert "MODEL" in tagged[0].source or path.name.startswith("01"), f"{path.name}: MODEL is not a parameter"
+        assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "starts with an H1 title"
