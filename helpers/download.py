@@ -278,7 +278,9 @@ def ensure_writable_dir(dest_dir: str | Path) -> Path:
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as exc:
-        raise NotWritableError(f"cannot use {dest} as a download folder: a part of that path is a file ({exc})") from exc
+        raise NotWritableError(
+            f"cannot use {dest} as a download folder: a part of that path is a file ({exc})"
+        ) from exc
     except OSError as exc:
         raise NotWritableError(f"cannot create the download folder {dest}: {exc.strerror or exc}") from exc
     probe = dest / f".write-test-{os.getpid()}"
@@ -579,8 +581,10 @@ def download_torrent(
     if present and not partial and known is not None:
         bad = check_pieces(dest / name, known) if verify_cached_pieces else []
         if bad:
-            print(f"{name} is on disk but {len(bad)} of {known.num_pieces()} pieces fail their hash; "
-                  "fetching just those again")
+            print(
+                f"{name} is on disk but {len(bad)} of {known.num_pieces()} pieces fail their hash; "
+                "fetching just those again"
+            )
             if stored is not None:  # tell libtorrent which pieces it no longer has
                 have = list(stored.have_pieces)
                 for i in bad:
@@ -595,9 +599,19 @@ def download_torrent(
             else:
                 verified["pieces"] = f"ok ({known.num_pieces()} SHA-1)" if verify_cached_pieces else "not checked"
                 t1, finished = _now()
-                return DownloadReport("torrent", str(dest / name), expected_size, started, finished, t1 - t0, 0,
-                                      resumed_bytes=expected_size, cached=True, verified=verified,
-                                      detail={"info_hash": info_hash})
+                return DownloadReport(
+                    "torrent",
+                    str(dest / name),
+                    expected_size,
+                    started,
+                    finished,
+                    t1 - t0,
+                    0,
+                    resumed_bytes=expected_size,
+                    cached=True,
+                    verified=verified,
+                    detail={"info_hash": info_hash},
+                )
     if expected_size:
         check_disk_space(dest, expected_size, dest / name if name else None)
 
@@ -645,8 +659,15 @@ def download_torrent(
                     name = st.name
                     resume_file = resume_path(dest, name)
                 check_disk_space(dest, total, dest / name)
-                bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=name,
-                           disable=not progress, mininterval=0.5)
+                bar = tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1000,
+                    desc=name,
+                    disable=not progress,
+                    mininterval=0.5,
+                )
             if st.state in (lt.torrent_status.checking_files, lt.torrent_status.checking_resume_data):
                 bar.set_postfix_str("checking pieces on disk")
                 last_change = now
@@ -654,8 +675,12 @@ def download_torrent(
             if resumed_bytes is None:  # pieces that passed their hash before any payload of this run
                 resumed_bytes = max(0, _verified_bytes(st, run.handle) - st.total_payload_download)
             bar.update(st.total_done - bar.n)
-            bar.set_postfix(peers=st.num_peers, seeds=st.num_seeds,
-                            rate=f"{format_bytes(st.download_payload_rate)}/s", refresh=False)
+            bar.set_postfix(
+                peers=st.num_peers,
+                seeds=st.num_seeds,
+                rate=f"{format_bytes(st.download_payload_rate)}/s",
+                refresh=False,
+            )
             if st.total_done >= total and st.is_finished:
                 complete = True
                 break
@@ -666,7 +691,7 @@ def download_torrent(
                     raise CorruptDataError(
                         f"{run.hash_failures} piece(s) ({format_bytes(st.total_failed_bytes)}) failed their SHA-1 "
                         f"hash and no good data arrived for {stall_timeout:.0f} s: the peers send corrupt data "
-                            f"({run.banned_peers} peer(s) banned for it)"
+                        f"({run.banned_peers} peer(s) banned for it)"
                     )
                 raise NoPeersError(
                     f"no data for {stall_timeout:.0f} s at {st.progress:.1%} ({st.num_peers} peers connected)"
@@ -677,7 +702,10 @@ def download_torrent(
                 kept = _verified_bytes(st, run.handle)
                 raise DownloadInterrupted(
                     f"stopped at {st.progress:.1%} ({format_bytes(kept)} in verified pieces kept); "
-                    "call again to resume", kept, total)
+                    "call again to resume",
+                    kept,
+                    total,
+                )
             if now - last_resume_save > resume_interval and st.need_save_resume:
                 run.save_resume(resume_file)
                 last_resume_save = now
@@ -701,11 +729,24 @@ def download_torrent(
     verified["pieces"] = f"ok ({st.num_pieces} SHA-1, checked by libtorrent on arrival)"
     downloaded = total - (resumed_bytes or 0)
     return DownloadReport(
-        "torrent", str(path), total, started, finished, t1 - t0, downloaded,
-        resumed_bytes=resumed_bytes or 0, cached=downloaded == 0, peers_max=peers_max, verified=verified,
-        detail={"info_hash": info_hash, "payload_downloaded": st.total_payload_download,
-                "failed_bytes": st.total_failed_bytes, "redundant_bytes": st.total_redundant_bytes,
-                "hash_failures": run.hash_failures},
+        "torrent",
+        str(path),
+        total,
+        started,
+        finished,
+        t1 - t0,
+        downloaded,
+        resumed_bytes=resumed_bytes or 0,
+        cached=downloaded == 0,
+        peers_max=peers_max,
+        verified=verified,
+        detail={
+            "info_hash": info_hash,
+            "payload_downloaded": st.total_payload_download,
+            "failed_bytes": st.total_failed_bytes,
+            "redundant_bytes": st.total_redundant_bytes,
+            "hash_failures": run.hash_failures,
+        },
     )
 
 
@@ -750,9 +791,19 @@ def download_hub(
     t1, finished = _now()
     size = path.stat().st_size
     verified = verify_file(path, expected_size or plan.file_size, sha256=sha256)
-    return DownloadReport("hub", str(path), size, started, finished, t1 - t0, 0 if cached else size,
-                          resumed_bytes=size if cached else 0, cached=cached, verified=verified,
-                          detail={"repo_id": repo_id, "filename": filename, "commit": plan.commit_hash})
+    return DownloadReport(
+        "hub",
+        str(path),
+        size,
+        started,
+        finished,
+        t1 - t0,
+        0 if cached else size,
+        resumed_bytes=size if cached else 0,
+        cached=cached,
+        verified=verified,
+        detail={"repo_id": repo_id, "filename": filename, "commit": plan.commit_hash},
+    )
 
 
 def local_file_report(path: str | Path, expected_size: int | None = None, sha256: str | None = None) -> DownloadReport:
@@ -761,5 +812,15 @@ def local_file_report(path: str | Path, expected_size: int | None = None, sha256
     path = Path(path)
     verified = verify_file(path, expected_size, sha256=sha256)
     t1, finished = _now()
-    return DownloadReport("local", str(path), path.stat().st_size, started, finished, t1 - t0, 0,
-                          resumed_bytes=path.stat().st_size, cached=True, verified=verified)
+    return DownloadReport(
+        "local",
+        str(path),
+        path.stat().st_size,
+        started,
+        finished,
+        t1 - t0,
+        0,
+        resumed_bytes=path.stat().st_size,
+        cached=True,
+        verified=verified,
+    )

@@ -141,9 +141,7 @@ def unet_state_dict_to_ldm(unet) -> dict[str, torch.Tensor]:
     """A diffusers UNet2DConditionModel's state dict under LDM names (without the `model.diffusion_model.` prefix)."""
     config = unet.config
     up_has_attention = ["CrossAttn" in t for t in config.up_block_types]
-    return {
-        _unet_key_to_ldm(k, config.layers_per_block, up_has_attention): v for k, v in unet.state_dict().items()
-    }
+    return {_unet_key_to_ldm(k, config.layers_per_block, up_has_attention): v for k, v in unet.state_dict().items()}
 
 
 def vae_state_dict_to_ldm(vae) -> dict[str, torch.Tensor]:
@@ -199,9 +197,7 @@ def verify_ldm_state_dict(state: Mapping[str, torch.Tensor], pipe) -> None:
     back = {
         "unet": convert_ldm_unet_checkpoint(dict(state), dict(pipe.unet.config)),
         "vae": convert_ldm_vae_checkpoint(dict(state), dict(pipe.vae.config)),
-        "text_encoder": {
-            k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(dict(state)).items()
-        },
+        "text_encoder": {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(dict(state)).items()},
     }
     for component, converted in back.items():
         expected = {k.removeprefix("text_model."): v for k, v in getattr(pipe, component).state_dict().items()}
@@ -362,7 +358,10 @@ def load_component_from_single_file(
     source = load_ldm_state_dict(path, LDM_PREFIXES[component]) if partial else str(path)
 
     if component == "text_encoder":
-        from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm, load_single_file_checkpoint
+        from diffusers.loaders.single_file_utils import (
+            create_diffusers_clip_model_from_ldm,
+            load_single_file_checkpoint,
+        )
         from transformers import CLIPTextModel
 
         checkpoint = source if isinstance(source, dict) else load_single_file_checkpoint(source, local_files_only=True)

@@ -105,10 +105,14 @@ def tensor_bytes(path: str | Path, component: str | None) -> int:
     return sum(r["bytes"] for r in ranges.values()) if component is None else ranges[component]["bytes"]
 
 
-def measure_here(path: str | Path, component: str | None, mode: str = "tensors", partial: bool = True,
-                 config_dir: str | Path | None = None) -> dict:
+def measure_here(
+    path: str | Path,
+    component: str | None,
+    mode: str = "tensors",
+    partial: bool = True,
+    config_dir: str | Path | None = None,
+) -> dict:
     """One load in *this* process (the subprocess side of `measure`). Returns the measurements."""
-    import torch
 
     from helpers.ldm import load_component_from_single_file, load_ldm_state_dict
 
@@ -130,8 +134,10 @@ def measure_here(path: str | Path, component: str | None, mode: str = "tensors",
         if component is None or config_dir is None:
             raise ValueError("mode='model' needs a component and config_dir")
         t = time.perf_counter()
-        model = load_component_from_single_file(path, component, config_dir, partial=partial,
-                                                torch_dtype=_float_dtype(path))
+        model = load_component_from_single_file(
+            path, component, config_dir, partial=partial, torch_dtype=_float_dtype(path)
+        )
+        _touch_every_page(model.state_dict().values())  # parameters may still point into the mapped file
         elapsed = time.perf_counter() - t
         n_tensors = len(model.state_dict())
         loaded = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -152,8 +158,15 @@ def measure_here(path: str | Path, component: str | None, mode: str = "tensors",
     }
 
 
-def measure(path: str | Path, component: str | None, mode: str = "tensors", partial: bool = True,
-            config_dir: str | Path | None = None, cold: bool = True, timeout: float = 600) -> dict:
+def measure(
+    path: str | Path,
+    component: str | None,
+    mode: str = "tensors",
+    partial: bool = True,
+    config_dir: str | Path | None = None,
+    cold: bool = True,
+    timeout: float = 600,
+) -> dict:
     """One load in a fresh subprocess (cold page cache unless `cold=False`). Returns the measurements."""
     path = Path(path).resolve()
     if cold:
@@ -165,8 +178,12 @@ def measure(path: str | Path, component: str | None, mode: str = "tensors", part
         cmd += ["--whole-file"]
     if config_dir:
         cmd += ["--config-dir", str(Path(config_dir).resolve())]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"measurement subprocess failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
@@ -175,9 +192,15 @@ def measure(path: str | Path, component: str | None, mode: str = "tensors", part
     return result
 
 
-def compare(path: str | Path, config_dir: str | Path | None = None, modes: tuple[str, ...] = ("tensors",),
-            components: tuple[str, ...] = COMPONENTS, repeats: int = 3, cold: bool = True,
-            progress: bool = True) -> list[dict]:
+def compare(
+    path: str | Path,
+    config_dir: str | Path | None = None,
+    modes: tuple[str, ...] = ("tensors",),
+    components: tuple[str, ...] = COMPONENTS,
+    repeats: int = 3,
+    cold: bool = True,
+    progress: bool = True,
+) -> list[dict]:
     """For each mode and component: median time, bytes read, peak RSS, and ratios against the full load.
 
     The full load is: mode 'tensors' -> every tensor of the file; mode 'model' -> diffusers'
@@ -198,38 +221,54 @@ def compare(path: str | Path, config_dir: str | Path | None = None, modes: tuple
     for _ in range(repeats):  # interleave the repeats so drift affects every row alike
         for mode, component, partial in jobs:
             runs.setdefault((mode, component, partial), []).append(
-                measure(path, component, mode, partial, config_dir, cold=cold))
+                measure(path, component, mode, partial, config_dir, cold=cold)
+            )
             bar.update()
     bar.close()
 
     rows = []
     for (mode, component, partial), results in runs.items():
-        rows.append({
-            "mode": mode,
-            "component": component or "full file",
-            "load": ("partial" if partial else ("whole file" if mode == "model" else "all tensors")),
-            "time_s": statistics.median(r["time_s"] for r in results),
-            "read_MB": statistics.median(r["read_bytes"] for r in results) / 1e6,
-            "read_share": statistics.median(r["read_bytes"] for r in results) / size,
-            "tensor_share": results[0]["tensor_bytes"] / size,
-            "peak_rss_MB": max(r["peak_rss_mb"] for r in results) * 2**20 / 1e6,
-            "load_rss_MB": max(r["peak_rss_mb"] - r["rss_before_mb"] for r in results) * 2**20 / 1e6,
-            "repeats": len(results),
-            "times_s": [r["time_s"] for r in results],
-        })
+        rows.append(
+            {
+                "mode": mode,
+                "component": component or "full file",
+                "load": ("partial" if partial else ("whole file" if mode == "model" else "all tensors")),
+                "time_s": statistics.median(r["time_s"] for r in results),
+                "read_MB": statistics.median(r["read_bytes"] for r in results) / 1e6,
+                "read_share": statistics.median(r["read_bytes"] for r in results) / size,
+                "tensor_share": results[0]["tensor_bytes"] / size,
+                "peak_rss_MB": max(r["peak_rss_mb"] for r in results) * 2**20 / 1e6,
+                "load_rss_MB": max(r["peak_rss_mb"] - r["rss_before_mb"] for r in results) * 2**20 / 1e6,
+                "repeats": len(results),
+                "times_s": [r["time_s"] for r in results],
+            }
+        )
     for row in rows:  # ratios against the matching full load
         if row["mode"] == "tensors":
             full = next(r for r in rows if r["mode"] == "tensors" and r["component"] == "full file")
         else:
-            full = next(r for r in rows if r["mode"] == "model" and r["component"] == row["component"]
-                        and r["load"] == "whole file")
+            full = next(
+                r
+                for r in rows
+                if r["mode"] == "model" and r["component"] == row["component"] and r["load"] == "whole file"
+            )
         row["time_vs_full"] = row["time_s"] / full["time_s"] if full["time_s"] else float("nan")
         row["read_vs_full"] = row["read_MB"] / full["read_MB"] if full["read_MB"] else float("nan")
     return rows
 
 
-TABLE_COLUMNS = ["mode", "component", "load", "time_s", "time_vs_full", "read_MB", "read_share", "tensor_share",
-                 "peak_rss_MB", "load_rss_MB"]
+TABLE_COLUMNS = [
+    "mode",
+    "component",
+    "load",
+    "time_s",
+    "time_vs_full",
+    "read_MB",
+    "read_share",
+    "tensor_share",
+    "peak_rss_MB",
+    "load_rss_MB",
+]
 
 
 def format_rows(rows: list[dict], columns: list[str] = TABLE_COLUMNS) -> str:

@@ -49,8 +49,10 @@ def generate_safetensors_file(path: str | Path, size: int, seed: int = 0, chunk:
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def header_for(n_data: int) -> bytes:
-        meta = {"data": {"dtype": "U8", "shape": [n_data], "data_offsets": [0, n_data]},
-                "__metadata__": {"generated_by": "helpers.swarm"}}
+        meta = {
+            "data": {"dtype": "U8", "shape": [n_data], "data_offsets": [0, n_data]},
+            "__metadata__": {"generated_by": "helpers.swarm"},
+        }
         raw = json.dumps(meta, separators=(",", ":")).encode()
         return raw + b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
 
@@ -109,8 +111,9 @@ class LoopbackSeeder:
     mid-way in a test or watched in a notebook.
     """
 
-    def __init__(self, path: str | Path, piece_size: int = 0, upload_rate_limit: int = 0,
-                 torrent_path: str | Path | None = None):
+    def __init__(
+        self, path: str | Path, piece_size: int = 0, upload_rate_limit: int = 0, torrent_path: str | Path | None = None
+    ):
         self.path = Path(path).resolve()
         if not self.path.is_file():
             raise FileNotFoundError(f"nothing to seed: {self.path} does not exist")

@@ -102,8 +102,14 @@ def test_loopback_download_from_magnet_then_cached(seeder, source_file, tmp_path
 
 
 def test_download_from_torrent_file_with_sha256(seeder, source_file, tmp_path):
-    report = D.download_torrent(seeder.torrent_path, tmp_path, peers=[("127.0.0.1", seeder.port)],
-                                sha256=sha(source_file), stall_timeout=20, **LOOPBACK)
+    report = D.download_torrent(
+        seeder.torrent_path,
+        tmp_path,
+        peers=[("127.0.0.1", seeder.port)],
+        sha256=sha(source_file),
+        stall_timeout=20,
+        **LOOPBACK,
+    )
     assert report.verified["sha256"] == "ok"
 
 
@@ -114,8 +120,9 @@ def test_download_from_torrent_file_with_sha256(seeder, source_file, tmp_path):
 def test_interrupted_download_resumes_without_refetching(source_file, tmp_path, keep_resume_data):
     with LoopbackSeeder(source_file, piece_size=PIECE, upload_rate_limit=2 << 20) as seeder:  # 2 MB/s: ~4 s
         with pytest.raises(D.DownloadInterrupted) as stopped:
-            D.download_torrent(seeder.magnet, tmp_path, stall_timeout=20,
-                               stop_when=lambda st: st.progress >= 0.4, **LOOPBACK)
+            D.download_torrent(
+                seeder.magnet, tmp_path, stall_timeout=20, stop_when=lambda st: st.progress >= 0.4, **LOOPBACK
+            )
         done_first = stopped.value.done_bytes
         assert 0.3 * SIZE <= done_first < SIZE  # progress counts unfinished pieces too; done_bytes does not
         resume_file = D.resume_path(tmp_path, "model.safetensors")
@@ -185,8 +192,15 @@ def test_corrupt_peer_data_is_rejected(source_file, tmp_path):
     dest = tmp_path / "dest"
     with CorruptPeer(torrent) as liar:
         with pytest.raises(D.CorruptDataError, match="failed their SHA-1"):
-            D.download_torrent(torrent, dest, peers=[("127.0.0.1", liar.port)], stall_timeout=3,
-                               metadata_timeout=5, settings=CorruptPeer.LEECHER_SETTINGS, **LOOPBACK)
+            D.download_torrent(
+                torrent,
+                dest,
+                peers=[("127.0.0.1", liar.port)],
+                stall_timeout=3,
+                metadata_timeout=5,
+                settings=CorruptPeer.LEECHER_SETTINGS,
+                **LOOPBACK,
+            )
         assert liar.blocks_sent > 0  # it did send data, and none of it was accepted
     path = dest / "model.safetensors"
     assert not path.exists() or D.check_pieces(path, D.lt.torrent_info(str(torrent))) != []
@@ -261,8 +275,14 @@ def test_hub_report_uses_hf_hub_download(source_file, tmp_path, monkeypatch):
         calls.append(dry_run)
         if dry_run:
             cached = target.is_file()
-            return DryRunFileInfo(commit_hash="0" * 40, file_size=SIZE, filename=filename, is_cached=cached,
-                                  local_path=str(target), will_download=not cached)
+            return DryRunFileInfo(
+                commit_hash="0" * 40,
+                file_size=SIZE,
+                filename=filename,
+                is_cached=cached,
+                local_path=str(target),
+                will_download=not cached,
+            )
         if not target.is_file():
             target.write_bytes(source_file.read_bytes())
         return str(target)

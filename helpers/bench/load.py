@@ -109,8 +109,10 @@ def main(argv: list[str]) -> int:
     print(f"checkpoint: {path} ({size / 1e9:.3f} GB)")
     for component, entry in shares.items():
         if entry["tensors"]:
-            print(f"  {component:13s} {entry['tensors']:5d} tensors  {entry['bytes'] / 1e6:9.1f} MB  "
-                  f"{entry['share']:6.1%} of the file")
+            print(
+                f"  {component:13s} {entry['tensors']:5d} tensors  {entry['bytes'] / 1e6:9.1f} MB  "
+                f"{entry['share']:6.1%} of the file"
+            )
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     rows = compare(path, config_dir, modes=modes, repeats=args.repeats, cold=not args.warm)
@@ -126,20 +128,25 @@ def main(argv: list[str]) -> int:
             "text_encoder_time_vs_full": te["time_vs_full"],
             "met": bool(te["read_share"] <= 1.25 * te["tensor_share"] and te["time_vs_full"] <= 0.25),
         }
-        print(f"\ntarget (text encoder reads ~its share, in <= 1/4 of the full load's time): "
-              f"read {te['read_share']:.1%} of the file (its tensors: {te['tensor_share']:.1%}), "
-              f"time {te['time_vs_full']:.2f} x full -> {'MET' if target['met'] else 'NOT MET'}")
-    out = record_results("bench_load", {
-        "checkpoint": str(path),
-        "checkpoint_bytes": size,
-        "small": args.small,
-        "cold": not args.warm,
-        "repeats": args.repeats,
-        "bytes_read_source": "/proc/self/io read_bytes of a fresh process, file evicted with posix_fadvise",
-        "shares": shares,
-        "rows": rows,
-        "target": target,
-    })
+        print(
+            f"\ntarget (text encoder reads ~its share, in <= 1/4 of the full load's time): "
+            f"read {te['read_share']:.1%} of the file (its tensors: {te['tensor_share']:.1%}), "
+            f"time {te['time_vs_full']:.2f} x full -> {'MET' if target['met'] else 'NOT MET'}"
+        )
+    out = record_results(
+        "bench_load",
+        {
+            "checkpoint": str(path),
+            "checkpoint_bytes": size,
+            "small": args.small,
+            "cold": not args.warm,
+            "repeats": args.repeats,
+            "bytes_read_source": "/proc/self/io read_bytes of a fresh process, file evicted with posix_fadvise",
+            "shares": shares,
+            "rows": rows,
+            "target": target,
+        },
+    )
     print(f"wrote {out}")
     json.dumps(rows)  # fail here, not later, if a row is not JSON-friendly
     return 0
