@@ -13,9 +13,16 @@ from pathlib import Path
 import pytest
 
 from helpers import download as D
-from helpers.swarm import CorruptPeer, LoopbackSeeder, free_loopback_port, generate_safetensors_file, make_torrent
+from helpers.swarm import (
+    LEECHER_KWARGS,
+    CorruptPeer,
+    LoopbackSeeder,
+    free_loopback_port,
+    generate_safetensors_file,
+    make_torrent,
+)
 
-LOOPBACK = {"dht": False, "listen_interfaces": "127.0.0.1:0", "progress": False}
+LOOPBACK = {**LEECHER_KWARGS, "progress": False}
 SIZE = 8 << 20  # 8 MiB
 PIECE = 64 << 10  # 128 pieces of 64 KiB: enough to interrupt half-way
 
@@ -198,8 +205,7 @@ def test_corrupt_peer_data_is_rejected(source_file, tmp_path):
                 peers=[("127.0.0.1", liar.port)],
                 stall_timeout=3,
                 metadata_timeout=5,
-                settings=CorruptPeer.LEECHER_SETTINGS,
-                **LOOPBACK,
+                **{**LOOPBACK, "settings": CorruptPeer.LEECHER_SETTINGS},
             )
         assert liar.blocks_sent > 0  # it did send data, and none of it was accepted
     path = dest / "model.safetensors"
