@@ -32,6 +32,7 @@ import hashlib
 import os
 import shutil
 import time
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -780,10 +781,12 @@ def download_hub(
         plan = hf_hub_download(repo_id, filename, dry_run=True, **kwargs)
     except Exception as exc:  # offline, no such repo/file, auth: say which
         raise DownloadError(f"cannot reach {repo_id}/{filename} on the hub: {type(exc).__name__}: {exc}") from exc
+    if isinstance(plan, (str, Path)):  # offline with the file already in local_dir: the library returns its path
+        plan = types.SimpleNamespace(is_cached=True, will_download=False, file_size=None, commit_hash=None)
     cached = bool(plan.is_cached and not plan.will_download)
     size = plan.file_size or expected_size
     if not cached and size:
-        check_disk_space(kwargs.get("local_dir") or cache_dir or Path.home(), size)
+        check_disk_space(_existing_parent(kwargs.get("local_dir") or cache_dir or _hub_cache()), size)
     try:
         path = Path(hf_hub_download(repo_id, filename, **kwargs))
     except Exception as exc:
@@ -804,6 +807,19 @@ def download_hub(
         verified=verified,
         detail={"repo_id": repo_id, "filename": filename, "commit": plan.commit_hash},
     )
+
+
+def _hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _existing_parent(path: str | Path) -> Path:
+    path = Path(path).expanduser().resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def local_file_report(path: str | Path, expected_size: int | None = None, sha256: str | None = None) -> DownloadReport:

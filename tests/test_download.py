@@ -299,3 +299,12 @@ def test_hub_report_uses_hf_hub_download(source_file, tmp_path, monkeypatch):
     second = D.download_hub("org/repo", "model.safetensors", tmp_path)
     assert second.cached and second.downloaded_bytes == 0
     assert calls == [True, False, True, False]
+
+
+def test_hub_offline_with_the_file_in_local_dir_is_cached(source_file, tmp_path):
+    # the real library, offline: hf_hub_download falls back to the file already in local_dir
+    (tmp_path / "model.safetensors").write_bytes(source_file.read_bytes())
+    report = D.download_hub("org/repo", "model.safetensors", tmp_path, expected_size=SIZE)
+    assert report.cached and report.downloaded_bytes == 0 and report.verified["size"] == "ok"
+    with pytest.raises(D.TruncatedFileError):  # and a file of the wrong size is not taken for the real one
+        D.download_hub("org/repo", "model.safetensors", tmp_path, expected_size=SIZE + 1)
