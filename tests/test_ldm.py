@@ -190,3 +190,23 @@ def test_bad_inputs(exported, tmp_path):
     cut.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated by 100 bytes"):
         ldm.read_header(cut)
+
+
+def test_bench_load_runs_small(tmp_path, monkeypatch, capsys):
+    """`python -m helpers bench load --small`: generates the checkpoint once, prints the table, writes JSON."""
+    import json
+
+    from helpers.bench import load as bench_load
+
+    monkeypatch.setenv("SD_OUTPUTS", str(tmp_path / "outputs"))
+    argv = ["--small", "--repeats", "1", "--modes", "tensors", "--cache-dir", str(tmp_path / "cache")]
+    assert bench_load.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "text_encoder" in out and "target" in out
+    result = json.loads((tmp_path / "outputs" / "bench_load.json").read_text())
+    components = [row["component"] for row in result["rows"]]
+    assert components == ["full file", "unet", "vae", "text_encoder"]
+    assert all(row["time_s"] > 0 and row["peak_rss_MB"] > 0 for row in result["rows"])
+    assert result["shares"]["unet"]["tensors"] == 684
+    mtime = (tmp_path / "cache" / "tiny-random-fp16-ldm.safetensors").stat().st_mtime
+    assert bench_load.ensure_checkpoint(tmp_path / "cache", small=True)[0].stat().st_mtime == mtime  # reused
