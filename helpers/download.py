@@ -568,7 +568,7 @@ def download_torrent(
     dest = ensure_writable_dir(dest_dir)
     t0, started = _now()
 
-    # 1. already there? (complete resume data + the file, or a file of the right size)
+    # 1. already there? (the file, plus the metadata to check its pieces against)
     resume_file = resume_path(dest, name) if name else None
     stored = _read_resume(resume_file) if resume_file and resume_file.is_file() else None
     if stored is not None and str(stored.info_hashes.v1) != info_hash:
@@ -656,10 +656,18 @@ def download_torrent(
                         f"the magnet says xl={magnet.size:,} bytes but the torrent's metadata says {total:,}: "
                         "wrong or malformed magnet link"
                     )
+                files = run.handle.torrent_file().files()
+                if files.num_files() != 1:
+                    raise MagnetError(
+                        f"the torrent holds {files.num_files()} files; download_torrent fetches single-file torrents"
+                    )
+                file_path = dest / files.file_path(0)  # the name inside the torrent (the magnet's dn is a hint)
                 if name is None:
-                    name = st.name
+                    name = file_path.name
                     resume_file = resume_path(dest, name)
-                check_disk_space(dest, total, dest / name)
+                elif file_path.name != name:
+                    print(f"note: the magnet calls the file {name!r}, the torrent calls it {file_path.name!r}")
+                check_disk_space(dest, total, file_path)
                 bar = tqdm(
                     total=total,
                     unit="B",
@@ -724,7 +732,7 @@ def download_torrent(
             bar.close()
 
     t1, finished = _now()
-    path = dest / name
+    path = file_path
     # libtorrent verified every piece on arrival; re-check size, header (and optionally SHA-256) on disk
     verified = verify_file(path, total, sha256=sha256)
     verified["pieces"] = f"ok ({st.num_pieces} SHA-1, checked by libtorrent on arrival)"

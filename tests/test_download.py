@@ -308,3 +308,12 @@ def test_hub_offline_with_the_file_in_local_dir_is_cached(source_file, tmp_path)
     assert report.cached and report.downloaded_bytes == 0 and report.verified["size"] == "ok"
     with pytest.raises(D.TruncatedFileError):  # and a file of the wrong size is not taken for the real one
         D.download_hub("org/repo", "model.safetensors", tmp_path, expected_size=SIZE + 1)
+
+
+def test_magnet_without_or_with_another_dn(seeder, source_file, tmp_path):
+    no_name = seeder.magnet.replace("&dn=model.safetensors", "")
+    report = D.download_torrent(no_name, tmp_path / "a", stall_timeout=20, **LOOPBACK)
+    assert Path(report.path).name == "model.safetensors" and sha(Path(report.path)) == sha(source_file)
+    other_name = seeder.magnet.replace("dn=model.safetensors", "dn=other.safetensors")
+    report = D.download_torrent(other_name, tmp_path / "b", stall_timeout=20, **LOOPBACK)
+    assert report.path == str(tmp_path / "b" / "model.safetensors")  # the torrent's own name wins
