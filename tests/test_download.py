@@ -317,3 +317,23 @@ def test_magnet_without_or_with_another_dn(seeder, source_file, tmp_path):
     other_name = seeder.magnet.replace("dn=model.safetensors", "dn=other.safetensors")
     report = D.download_torrent(other_name, tmp_path / "b", stall_timeout=20, **LOOPBACK)
     assert report.path == str(tmp_path / "b" / "model.safetensors")  # the torrent's own name wins
+
+
+def test_ctrl_c_keeps_the_verified_pieces(source_file, tmp_path):
+    def press_ctrl_c(status):
+        if status.progress >= 0.3:
+            raise KeyboardInterrupt
+
+    with LoopbackSeeder(source_file, piece_size=PIECE, upload_rate_limit=2 << 20) as seeder:
+        with pytest.raises(KeyboardInterrupt):
+            D.download_torrent(seeder.magnet, tmp_path, stall_timeout=20, stop_when=press_ctrl_c, **LOOPBACK)
+        resume = D.lt.read_resume_data(D.resume_path(tmp_path, "model.safetensors").read_bytes())
+        assert sum(resume.have_pieces) >= 0.2 * SIZE / PIECE
+
+
+def test_storage_error_is_reported_not_hung(seeder, tmp_path):
+    (tmp_path / "model.safetensors").mkdir()  # a folder where the file must go
+    t = time.monotonic()
+    with pytest.raises(D.DownloadError, match="storage error|cannot write"):
+        D.download_torrent(seeder.magnet, tmp_path, stall_timeout=20, metadata_timeout=10, **LOOPBACK)
+    assert time.monotonic() - t < 15
