@@ -79,7 +79,8 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _float_dtype(path: Path):
+def float_dtype(path: str | Path):
+    """The torch dtype of the first floating tensor in a safetensors file (None if there is none)."""
     import torch
 
     header, _ = read_header(path)
@@ -135,7 +136,7 @@ def measure_here(
             raise ValueError("mode='model' needs a component and config_dir")
         t = time.perf_counter()
         model = load_component_from_single_file(
-            path, component, config_dir, partial=partial, torch_dtype=_float_dtype(path)
+            path, component, config_dir, partial=partial, torch_dtype=float_dtype(path)
         )
         _touch_every_page(model.state_dict().values())  # parameters may still point into the mapped file
         elapsed = time.perf_counter() - t
