@@ -15,7 +15,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 BARS = {  # the bars (tests check looser ones)

@@ -235,13 +235,14 @@ def prompt_adherence(images, prompts_or_scenes, oracle: Oracle | None = None) ->
 # ----------------------------------------------------------------------------------------- control
 
 
-def image_object_mask(image: np.ndarray, threshold: float = 60.0) -> np.ndarray:
-    """Pixels of an RGB uint8 image far (Euclidean RGB distance) from its background colour, which is
-    taken as the median colour of the image border."""
+def image_object_mask(image: np.ndarray, min_distance: float = 30.0, coverage: float = 0.4) -> np.ndarray:
+    """Pixels of an RGB uint8 image that belong to an object: farther from the background colour (the
+    median colour of the image border) than `coverage` of the farthest pixel, so an anti-aliased edge
+    pixel counts when the object covers about that share of it (as the depth map's mask does)."""
     image = np.asarray(image, np.float32)
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])  # (4 * side, 3)
-    background = np.median(border, axis=0)
-    return np.linalg.norm(image - background, axis=-1) > threshold
+    distance = np.linalg.norm(image - np.median(border, axis=0), axis=-1)  # (H, W)
+    return distance > max(min_distance, coverage * distance.max())
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
