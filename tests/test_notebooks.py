@@ -39,6 +39,22 @@ def test_notebook_runs_and_records_results(smoke_runs, notebook):
     assert (out_dir / f"{notebook}.ipynb").exists(), "the executed copy goes to outputs/"
 
 
+def test_01_download_and_loading(smoke_runs):
+    r = results_of(smoke_runs, "01")
+    assert r["source"] == "loopback", "offline, the download runs on a local swarm"
+    first, again = r["downloads"][0], r["downloads"][1]
+    assert first["interrupted_at_bytes"] > 0 and first["resumed_bytes"] == first["interrupted_at_bytes"]
+    assert first["downloaded_bytes"] + first["resumed_bytes"] == first["size_bytes"], "resume fetched only the rest"
+    assert first["verified"]["pieces"].startswith("ok") and first["verified"]["safetensors"].startswith("ok")
+    assert first["average_speed_Bps"] > 0 and first["elapsed_s"] > 0
+    assert again["cached"] and again["downloaded_bytes"] == 0
+    assert len(r["bad_cases"]) >= 5 and all("Error" in v.split(":")[0] for v in r["bad_cases"].values())
+    assert all(diff <= 1e-5 for diff in r["single_file_max_abs_diff"].values())
+    assert set(r["single_file_max_abs_diff"]) == {"unet", "vae", "text_encoder"}
+    components = {row["component"] for row in r["partial_loading"]["rows"]}
+    assert {"full file", "unet", "vae", "text_encoder"} <= components
+
+
 def test_02_three_stages(smoke_runs):
     r = results_of(smoke_runs, "02")
     assert r["model"] == "toy" and r["profile"] == "smoke"
