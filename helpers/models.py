@@ -223,7 +223,8 @@ def load_component(
                 f"loading {component!r} from the single file {model} needs config_dir=<a diffusers folder with "
                 f"{component}/config.json> (for SD 1.5, a local copy of the hub repo's config files)"
             )
-        return load_component_from_single_file(model, component, config_dir=config_dir, torch_dtype=dtype).to(device)
+        # partial=True: read only this component's tensors from the file (see notebook 01)
+        return load_component_from_single_file(model, component, config_dir, partial=True, torch_dtype=dtype).to(device)
     root = toy_paths()[0] if model == "toy" else model
     kwargs = {"subfolder": component, "local_files_only": hub_offline()}
     if component == "scheduler":
