@@ -25,7 +25,7 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
         "gpu": {"SOURCE": "torrent"},
     },
     "02": {
-        "smoke": {"STEPS": 8, "GRID_STEPS": [2, 8], "GRID_GUIDANCE": [1.0, 7.5], "CALLBACK_EVERY": 2},
+        "smoke": {"GRID_STEPS": [5, 20], "GRID_GUIDANCE": [1.0, 7.5], "CALLBACK_EVERY": 5},
         "cpu": {},
         "gpu": {"HEIGHT": 512, "WIDTH": 512},
     },

@@ -123,3 +123,15 @@ def test_generation_panel_generates_from_its_widgets(tiny_pipe):
     panel.height.value = 50  # not a multiple of 8: the panel reports it and keeps the last image
     panel.button.click()
     assert panel.last_result.images[0].size == (64, 64)
+
+
+def test_attribute_accuracy_counts_each_stated_attribute():
+    from helpers.toy.oracle import Reading, attribute_accuracy, parse_prompt
+
+    readings = [Reading((("circle", "red", "large", "right"),), "white"),
+                Reading((("square", "red", "small", "left"),), "black")]
+    accuracy = attribute_accuracy(readings, [parse_prompt("a large red circle on the left on a white background")] * 2)
+    assert accuracy == {"object count": 1.0, "background": 0.5, "shape": 0.5, "colour": 1.0, "size": 0.5,
+                        "position": 0.5}
+    with pytest.raises(ValueError, match="2 readings but 1 prompt specs"):
+        attribute_accuracy(readings, [parse_prompt("a red circle")])

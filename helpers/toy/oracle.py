@@ -232,6 +232,23 @@ def prompt_adherence(images, prompts_or_scenes, oracle: Oracle | None = None) ->
     return float(np.mean([matches(r, s) for r, s in zip(readings, specs)]))
 
 
+
+def attribute_accuracy(readings: list[Reading], specs: list[PromptSpec]) -> dict[str, float]:
+    """For each attribute a prompt states (shape, colour, size, position, background, object count): the share
+    of images whose reading has it right. Finer than `matches`, which needs every attribute right at once."""
+    if len(readings) != len(specs):
+        raise ValueError(f"{len(readings)} readings but {len(specs)} prompt specs")
+    right: dict[str, list[bool]] = {}
+    for reading, spec in zip(readings, specs):
+        right.setdefault("object count", []).append(len(reading.objects) == len(spec.objects))
+        if spec.background is not None:
+            right.setdefault("background", []).append(reading.background == spec.background)
+        for (shape, colour, size, position), wanted in zip(reading.objects, spec.objects):
+            seen = {"shape": shape, "colour": colour, "size": size, "position": position}
+            for key, value in wanted.items():
+                right.setdefault(key, []).append(seen[key] == value)
+    return {key: float(np.mean(values)) for key, values in right.items()}
+
 # ----------------------------------------------------------------------------------------- control
 
 
