@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,8 +66,8 @@ def show_grid(
             ax.axis("off")
             continue
         ax.imshow(images[i], cmap="gray" if images[i].mode in ("L", "F", "I") else None)
-        if titles is not None:
-            ax.set_title(titles[i], fontsize=8)
+        if titles is not None:  # wrapped to the panel's width, so neighbours' titles never overlap
+            ax.set_title(textwrap.fill(titles[i], width=max(12, int(size * 13))), fontsize=8)
     for r, label in enumerate(row_labels or []):
         axes[r, 0].set_ylabel(label, fontsize=9)
     for c, label in enumerate(col_labels or []):
