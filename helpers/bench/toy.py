@@ -65,6 +65,7 @@ def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeat
                                   guidance_scale=guidance_scale)
                 key = f"prompt_adherence_{name}_cfg{guidance_scale:g}"
                 results[key] = prompt_adherence(images, sample.scenes)
+                print(f"{key}: {results[key]:.3f}", flush=True)
     results["seconds_per_image"] = seconds_per_image(pipe, steps, 7.5, repeats)
     control = sample_scenes(n_control, seed=seed + 1, split="heldout", max_objects=2)
     control_pipe = load_pipeline(controlnet=True)
@@ -73,6 +74,7 @@ def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeat
                           guidance_scale=7.5, control_images=control.control_images())
     results["control_iou"] = control_adherence(images, control.depth_maps)
     results["control_prompt_adherence"] = prompt_adherence(images, control.scenes)
+    print(f"control_iou: {results['control_iou']:.3f}", flush=True)
     return results
 
 
