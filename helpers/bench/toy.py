@@ -65,6 +65,11 @@ def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeat
                                   guidance_scale=guidance_scale)
                 key = f"prompt_adherence_{name}_cfg{guidance_scale:g}"
                 results[key] = prompt_adherence(images, sample.scenes)
+                # looser readings: right number of objects with the right colours (and shapes)
+                results[f"{key}_colour_only"] = prompt_adherence(images, sample.scenes, attributes=("colour",))
+                results[f"{key}_shape_colour"] = prompt_adherence(
+                    images, sample.scenes, attributes=("shape", "colour")
+                )
                 print(f"{key}: {results[key]:.3f}", flush=True)
     results["seconds_per_image"] = seconds_per_image(pipe, steps, 7.5, repeats)
     control = sample_scenes(n_control, seed=seed + 1, split="heldout", max_objects=2)

@@ -200,15 +200,23 @@ def reading_accuracy(images, scenes: list[world.Scene], oracle: Oracle | None = 
     return float(np.mean([matches(r, scene_full_spec(s)) for r, s in zip(readings, scenes)]))
 
 
-def matches(reading: Reading, spec: PromptSpec) -> bool:
-    """True when the reading has exactly the prompt's objects, with every stated attribute right."""
-    if spec.background is not None and reading.background != spec.background:
+ATTRIBUTES = ("shape", "colour", "size", "position", "background")
+
+
+def matches(reading: Reading, spec: PromptSpec, attributes: tuple[str, ...] = ATTRIBUTES) -> bool:
+    """True when the reading has exactly as many objects as the prompt, left to right, with every stated
+    attribute among `attributes` right (e.g. attributes=("colour",) checks the number of objects and
+    their colours only)."""
+    unknown = set(attributes) - set(ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"unknown attributes {sorted(unknown)}; choose from {ATTRIBUTES}")
+    if "background" in attributes and spec.background is not None and reading.background != spec.background:
         return False
     if len(reading.objects) != len(spec.objects):
         return False
     for (shape, colour, size, position), wanted in zip(reading.objects, spec.objects):
         seen = {"shape": shape, "colour": colour, "size": size, "position": position}
-        if any(seen[key] != value for key, value in wanted.items()):
+        if any(seen[key] != value for key, value in wanted.items() if key in attributes):
             return False
     return True
 
@@ -223,13 +231,16 @@ def _as_spec(item) -> PromptSpec:
     raise TypeError(f"expected a prompt string, a world.Scene or a PromptSpec, got {type(item).__name__}")
 
 
-def prompt_adherence(images, prompts_or_scenes, oracle: Oracle | None = None) -> float:
-    """Share of images whose oracle reading matches what their prompt states (0..1)."""
+def prompt_adherence(
+    images, prompts_or_scenes, oracle: Oracle | None = None, attributes: tuple[str, ...] = ATTRIBUTES
+) -> float:
+    """Share of images whose oracle reading matches what their prompt states (0..1); `attributes`
+    restricts the check (see `matches`)."""
     specs = [_as_spec(item) for item in prompts_or_scenes]
     readings = read_images(oracle or load_oracle(), images)
     if len(readings) != len(specs):
         raise ValueError(f"{len(readings)} images but {len(specs)} prompts")
-    return float(np.mean([matches(r, s) for r, s in zip(readings, specs)]))
+    return float(np.mean([matches(r, s, attributes) for r, s in zip(readings, specs)]))
 
 
 
