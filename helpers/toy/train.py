@@ -62,8 +62,9 @@ class Budget:
     """Steps per stage; --max-minutes caps each stage in wall time too (a busy machine stops early)."""
 
     oracle_steps: int = 600
-    vae_steps: int = 1500
+    vae_steps: int = 2000
     unet_steps: int = 3000
+    decoder_steps: int = 1500
     controlnet_steps: int = 1200
     max_minutes: float = 1e9
     batch_size: int = 64
@@ -410,7 +411,7 @@ def stage_decoder(work: Path, budget: Budget) -> list[float]:
         return {"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(), "step": step}
 
-    losses = train_loop("decoder", budget.vae_steps, step_fn, checkpointer, state, start, budget.max_minutes)
+    losses = train_loop("decoder", budget.decoder_steps, step_fn, checkpointer, state, start, budget.max_minutes)
     vae.save_pretrained(work / "vae_decoder")
     log("vae with sharpened decoder saved")
     return losses
@@ -646,7 +647,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="stage(s) to run (repeatable); default: all in order")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="checkpoints and caches")
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="where shipped weights go")
-    for name in ("oracle_steps", "vae_steps", "unet_steps", "controlnet_steps", "batch_size", "n_scenes"):
+    for name in ("oracle_steps", "vae_steps", "unet_steps", "decoder_steps", "controlnet_steps", "batch_size",
+                 "n_scenes"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
                         help="wall-time cap per training stage")
