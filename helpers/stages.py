@@ -57,6 +57,11 @@ def _execution_device(pipe) -> torch.device:
     return getattr(pipe, "_execution_device", None) or pipe.unet.device
 
 
+def _pipe_scale_factor(pipe) -> int:
+    """The pipeline's `vae_scale_factor`, or the VAE's own when `pipe` is a bag of components."""
+    return pipe.vae_scale_factor if hasattr(pipe, "vae_scale_factor") else vae_scale_factor(pipe.vae)
+
+
 def vae_scale_factor(vae) -> int:
     """How many pixels one latent covers along each side (8 for SD 1.5): 2 ** (number of VAE levels - 1)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
@@ -126,7 +131,7 @@ def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
 
 
 def latent_shape(pipe, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
-    factor = vae_scale_factor(pipe.vae) if getattr(pipe, "vae", None) is not None else pipe.vae_scale_factor
+    factor = _pipe_scale_factor(pipe)
     return (batch_size, pipe.unet.config.in_channels, height // factor, width // factor)
 
 
@@ -134,7 +139,7 @@ def default_size(pipe) -> tuple[int, int]:
     """The size the UNet was trained at: `unet.config.sample_size` latents × the VAE scale factor."""
     sample_size = pipe.unet.config.sample_size
     height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
-    factor = pipe.vae_scale_factor if hasattr(pipe, "vae_scale_factor") else vae_scale_factor(pipe.vae)
+    factor = _pipe_scale_factor(pipe)
     return height * factor, width * factor
 
 
@@ -171,7 +176,7 @@ def denoise(
     height = default_height if height is None else height
     width = default_width if width is None else width
     # 1. Check inputs
-    factor = pipe.vae_scale_factor if hasattr(pipe, "vae_scale_factor") else vae_scale_factor(pipe.vae)
+    factor = _pipe_scale_factor(pipe)
     _check_size("height", height, factor)
     _check_size("width", width, factor)
     if num_inference_steps < 1:
