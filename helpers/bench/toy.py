@@ -48,7 +48,8 @@ def seconds_per_image(pipe, steps: int, guidance_scale: float, repeats: int) -> 
 
 
 def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeats: int) -> dict:
-    from helpers.toy import control_adherence, generate, load_pipeline, prompt_adherence, sample_scenes
+    from helpers.toy import control_adherence, generate, load_oracle, load_pipeline, prompt_adherence, sample_scenes
+    from helpers.toy.oracle import attribute_accuracy, read_images, scene_spec
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     results: dict = {"steps": steps, "n_single": n_single, "n_two": n_two, "n_control": n_control}
@@ -70,6 +71,9 @@ def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeat
                 results[f"{key}_shape_colour"] = prompt_adherence(
                     images, sample.scenes, attributes=("shape", "colour")
                 )
+                # which stated attributes the images get right, one at a time
+                readings = read_images(load_oracle(), images)
+                results[f"{key}_by_attribute"] = attribute_accuracy(readings, [scene_spec(s) for s in sample.scenes])
                 print(f"{key}: {results[key]:.3f}", flush=True)
     results["seconds_per_image"] = seconds_per_image(pipe, steps, 7.5, repeats)
     control = sample_scenes(n_control, seed=seed + 1, split="heldout", max_objects=2)
@@ -86,6 +90,8 @@ def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeat
 def print_table(results: dict) -> None:
     print(f"{'metric':38s} {'value':>8s}  bar")
     for key, value in results.items():
+        if isinstance(value, dict):
+            print(f"{key:38s} " + ", ".join(f"{name} {share:.2f}" for name, share in value.items()))
         if isinstance(value, float):
             bar = BARS.get(key)
             verdict = ""

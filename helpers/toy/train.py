@@ -7,7 +7,8 @@ Stages (each resumable from its checkpoint in --work-dir, each skipped when its 
   vae         AutoencoderKL on random crops (fully convolutional, so crops suffice) -> work/vae/
   latents     encode every training image once with the trained VAE                -> work/latents.pt
   decoder     sharpen the VAE decoder, encoder frozen (can run beside the unet stage) -> work/vae_decoder/
-  unet        UNet2DConditionModel + CLIPTextModel jointly, DDPM epsilon loss, caption dropout, EMA
+  unet        UNet2DConditionModel + CLIPTextModel jointly: v-prediction, Min-SNR, offset noise,
+              caption dropout, EMA
   pipeline    assemble the StableDiffusionPipeline folder (PNDM, SD 1.5 config)    -> weights/sd/
   controlnet  ControlNetModel.from_unet on depth maps, base model frozen           -> weights/controlnet-depth/
   ldm         single-file export in the original LDM key layout (helpers.ldm)      -> weights/toy-sd-ldm.safetensors
@@ -46,6 +47,11 @@ SD_SCHEDULE = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
+    # SD 1.5 predicts the noise; the toy model predicts v (as SD 2 does). At the noisiest steps, where the
+    # prompt decides where the object goes and how big it is, an epsilon-predicting UNet mostly copies its
+    # input (noise = x_t up to 7%), so the layout barely moves the loss and a few thousand CPU steps never
+    # learn it; v ~ -x0 there, so they do. Every diffusers scheduler and pipeline reads this setting.
+    "prediction_type": "v_prediction",
 }
 # SD 1.5's shipped inference scheduler (PNDM, as in the hub folder).
 SD_PNDM_CONFIG = {
@@ -55,6 +61,18 @@ SD_PNDM_CONFIG = {
     "steps_offset": 1,
     "trained_betas": None,
 }
+# SD's schedule leaves sqrt(alphas_cumprod) ~ 0.07 of the image at t=999, enough to read each latent
+# channel's mean (the background colour) straight off the "pure" noise: a model trained on it ignores
+# the background words and copies whatever mean the starting noise has. Offset noise (a random
+# per-channel constant added to the noise, diffusers' `--noise_offset`) hides that mean during training,
+# so the background has to come from the prompt. 0.2 puts the largest background difference (~3 units
+# of scaled latent, black vs white) at about one standard deviation of the noise mean at t=999.
+NOISE_OFFSET = 0.2
+# Min-SNR-gamma loss weighting (Hang et al. 2023): caps the weight of the easy low-noise timesteps, so
+# the few CPU steps go to the noisier ones, where the prompt is obeyed.
+MIN_SNR_GAMMA = 5.0
+UNET_LR = 2e-3  # peak; linear warm-up, cosine decay (the model is small: 2.5 M parameters)
+CONTROLNET_LR = 1e-3
 
 
 @dataclass
@@ -63,11 +81,12 @@ class Budget:
 
     oracle_steps: int = 600
     vae_steps: int = 2000
-    unet_steps: int = 3000
+    unet_steps: int = 2400
     decoder_steps: int = 1500
-    controlnet_steps: int = 1200
+    controlnet_steps: int = 1000
     max_minutes: float = 1e9
     batch_size: int = 64
+    controlnet_batch_size: int = 32  # a ControlNet step runs the frozen UNet too: more, smaller steps
     n_scenes: int = 20000
 
 
@@ -444,14 +463,29 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def noisy_latents_batch(
-    latents: dict, idx: torch.Tensor, scaling_factor: float, scheduler, generator: torch.Generator
+    latents: dict, idx: torch.Tensor, scaling_factor: float, scheduler, generator: torch.Generator,
+    noise_offset: float = NOISE_OFFSET,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Take the cached latents, noise them at random timesteps (DDPM forward process)."""
+    """Take the cached latents, noise them at random timesteps (DDPM forward process, offset noise);
+    returns the noisy latents, the v-prediction target and the timesteps."""
     # posterior means, not samples: the VAE decoder was trained on means (see vae_loss)
     clean = latents["mean"][idx] * scaling_factor  # (B, 4, 16, 16)
     noise = torch.randn(clean.shape, generator=generator)
+    noise = noise + noise_offset * torch.randn(len(idx), clean.shape[1], 1, 1, generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
-    return scheduler.add_noise(clean, noise, timesteps), noise, timesteps
+    target = scheduler.get_velocity(clean, noise, timesteps)  # v = sqrt(a) * noise - sqrt(1 - a) * clean
+    return scheduler.add_noise(clean, noise, timesteps), target, timesteps
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler) -> torch.Tensor:
+    """v-prediction MSE with Min-SNR-gamma weights, min(SNR, gamma) / (SNR + 1) per sample (as in diffusers'
+    train_text_to_image.py for v-prediction)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)  # (B,)
+    weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / (snr + 1)
+    per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))  # (B, 4, h, w) -> (B,)
+    return (weights * per_sample).mean()
 
 
 def drop_captions(token_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, generator) -> torch.Tensor:
@@ -477,7 +511,7 @@ def stage_unet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list
     unet = make_unet(text_encoder.config.hidden_size)
     scheduler = DDPMScheduler(**SD_SCHEDULE)
     params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=1e-2)
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True, power=3 / 4)
     generator = torch.Generator().manual_seed(2)
     checkpointer = Checkpointer(work / "unet.ckpt")
@@ -493,13 +527,13 @@ def stage_unet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list
 
     def step_fn(step: int, progress: float) -> float:
         for group in optimizer.param_groups:
-            group["lr"] = 1e-3 * cosine_lr(progress)
+            group["lr"] = UNET_LR * cosine_lr(progress)
         idx = next(index_batches)
-        noisy, noise, timesteps = noisy_latents_batch(latents, idx, scaling_factor, scheduler, generator)
+        noisy, target, timesteps = noisy_latents_batch(latents, idx, scaling_factor, scheduler, generator)
         ids = drop_captions(token_ids[idx], empty_ids, caption_dropout, generator)
         prompt_embeds = text_encoder(ids)[0]  # (B, 77, hidden)
-        noise_pred = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample  # (B, 4, 16, 16)
-        loss = torch.nn.functional.mse_loss(noise_pred, noise)
+        model_pred = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample  # (B, 4, 16, 16)
+        loss = diffusion_loss(model_pred, target, timesteps, scheduler)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -568,7 +602,7 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -
     scheduler = DDPMScheduler(**SD_SCHEDULE)
     token_ids = tokenize(tokenizer, data["captions"])
     empty_ids = tokenize(tokenizer, [""])[0]
-    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=5e-4)
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=CONTROLNET_LR)
     generator = torch.Generator().manual_seed(3)
     checkpointer = Checkpointer(work / "controlnet.ckpt")
     start = 0
@@ -577,13 +611,13 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         start = state["step"]
-    index_batches = batches(len(token_ids), budget.batch_size, generator)
+    index_batches = batches(len(token_ids), budget.controlnet_batch_size, generator)
 
     def step_fn(step: int, progress: float) -> float:
         for group in optimizer.param_groups:
-            group["lr"] = 5e-4 * cosine_lr(progress)
+            group["lr"] = CONTROLNET_LR * cosine_lr(progress)
         idx = next(index_batches)
-        noisy, noise, timesteps = noisy_latents_batch(latents, idx, scaling_factor, scheduler, generator)
+        noisy, target, timesteps = noisy_latents_batch(latents, idx, scaling_factor, scheduler, generator)
         ids = drop_captions(token_ids[idx], empty_ids, caption_dropout, generator)
         with torch.no_grad():
             prompt_embeds = text_encoder(ids)[0]  # (B, 77, hidden)
@@ -591,11 +625,11 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -
         down_residuals, mid_residual = controlnet(
             noisy, timesteps, encoder_hidden_states=prompt_embeds, controlnet_cond=control, return_dict=False
         )
-        noise_pred = unet(
+        model_pred = unet(
             noisy, timesteps, encoder_hidden_states=prompt_embeds,
             down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual,
         ).sample
-        loss = torch.nn.functional.mse_loss(noise_pred, noise)
+        loss = diffusion_loss(model_pred, target, timesteps, scheduler)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
@@ -648,7 +682,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="checkpoints and caches")
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="where shipped weights go")
     for name in ("oracle_steps", "vae_steps", "unet_steps", "decoder_steps", "controlnet_steps", "batch_size",
-                 "n_scenes"):
+                 "controlnet_batch_size", "n_scenes"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
                         help="wall-time cap per training stage")
