@@ -88,17 +88,17 @@ def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeat
 
 
 def print_table(results: dict) -> None:
-    print(f"{'metric':38s} {'value':>8s}  bar")
+    print(f"{'metric':46s} {'value':>8s}  bar")
     for key, value in results.items():
         if isinstance(value, dict):
-            print(f"{key:38s} " + ", ".join(f"{name} {share:.2f}" for name, share in value.items()))
+            print(f"{key:46s} " + ", ".join(f"{name} {share:.2f}" for name, share in value.items()))
         if isinstance(value, float):
             bar = BARS.get(key)
             verdict = ""
             if bar:
                 ok = value >= bar[1] if bar[0] == ">=" else value < bar[1]
                 verdict = f"{bar[0]} {bar[1]:g}  {'PASS' if ok else 'FAIL'}"
-            print(f"{key:38s} {value:8.3f}  {verdict}")
+            print(f"{key:46s} {value:8.3f}  {verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:
