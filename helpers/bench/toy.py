@@ -49,12 +49,12 @@ def seconds_per_image(pipe, steps: int, guidance_scale: float, repeats: int) -> 
 
 def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeats: int) -> dict:
     from helpers.toy import control_adherence, generate, load_oracle, load_pipeline, prompt_adherence, sample_scenes
-    from helpers.toy.oracle import attribute_accuracy, read_images, scene_spec
+    from helpers.toy.oracle import adherence, attribute_accuracy, read_images, scene_spec
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     results: dict = {"steps": steps, "n_single": n_single, "n_two": n_two, "n_control": n_control}
     results["oracle_accuracy"] = oracle_accuracy(1000, seed)
-    pipe = load_pipeline()
+    pipe, oracle = load_pipeline(), load_oracle()
     single = sample_scenes(n_single, seed=seed, split="heldout", max_objects=1)
     two = sample_scenes(n_two, seed=seed, split="heldout", min_objects=2, max_objects=2)
     with torch.inference_mode():
@@ -65,15 +65,13 @@ def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeat
                 images = generate(pipe, sample.prompts, seed=seed, num_inference_steps=steps,
                                   guidance_scale=guidance_scale)
                 key = f"prompt_adherence_{name}_cfg{guidance_scale:g}"
-                results[key] = prompt_adherence(images, sample.scenes)
+                readings, specs = read_images(oracle, images), [scene_spec(s) for s in sample.scenes]
+                results[key] = adherence(readings, specs)
                 # looser readings: right number of objects with the right colours (and shapes)
-                results[f"{key}_colour_only"] = prompt_adherence(images, sample.scenes, attributes=("colour",))
-                results[f"{key}_shape_colour"] = prompt_adherence(
-                    images, sample.scenes, attributes=("shape", "colour")
-                )
+                results[f"{key}_colour_only"] = adherence(readings, specs, attributes=("colour",))
+                results[f"{key}_shape_colour"] = adherence(readings, specs, attributes=("shape", "colour"))
                 # which stated attributes the images get right, one at a time
-                readings = read_images(load_oracle(), images)
-                results[f"{key}_by_attribute"] = attribute_accuracy(readings, [scene_spec(s) for s in sample.scenes])
+                results[f"{key}_by_attribute"] = attribute_accuracy(readings, specs)
                 print(f"{key}: {results[key]:.3f}", flush=True)
     results["seconds_per_image"] = seconds_per_image(pipe, steps, 7.5, repeats)
     control = sample_scenes(n_control, seed=seed + 1, split="heldout", max_objects=2)
@@ -92,7 +90,7 @@ def print_table(results: dict) -> None:
     for key, value in results.items():
         if isinstance(value, dict):
             print(f"{key:46s} " + ", ".join(f"{name} {share:.2f}" for name, share in value.items()))
-        if isinstance(value, float):
+        elif isinstance(value, float):
             bar = BARS.get(key)
             verdict = ""
             if bar:

@@ -214,11 +214,16 @@ def matches(reading: Reading, spec: PromptSpec, attributes: tuple[str, ...] = AT
         return False
     if len(reading.objects) != len(spec.objects):
         return False
-    for (shape, colour, size, position), wanted in zip(reading.objects, spec.objects):
-        seen = {"shape": shape, "colour": colour, "size": size, "position": position}
+    for obj, wanted in zip(reading.objects, spec.objects):
+        seen = _object_attributes(obj)
         if any(seen[key] != value for key, value in wanted.items() if key in attributes):
             return False
     return True
+
+
+def _object_attributes(obj: tuple[str, str, str, str]) -> dict[str, str]:
+    """One object of a Reading, (shape, colour, size, position), as a dict keyed like PromptSpec objects."""
+    return dict(zip(("shape", "colour", "size", "position"), obj))
 
 
 def _as_spec(item) -> PromptSpec:
@@ -240,8 +245,12 @@ def prompt_adherence(
     readings = read_images(oracle or load_oracle(), images)
     if len(readings) != len(specs):
         raise ValueError(f"{len(readings)} images but {len(specs)} prompts")
-    return float(np.mean([matches(r, s, attributes) for r, s in zip(readings, specs)]))
+    return adherence(readings, specs, attributes)
 
+
+def adherence(readings: list[Reading], specs: list[PromptSpec], attributes: tuple[str, ...] = ATTRIBUTES) -> float:
+    """`prompt_adherence` for images the oracle has already read (read once, score several ways)."""
+    return float(np.mean([matches(r, s, attributes) for r, s in zip(readings, specs, strict=True)]))
 
 
 def attribute_accuracy(readings: list[Reading], specs: list[PromptSpec]) -> dict[str, float]:
@@ -254,11 +263,12 @@ def attribute_accuracy(readings: list[Reading], specs: list[PromptSpec]) -> dict
         right.setdefault("object count", []).append(len(reading.objects) == len(spec.objects))
         if spec.background is not None:
             right.setdefault("background", []).append(reading.background == spec.background)
-        for (shape, colour, size, position), wanted in zip(reading.objects, spec.objects):
-            seen = {"shape": shape, "colour": colour, "size": size, "position": position}
+        for obj, wanted in zip(reading.objects, spec.objects):
+            seen = _object_attributes(obj)
             for key, value in wanted.items():
                 right.setdefault(key, []).append(seen[key] == value)
     return {key: float(np.mean(values)) for key, values in right.items()}
+
 
 # ----------------------------------------------------------------------------------------- control
 

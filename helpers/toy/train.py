@@ -467,23 +467,27 @@ def noisy_latents_batch(
     noise_offset: float = NOISE_OFFSET,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Take the cached latents, noise them at random timesteps (DDPM forward process, offset noise);
-    returns the noisy latents, the v-prediction target and the timesteps."""
+    returns the noisy latents, the target the scheduler's `prediction_type` asks for, and the timesteps."""
     # posterior means, not samples: the VAE decoder was trained on means (see vae_loss)
     clean = latents["mean"][idx] * scaling_factor  # (B, 4, 16, 16)
     noise = torch.randn(clean.shape, generator=generator)
     noise = noise + noise_offset * torch.randn(len(idx), clean.shape[1], 1, 1, generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
-    target = scheduler.get_velocity(clean, noise, timesteps)  # v = sqrt(a) * noise - sqrt(1 - a) * clean
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(clean, noise, timesteps)  # v = sqrt(a) * noise - sqrt(1 - a) * clean
+    else:
+        target = noise
     return scheduler.add_noise(clean, noise, timesteps), target, timesteps
 
 
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler) -> torch.Tensor:
-    """v-prediction MSE with Min-SNR-gamma weights, min(SNR, gamma) / (SNR + 1) per sample (as in diffusers'
-    train_text_to_image.py for v-prediction)."""
+    """MSE with Min-SNR-gamma weights per sample, as in diffusers' train_text_to_image.py: min(SNR, gamma) / SNR
+    for epsilon, min(SNR, gamma) / (SNR + 1) for v-prediction."""
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(scheduler, timesteps)  # (B,)
-    weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / (snr + 1)
+    weights = torch.clamp(snr, max=MIN_SNR_GAMMA)
+    weights = weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
     per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))  # (B, 4, h, w) -> (B,)
     return (weights * per_sample).mean()
 
