@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -32,7 +33,8 @@ SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_DEPTH_CONTROLNET_HUB_ID = "lllyasviel/control_v11f1p_sd15_depth"
 RANDOM_MODELS = ("tiny-random", "sd15-random")
 
-# Short names users type in a widget, mapped to diffusers' scheduler classes.
+# Short names users type in a widget, mapped to diffusers' scheduler classes; "default" keeps the model's own.
+DEFAULT_SCHEDULER = "default"
 SCHEDULERS = {
     "pndm": PNDMScheduler,  # SD 1.5's default
     "ddim": DDIMScheduler,
@@ -85,15 +87,41 @@ def resolve_model(model: str) -> str:
     return SD15_HUB_ID if torch.cuda.is_available() and hub_reachable() else "toy"
 
 
-def make_scheduler(name_or_scheduler, config):
-    """A fresh scheduler from a short name (`SCHEDULERS`), a class, or an instance, on the model's config."""
-    if isinstance(name_or_scheduler, str):
-        if name_or_scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={name_or_scheduler!r} is unknown; choose one of {sorted(SCHEDULERS)}")
-        return SCHEDULERS[name_or_scheduler].from_config(config)
-    if isinstance(name_or_scheduler, type):
-        return name_or_scheduler.from_config(config)
-    return name_or_scheduler
+def make_scheduler(name_or_scheduler, model_scheduler):
+    """A fresh scheduler on the noise schedule of `model_scheduler` (the pipeline's own), from a short name
+    (`SCHEDULERS`, or `"default"` for the model's own class) or a class; an instance is used as it is."""
+    config = model_scheduler.config
+    if name_or_scheduler == DEFAULT_SCHEDULER:
+        scheduler_class = type(model_scheduler)
+    elif isinstance(name_or_scheduler, str):
+        scheduler_class = _scheduler_class(name_or_scheduler)
+    elif isinstance(name_or_scheduler, type):
+        scheduler_class = name_or_scheduler
+    else:
+        return name_or_scheduler
+    _check_schedule_supported(scheduler_class, config)
+    return scheduler_class.from_config(config)
+
+
+def _scheduler_class(name: str) -> type:
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler={name!r} is unknown; choose one of {[DEFAULT_SCHEDULER, *sorted(SCHEDULERS)]}")
+    return SCHEDULERS[name]
+
+
+def _check_schedule_supported(scheduler_class: type, config) -> None:
+    """A model trained on a zero-terminal-SNR schedule (the toy model) only works with schedulers that
+    implement it: from_config would silently drop the setting and sample from the wrong noise levels."""
+    if not config.get("rescale_betas_zero_snr"):
+        return
+    if "rescale_betas_zero_snr" not in inspect.signature(scheduler_class.__init__).parameters:
+        supported = [name for name, cls in SCHEDULERS.items()
+                     if "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters]
+        raise ValueError(
+            f"{scheduler_class.__name__} cannot run this model: it was trained on a zero-terminal-SNR noise "
+            f"schedule (rescale_betas_zero_snr=True), which {scheduler_class.__name__} does not implement. "
+            f"Choose one of {[DEFAULT_SCHEDULER, *supported]}."
+        )
 
 
 def toy_paths() -> tuple[Path, Path]:
@@ -147,7 +175,7 @@ def load_pipeline(
     if controlnet is not None:
         pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
     if scheduler is not None:
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler)
     if attention_slicing:
         pipe.enable_attention_slicing()
     if cpu_offload:

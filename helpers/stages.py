@@ -210,7 +210,7 @@ def denoise(
         prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])  # (2·batch, 77, hidden)
 
     # 4. Prepare timesteps
-    scheduler = make_scheduler(scheduler or pipe.scheduler, pipe.scheduler.config)
+    scheduler = make_scheduler(scheduler or pipe.scheduler, pipe.scheduler)
     scheduler = copy.deepcopy(scheduler)  # schedulers keep state (e.g. PNDM's past noise): never share it
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipywidgets as widgets
 from IPython.display import display
 
-from helpers.models import SCHEDULERS
+from helpers.models import DEFAULT_SCHEDULER, SCHEDULERS
 from helpers.show import upscale
 from helpers.stages import default_size, generate
 
@@ -14,7 +14,7 @@ class GenerationPanel:
     """`GenerationPanel(pipe).show()` in a notebook; each click runs `generate` and shows image and timings."""
 
     def __init__(self, pipe, prompt: str = "a red circle on a white background", seed: int = 42, steps: int = 20,
-                 guidance_scale: float = 7.5, scheduler: str = "pndm"):
+                 guidance_scale: float = 7.5, scheduler: str = DEFAULT_SCHEDULER):
         self.pipe = pipe
         height, width = default_size(pipe)
         wide = widgets.Layout(width="95%")
@@ -24,7 +24,8 @@ class GenerationPanel:
         self.steps = widgets.IntSlider(value=steps, min=1, max=100, description="steps")
         self.guidance_scale = widgets.FloatSlider(value=guidance_scale, min=1.0, max=20.0, step=0.5,
                                                   description="guidance")
-        self.scheduler = widgets.Dropdown(options=sorted(SCHEDULERS), value=scheduler, description="scheduler")
+        self.scheduler = widgets.Dropdown(options=[DEFAULT_SCHEDULER, *sorted(SCHEDULERS)], value=scheduler,
+                                          description="scheduler")
         factor = pipe.vae_scale_factor
         self.height = widgets.IntSlider(value=height, min=factor * 4, max=height * 2, step=factor, description="height")
         self.width = widgets.IntSlider(value=width, min=factor * 4, max=width * 2, step=factor, description="width")

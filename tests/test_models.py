@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from helpers import testing
@@ -68,6 +69,23 @@ def test_load_pipeline_and_component_from_a_local_folder(tmp_path, tiny_pipe):
         "a red circle").input_ids
 
 
+def test_schedulers_keep_the_models_noise_schedule():
+    from diffusers import DDIMScheduler
+
+    from helpers.toy.train import SD_DDIM_CONFIG
+
+    toy = DDIMScheduler(**SD_DDIM_CONFIG)  # zero terminal SNR, v-prediction: the toy model's
+    default = make_scheduler("default", toy)
+    assert type(default) is DDIMScheduler and default is not toy
+    euler = make_scheduler("euler", toy)
+    assert euler.config.rescale_betas_zero_snr and euler.config.prediction_type == "v_prediction"
+    for name in ("pndm", "lms"):  # they do not implement the zero-SNR schedule: from_config would drop it
+        with pytest.raises(ValueError, match="zero-terminal-SNR.*Choose one of"):
+            make_scheduler(name, toy)
+    with pytest.raises(ValueError, match="unknown; choose one of"):
+        make_scheduler("heun", toy)
+
+
 @pytest.mark.parametrize(
     "model, error, message",
     [
@@ -88,7 +106,7 @@ def test_folder_without_model_index_is_a_clear_error(tmp_path):
 
 def test_unknown_scheduler_and_component_names():
     with pytest.raises(ValueError, match="scheduler='nope' is unknown"):
-        make_scheduler("nope", {})
+        make_scheduler("nope", DDPMScheduler())
     with pytest.raises(ValueError, match="component='clip' is unknown"):
         load_component("tiny-random", "clip")
 
@@ -117,7 +135,7 @@ def test_generation_panel_generates_from_its_widgets(tiny_pipe):
     panel.seed.value, panel.prompt.value, panel.steps.value = 7, "a blue square", 3
     panel.button.click()
     assert panel.last_result is not None and panel.last_result.images[0].size == (64, 64)
-    tiny_pipe.scheduler = make_scheduler("ddim", tiny_pipe.scheduler.config)
+    tiny_pipe.scheduler = make_scheduler("ddim", tiny_pipe.scheduler)
     expected = tiny_pipe(["a blue square"], num_inference_steps=3, generator=make_generators([7])).images[0]
     assert np.array_equal(np.asarray(panel.last_result.images[0]), np.asarray(expected))
     panel.height.value = 50  # not a multiple of 8: the panel reports it and keeps the last image

@@ -36,7 +36,7 @@ def test_generate_equals_pipeline_call(tiny_pipe, scheduler):
     ours = generate(tiny_pipe, PROMPTS, seeds=seeds, num_inference_steps=STEPS, scheduler=scheduler,
                     output_type="np", progress=False)
     if scheduler:
-        tiny_pipe.scheduler = make_scheduler(scheduler, tiny_pipe.scheduler.config)
+        tiny_pipe.scheduler = make_scheduler(scheduler, tiny_pipe.scheduler)
     theirs = pipeline_images(tiny_pipe, PROMPTS, seeds, num_inference_steps=STEPS)
     assert ours.images.shape == theirs.shape == (3, 64, 64, 3)
     assert np.abs(ours.images - theirs).max() <= 1e-4

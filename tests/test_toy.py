@@ -18,7 +18,15 @@ from helpers.toy import (
     sample_scenes,
     world,
 )
-from helpers.toy.oracle import image_object_mask, mask_iou, reading_accuracy
+from helpers.toy.oracle import (
+    _as_spec,
+    attribute_accuracy,
+    image_object_mask,
+    load_oracle,
+    mask_iou,
+    read_images,
+    reading_accuracy,
+)
 
 needs_weights = pytest.mark.skipif(
     not (TOY_SD_DIR / "model_index.json").exists(), reason="toy weights not built"
@@ -94,10 +102,10 @@ def test_shipped_weights_are_small():
 # (prompt, pixel (y, x), expected RGB): generate(pipe, [prompt], seed=0), 20 steps, guidance 7.5, as shipped.
 # Rebuilding the weights changes these: record new ones from the same call.
 GOLDEN = [
-    ("a red circle on the left", (32, 49), (203, 46, 29)),
-    ("a red circle on the left", (5, 5), (111, 71, 44)),
-    ("a large blue square on a white background", (32, 49), (23, 78, 221)),
-    ("a large blue square on a white background", (5, 5), (224, 225, 221)),
+    ("a red circle on the left", (32, 49), (230, 42, 45)),
+    ("a red circle on the left", (5, 5), (133, 126, 140)),
+    ("a large blue square on a white background", (32, 49), (0, 86, 229)),
+    ("a large blue square on a white background", (5, 5), (220, 227, 222)),
 ]
 
 
@@ -112,20 +120,24 @@ def test_golden_pixels(pipe):
 
 @needs_weights
 def test_prompt_adherence_floor_and_guidance_matters(pipe):
-    # Floors sit below what the shipped weights reach on this sample (at guidance 7.5 / 1.0: every stated
-    # attribute 0.22 / 0.06, colour 0.91 / 0.69, background 0.91); a broken pipeline, text encoder,
-    # scheduler setting or guidance falls through them.
+    # Floors sit below what the shipped weights reach on this sample (share right at guidance 7.5 / 1.0:
+    # colour 1.00 / 0.90, size 0.95 / 0.68, background 1.00 / 1.00); a broken pipeline, text encoder,
+    # scheduler setting or guidance falls through them. Shape and position are not learned yet (see the
+    # weights README), and guidance 7.5 draws a second object for a third of the prompts.
     sample = sample_scenes(32, seed=100, split="heldout", max_objects=1)
-    guided = generate(pipe, sample.prompts, seed=0, num_inference_steps=20, guidance_scale=7.5)
-    unguided = generate(pipe, sample.prompts, seed=0, num_inference_steps=20, guidance_scale=1.0)
-    assert guided.shape == (32, 64, 64, 3)
-    colour_guided = prompt_adherence(guided, sample.scenes, attributes=("colour",))
-    assert colour_guided >= 0.8
-    assert colour_guided >= prompt_adherence(unguided, sample.scenes, attributes=("colour",)) + 0.1
-    assert prompt_adherence(guided, sample.scenes, attributes=("background",)) >= 0.8
-    all_guided = prompt_adherence(guided, sample.scenes)
-    assert all_guided >= 0.12
-    assert all_guided >= prompt_adherence(unguided, sample.scenes) + 0.08
+    specs = [_as_spec(scene) for scene in sample.scenes]
+    oracle = load_oracle()
+
+    def accuracy(guidance_scale: float) -> dict[str, float]:
+        images = generate(pipe, sample.prompts, seed=0, num_inference_steps=20, guidance_scale=guidance_scale)
+        assert images.shape == (32, 64, 64, 3)
+        return attribute_accuracy(read_images(oracle, images), specs)
+
+    guided, unguided = accuracy(7.5), accuracy(1.0)
+    assert guided["colour"] >= 0.9 and guided["background"] >= 0.9, guided
+    assert guided["size"] >= 0.8, guided
+    assert guided["size"] >= unguided["size"] + 0.15, (guided, unguided)  # guidance matters
+    assert guided["colour"] >= unguided["colour"] + 0.05, (guided, unguided)
 
 
 @needs_weights
@@ -134,7 +146,7 @@ def test_controlnet_follows_depth():
     sample = sample_scenes(8, seed=200, split="heldout", max_objects=2)
     images = generate(control_pipe, sample.prompts, seed=0, num_inference_steps=20,
                       control_images=sample.control_images())
-    assert control_adherence(images, sample.depth_maps) >= 0.7  # shipped weights: 0.86 on these 8
+    assert control_adherence(images, sample.depth_maps) >= 0.75  # shipped weights: 0.84 on these 8
 
 
 @needs_weights
@@ -163,19 +175,23 @@ def test_training_targets_match_the_shipped_scheduler():
     from helpers.toy import train
 
     scheduler = DDPMScheduler(**train.SD_SCHEDULE)
+    assert scheduler.alphas_cumprod[-1] == 0  # zero terminal SNR: t=999 is pure noise
     latents = {"mean": torch.randn(8, 4, 16, 16)}
-    noisy, target, timesteps = train.noisy_latents_batch(
-        latents, torch.arange(8), 1.0, scheduler, torch.Generator().manual_seed(0), noise_offset=0.0
-    )
-    # without offset, x_t and v determine the clean latents: x0 = sqrt(a) x_t - sqrt(1 - a) v
+    idx = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    noisy, target, timesteps = train.noisy_latents_batch(latents, idx, 1.0, scheduler, torch.Generator().manual_seed(0))
+    # x_t and v determine the clean latents: x0 = sqrt(a) x_t - sqrt(1 - a) v
     alpha = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     assert torch.allclose(alpha.sqrt() * noisy - (1 - alpha).sqrt() * target, latents["mean"], atol=1e-4)
-    # the shipped pipeline's scheduler reads the UNet's output as what training taught it to predict
+    # the shipped pipeline's scheduler samples the schedule the UNet was trained on and reads its output as
+    # what training taught it to predict
     if (TOY_SD_DIR / "scheduler").exists():
-        from diffusers import PNDMScheduler
+        from diffusers import DDIMScheduler
 
-        shipped = PNDMScheduler.from_pretrained(TOY_SD_DIR / "scheduler")
-        assert shipped.config.prediction_type == scheduler.config.prediction_type == "v_prediction"
+        shipped = DDIMScheduler.from_pretrained(TOY_SD_DIR / "scheduler")
+        assert {key: shipped.config[key] for key in train.SD_SCHEDULE} == train.SD_SCHEDULE
+        assert torch.equal(shipped.alphas_cumprod, scheduler.alphas_cumprod)
+        shipped.set_timesteps(20)
+        assert shipped.timesteps[0] == 999  # the first step starts from pure noise
 
 
 def test_short_training_run_lowers_the_loss(tmp_path):

@@ -29,7 +29,7 @@ def bench_model(model: str, steps: int, batch_size: int, repeats: int) -> list[d
     images = decode(pipe, latents, output_type="pt")
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
-    timesteps = len(scheduler.timesteps)  # UNet evaluations: PNDM runs steps + 1
+    timesteps = len(scheduler.timesteps)  # UNet evaluations: PNDM (SD 1.5) runs steps + 1
 
     runs = {
         "encode_text": (lambda: encode_text(pipe, prompts), prompt_embeds),

@@ -7,9 +7,9 @@ Stages (each resumable from its checkpoint in --work-dir, each skipped when its 
   vae         AutoencoderKL on random crops (fully convolutional, so crops suffice) -> work/vae/
   latents     encode every training image once with the trained VAE                -> work/latents.pt
   decoder     sharpen the VAE decoder, encoder frozen (can run beside the unet stage) -> work/vae_decoder/
-  unet        UNet2DConditionModel + CLIPTextModel jointly: v-prediction, Min-SNR, offset noise,
+  unet        UNet2DConditionModel + CLIPTextModel jointly: zero-terminal-SNR schedule, v-prediction,
               caption dropout, EMA
-  pipeline    assemble the StableDiffusionPipeline folder (PNDM, SD 1.5 config)    -> weights/sd/
+  pipeline    assemble the StableDiffusionPipeline folder (DDIM, zero-SNR schedule) -> weights/sd/
   controlnet  ControlNetModel.from_unet on depth maps, base model frozen           -> weights/controlnet-depth/
   ldm         single-file export in the original LDM key layout (helpers.ldm)      -> weights/toy-sd-ldm.safetensors
 
@@ -41,36 +41,32 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WORK_DIR = Path(__file__).resolve().parents[2] / "scratch" / "toy"
 STAGES = ("data", "oracle", "vae", "latents", "unet", "decoder", "pipeline", "controlnet", "ldm")
 
-# SD 1.5's training noise schedule (scheduler_config.json of stable-diffusion-v1-5).
+# SD 1.5's training noise schedule (scheduler_config.json of stable-diffusion-v1-5), with two changes from
+# SD 2 and "Common Diffusion Noise Schedules and Sample Steps are Flawed" (Lin et al. 2024):
 SD_SCHEDULE = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
-    # SD 1.5 predicts the noise; the toy model predicts v (as SD 2 does). At the noisiest steps, where the
-    # prompt decides where the object goes and how big it is, an epsilon-predicting UNet mostly copies its
-    # input (noise = x_t up to 7%), so the layout barely moves the loss and a few thousand CPU steps never
-    # learn it; v ~ -x0 there, so they do. Every diffusers scheduler and pipeline reads this setting.
+    # SD's schedule leaves sqrt(alphas_cumprod) ~ 0.07 of the image in the "pure" noise at t=999. Over a
+    # 16x16 latent that is enough to see where a blob and its background colour are, so a model trained on
+    # it learns to keep the layout it finds in the starting noise: the seed, not the prompt, decides shape,
+    # size and position. Rescaled to zero terminal SNR, t=999 is pure noise and the prompt has to decide.
+    "rescale_betas_zero_snr": True,
+    # At zero SNR an epsilon-predicting UNet has nothing to learn at t=999 (the noise *is* its input);
+    # v = sqrt(a) * noise - sqrt(1 - a) * x0 is -x0 there, the layout itself. Every diffusers scheduler and
+    # pipeline reads this setting.
     "prediction_type": "v_prediction",
 }
-# SD 1.5's shipped inference scheduler (PNDM, as in the hub folder).
-SD_PNDM_CONFIG = {
+# The shipped inference scheduler: DDIM, which supports the zero-SNR schedule (PNDM, SD 1.5's default,
+# does not), with "trailing" timesteps so the first of the 20 steps starts from t=999, pure noise.
+SD_DDIM_CONFIG = {
     **SD_SCHEDULE,
+    "timestep_spacing": "trailing",
+    "clip_sample": False,  # latents are not in [-1, 1]
     "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
+    "steps_offset": 1,  # unused by "trailing"; SD's value, and diffusers warns about any other
 }
-# SD's schedule leaves sqrt(alphas_cumprod) ~ 0.07 of the image at t=999, enough to read each latent
-# channel's mean (the background colour) straight off the "pure" noise: a model trained on it ignores
-# the background words and copies whatever mean the starting noise has. Offset noise (a random
-# per-channel constant added to the noise, diffusers' `--noise_offset`) hides that mean during training,
-# so the background has to come from the prompt. 0.2 puts the largest background difference (~3 units
-# of scaled latent, black vs white) at about one standard deviation of the noise mean at t=999.
-NOISE_OFFSET = 0.2
-# Min-SNR-gamma loss weighting (Hang et al. 2023): caps the weight of the easy low-noise timesteps, so
-# the few CPU steps go to the noisier ones, where the prompt is obeyed.
-MIN_SNR_GAMMA = 5.0
 UNET_LR = 2e-3  # peak; linear warm-up, cosine decay (the model is small: 2.5 M parameters)
 CONTROLNET_LR = 1e-3
 
@@ -122,6 +118,10 @@ def make_unet(cross_attention_dim: int):
         layers_per_block=2,
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
+        # SD's 32 groups over 320+ channels normalise 10 channels together; over 32 channels they would make
+        # GroupNorm an InstanceNorm, which erases every per-channel offset (a background colour, the prompt's
+        # share of a feature) before conv_out. 8 groups keep 4-8 channels per group.
+        norm_num_groups=8,
     )
 
 
@@ -464,14 +464,12 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 def noisy_latents_batch(
     latents: dict, idx: torch.Tensor, scaling_factor: float, scheduler, generator: torch.Generator,
-    noise_offset: float = NOISE_OFFSET,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Take the cached latents, noise them at random timesteps (DDPM forward process, offset noise);
+    """Take the cached latents, noise them at random timesteps (DDPM forward process);
     returns the noisy latents, the target the scheduler's `prediction_type` asks for, and the timesteps."""
     # posterior means, not samples: the VAE decoder was trained on means (see vae_loss)
     clean = latents["mean"][idx] * scaling_factor  # (B, 4, 16, 16)
     noise = torch.randn(clean.shape, generator=generator)
-    noise = noise + noise_offset * torch.randn(len(idx), clean.shape[1], 1, 1, generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(clean, noise, timesteps)  # v = sqrt(a) * noise - sqrt(1 - a) * clean
@@ -480,16 +478,11 @@ def noisy_latents_batch(
     return scheduler.add_noise(clean, noise, timesteps), target, timesteps
 
 
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler) -> torch.Tensor:
-    """MSE with Min-SNR-gamma weights per sample, as in diffusers' train_text_to_image.py: min(SNR, gamma) / SNR
-    for epsilon, min(SNR, gamma) / (SNR + 1) for v-prediction."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps)  # (B,)
-    weights = torch.clamp(snr, max=MIN_SNR_GAMMA)
-    weights = weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
-    per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))  # (B, 4, h, w) -> (B,)
-    return (weights * per_sample).mean()
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Plain MSE on the scheduler's target, as SD 2 trains. For v this weighs the clean image's error by
+    SNR + 1: never below 1, so the noisiest timesteps, where the prompt sets the layout, count in full.
+    (Min-SNR weights, min(SNR, gamma) / (SNR + 1) for v, would weigh them by SNR, i.e. 0 at t=999.)"""
+    return torch.nn.functional.mse_loss(prediction, target)
 
 
 def drop_captions(token_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, generator) -> torch.Tensor:
@@ -537,7 +530,7 @@ def stage_unet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list
         ids = drop_captions(token_ids[idx], empty_ids, caption_dropout, generator)
         prompt_embeds = text_encoder(ids)[0]  # (B, 77, hidden)
         model_pred = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample  # (B, 4, 16, 16)
-        loss = diffusion_loss(model_pred, target, timesteps, scheduler)
+        loss = diffusion_loss(model_pred, target)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -560,7 +553,7 @@ def stage_unet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list
 
 
 def stage_pipeline(work: Path, budget: Budget) -> None:
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     vae_dir = work / "vae_decoder" if (work / "vae_decoder").exists() else work / "vae"
@@ -569,7 +562,7 @@ def stage_pipeline(work: Path, budget: Budget) -> None:
         text_encoder=CLIPTextModel.from_pretrained(work / "text_encoder"),
         tokenizer=CLIPTokenizer.from_pretrained(work / "tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(work / "unet"),
-        scheduler=PNDMScheduler(**SD_PNDM_CONFIG),
+        scheduler=DDIMScheduler(**SD_DDIM_CONFIG),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -633,7 +626,7 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -
             noisy, timesteps, encoder_hidden_states=prompt_embeds,
             down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual,
         ).sample
-        loss = diffusion_loss(model_pred, target, timesteps, scheduler)
+        loss = diffusion_loss(model_pred, target)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
