@@ -7,14 +7,16 @@ Stages (each resumable from its checkpoint in --work-dir, each skipped when its 
   vae         AutoencoderKL on random crops (fully convolutional, so crops suffice) -> work/vae/
   latents     encode every training image once with the trained VAE                -> work/latents.pt
   decoder     sharpen the VAE decoder, encoder frozen (can run beside the unet stage) -> work/vae_decoder/
-  unet        UNet2DConditionModel + CLIPTextModel jointly: zero-terminal-SNR schedule, v-prediction,
-              caption dropout, EMA
+  clip        a tiny CLIPModel, trained contrastively on (image, caption) pairs; its text half is the
+              pipeline's text encoder                                               -> work/text_encoder/
+  unet        UNet2DConditionModel on the frozen text encoder, as SD trains: zero-terminal-SNR schedule,
+              v-prediction, caption dropout, EMA
   pipeline    assemble the StableDiffusionPipeline folder (DDIM, zero-SNR schedule) -> weights/sd/
   controlnet  ControlNetModel.from_unet on depth maps, base model frozen           -> weights/controlnet-depth/
   ldm         single-file export in the original LDM key layout (helpers.ldm)      -> weights/toy-sd-ldm.safetensors
 
 Examples:
-  python -m helpers.toy.train                          # everything, default budget (~60 min on 2 cores)
+  python -m helpers.toy.train                          # everything, default budget (~80 min on 2 cores)
   python -m helpers.toy.train --stage unet --unet-steps 100 --work-dir scratch/try
 """
 
@@ -39,7 +41,7 @@ from helpers.toy.oracle import Oracle, oracle_loss, save_oracle, scene_labels
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WORK_DIR = Path(__file__).resolve().parents[2] / "scratch" / "toy"
-STAGES = ("data", "oracle", "vae", "latents", "unet", "decoder", "pipeline", "controlnet", "ldm")
+STAGES = ("data", "oracle", "vae", "latents", "clip", "unet", "decoder", "pipeline", "controlnet", "ldm")
 
 # SD 1.5's training noise schedule (scheduler_config.json of stable-diffusion-v1-5), with two changes from
 # SD 2 and "Common Diffusion Noise Schedules and Sample Steps are Flawed" (Lin et al. 2024):
@@ -69,6 +71,10 @@ SD_DDIM_CONFIG = {
 }
 UNET_LR = 2e-3  # peak; linear warm-up, cosine decay (the model is small: 2.5 M parameters)
 CONTROLNET_LR = 1e-3
+CLIP_LR = 1e-3
+# Objects cover 4-11% of an image; a plain MSE spends the few CPU steps on the backdrop and learns the
+# average shape (a blob). Latent pixels on an object weigh this much more in the UNet's loss.
+OBJECT_LOSS_WEIGHT = 5.0
 
 
 @dataclass
@@ -76,6 +82,8 @@ class Budget:
     """Steps per stage; --max-minutes caps each stage in wall time too (a busy machine stops early)."""
 
     oracle_steps: int = 600
+    clip_steps: int = 800
+    clip_batch_size: int = 256  # contrastive: every other pair in the batch is a negative
     vae_steps: int = 2000
     unet_steps: int = 2400
     decoder_steps: int = 1500
@@ -131,10 +139,10 @@ def make_tokenizer():
     return build_clip_tokenizer([*world.VOCABULARY, *DEFAULT_WORDS])
 
 
-def make_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def text_encoder_config(tokenizer):
+    from transformers import CLIPTextConfig
 
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=256,
@@ -147,7 +155,26 @@ def make_text_encoder(tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
+
+
+def make_clip(tokenizer):
+    """SD 1.5's text encoder is the text half of CLIP ViT-L/14: ours is the text half of a tiny CLIP."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    vision_config = CLIPVisionConfig(
+        image_size=world.IMAGE_SIZE,
+        patch_size=8,  # 64x64 -> 8x8 patches
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        hidden_act="quick_gelu",
+        projection_dim=64,
+    )
+    config = CLIPConfig(
+        text_config=text_encoder_config(tokenizer).to_dict(), vision_config=vision_config.to_dict(), projection_dim=64
+    )
+    return CLIPModel(config)
 
 
 def make_controlnet(unet):
@@ -478,11 +505,25 @@ def noisy_latents_batch(
     return scheduler.add_noise(clean, noise, timesteps), target, timesteps
 
 
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Plain MSE on the scheduler's target, as SD 2 trains. For v this weighs the clean image's error by
-    SNR + 1: never below 1, so the noisiest timesteps, where the prompt sets the layout, count in full.
-    (Min-SNR weights, min(SNR, gamma) / (SNR + 1) for v, would weigh them by SNR, i.e. 0 at t=999.)"""
-    return torch.nn.functional.mse_loss(prediction, target)
+def diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, pixel_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MSE on the scheduler's target, as SD 2 trains, optionally weighted per latent pixel ((B, 1, h, w)).
+    For v this weighs the clean image's error by SNR + 1: never below 1, so the noisiest timesteps, where
+    the prompt sets the layout, count in full. (Min-SNR weights, min(SNR, gamma) / (SNR + 1) for v, would
+    weigh them by SNR, i.e. 0 at t=999.)"""
+    if pixel_weight is None:
+        return torch.nn.functional.mse_loss(prediction, target)
+    squared_error = (prediction - target).pow(2)  # (B, 4, h, w)
+    return (pixel_weight * squared_error).sum() / (pixel_weight.sum() * prediction.shape[1])
+
+
+def object_pixel_weight(depths: torch.Tensor, latent_size: int, object_weight: float) -> torch.Tensor:
+    """(B, H, W) depth maps -> (B, 1, h, w) loss weights: `object_weight` on latent pixels an object
+    touches, 1 elsewhere."""
+    masks = (depths.float() > world.OBJECT_DEPTH_THRESHOLD).float()[:, None]  # (B, 1, H, W)
+    touched = torch.nn.functional.adaptive_max_pool2d(masks, latent_size)  # (B, 1, h, w)
+    return 1.0 + (object_weight - 1.0) * touched
 
 
 def drop_captions(token_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, generator) -> torch.Tensor:
@@ -491,23 +532,131 @@ def drop_captions(token_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, ge
     return torch.where(drop[:, None], empty_ids[None, :], token_ids)
 
 
+def caption_codes(scenes: list[world.Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each scene as attribute codes, (N, 9) each: what it is (`full`) and what its caption says
+    (`stated`, -1 where the caption is silent). Per object slot: shape, colour, size, position
+    (-2 for a missing second object); then the background."""
+    names = {"shape": world.SHAPES, "colour": tuple(world.COLOURS), "size": tuple(world.SIZES),
+             "position": tuple(world.POSITIONS)}
+    full, stated = [], []
+    for scene in scenes:
+        said = {"shape", "colour", *scene.mentions} | ({"position"} if len(scene.objects) == 2 else set())
+        f, s = [], []
+        for k in range(2):
+            if k < len(scene.objects):
+                codes = {name: values.index(getattr(scene.objects[k], name)) for name, values in names.items()}
+                f += codes.values()
+                s += [code if name in said else -1 for name, code in codes.items()]
+            else:
+                f += [-2] * 4
+                s += [-2] * 4
+        background = tuple(world.BACKGROUNDS).index(scene.background)
+        full.append([*f, background])
+        stated.append([*s, background if "background" in said else -1])
+    return torch.tensor(full), torch.tensor(stated)
+
+
+def caption_matches(stated: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """(B, 9) stated codes of B captions, (B, 9) full codes of B images -> (B, B) bool: caption i
+    describes image j. Captions state only some attributes, so "a red circle" fits many images."""
+    return ((stated[:, None] == -1) | (stated[:, None] == full[None, :])).all(-1)
+
+
+def clip_loss(logits_per_text: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy over a batch, with every true pair a target (not just the diagonal)."""
+    targets = matches.float()  # (B captions, B images)
+
+    def cross_entropy(logits, targets):
+        return -(targets / targets.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+
+    return (cross_entropy(logits_per_text, targets) + cross_entropy(logits_per_text.T, targets.T)) / 2
+
+
+@torch.no_grad()
+def retrieval_accuracy(clip, tokenizer, n: int = 256, seed: int = 0) -> float:
+    """On n held-out scenes: share of captions whose best-scoring image is one they describe."""
+    scenes = world.make_scenes(n, seed=seed, split="heldout", max_objects=2)
+    images = torch.from_numpy(np.stack([world.render(scene)[0] for scene in scenes]))
+    clip.eval()
+    logits = clip(input_ids=tokenize(tokenizer, [s.caption for s in scenes]),
+                  pixel_values=to_model_range(images)).logits_per_text  # (n, n)
+    clip.train()
+    full, stated = caption_codes(scenes)
+    best = logits.argmax(1)
+    return caption_matches(stated, full)[torch.arange(n), best].float().mean().item()
+
+
+def stage_clip(work: Path, budget: Budget) -> list[float]:
+    """Train a tiny CLIP on the world's (image, caption) pairs and keep its text half: SD's text encoder
+    comes frozen from CLIP too. (Trained jointly with the UNet instead, the text encoder learned the easy
+    words first and then merged the rest: "circle", "square" and "diamond" ended up the same vector.)"""
+    if (work / "text_encoder" / "config.json").exists():
+        return []
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    data = torch.load(work / "data.pt", weights_only=False)
+    scenes = [world.make_scene(seed, "train", n) for seed, n in zip(data["seeds"], data["n_objects"])]
+    full, stated = caption_codes(scenes)  # (N, 9) each
+    tokenizer = make_tokenizer()
+    token_ids = tokenize(tokenizer, data["captions"])  # (N, 77)
+    clip = make_clip(tokenizer)
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=CLIP_LR, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(5)
+    checkpointer = Checkpointer(work / "clip.ckpt")
+    start = 0
+    if (state := checkpointer.load()) is not None:
+        clip.load_state_dict(state["clip"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start = state["step"]
+    index_batches = batches(len(token_ids), budget.clip_batch_size, generator)
+
+    def step_fn(step: int, progress: float) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = CLIP_LR * cosine_lr(progress)
+        idx = next(index_batches)
+        pixel_values = to_model_range(data["images"][idx])  # (B, 3, 64, 64)
+        logits_per_text = clip(input_ids=token_ids[idx], pixel_values=pixel_values).logits_per_text  # (B, B)
+        loss = clip_loss(logits_per_text, caption_matches(stated[idx], full[idx]))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        optimizer.step()
+        return loss.item()
+
+    def state(step: int) -> dict:
+        return {"clip": clip.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "step": step}
+
+    losses = train_loop("clip", budget.clip_steps, step_fn, checkpointer, state, start, budget.max_minutes)
+    log(f"clip: held-out caption -> image top-1 accuracy {retrieval_accuracy(clip, tokenizer):.3f}")
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    text_encoder.save_pretrained(work / "text_encoder")
+    tokenizer.save_pretrained(work / "tokenizer")
+    log("clip text encoder saved")
+    return losses
+
+
 def stage_unet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list[float]:
     if (work / "unet" / "config.json").exists():
         return []
     from diffusers import AutoencoderKL, DDPMScheduler
     from diffusers.training_utils import EMAModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
     data = torch.load(work / "data.pt", weights_only=False)
     latents = torch.load(work / "latents.pt")
     scaling_factor = AutoencoderKL.load_config(work / "vae")["scaling_factor"]
-    tokenizer = make_tokenizer()
+    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
     token_ids = tokenize(tokenizer, data["captions"])  # (N, 77)
     empty_ids = tokenize(tokenizer, [""])[0]  # (77,)
-    text_encoder = make_text_encoder(tokenizer)
+    text_encoder = CLIPTextModel.from_pretrained(work / "text_encoder").eval().requires_grad_(False)
     unet = make_unet(text_encoder.config.hidden_size)
     scheduler = DDPMScheduler(**SD_SCHEDULE)
-    params = [*unet.parameters(), *text_encoder.parameters()]
+    params = list(unet.parameters())
     optimizer = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=1e-2)
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True, power=3 / 4)
     generator = torch.Generator().manual_seed(2)
@@ -515,7 +664,6 @@ def stage_unet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list
     start = 0
     if (state := checkpointer.load()) is not None:
         unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         generator.set_state(state["generator"])
@@ -528,9 +676,11 @@ def stage_unet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list
         idx = next(index_batches)
         noisy, target, timesteps = noisy_latents_batch(latents, idx, scaling_factor, scheduler, generator)
         ids = drop_captions(token_ids[idx], empty_ids, caption_dropout, generator)
-        prompt_embeds = text_encoder(ids)[0]  # (B, 77, hidden)
+        with torch.no_grad():
+            prompt_embeds = text_encoder(ids)[0]  # (B, 77, hidden)
         model_pred = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample  # (B, 4, 16, 16)
-        loss = diffusion_loss(model_pred, target)
+        pixel_weight = object_pixel_weight(data["depths"][idx], model_pred.shape[-1], OBJECT_LOSS_WEIGHT)
+        loss = diffusion_loss(model_pred, target, pixel_weight)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -539,16 +689,14 @@ def stage_unet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list
         return loss.item()
 
     def state(step: int) -> dict:
-        return {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+        return {"unet": unet.state_dict(),
                 "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
                 "generator": generator.get_state(), "step": step}
 
     losses = train_loop("unet", budget.unet_steps, step_fn, checkpointer, state, start, budget.max_minutes)
     ema.copy_to(params)  # ship the EMA weights
     unet.save_pretrained(work / "unet")
-    text_encoder.save_pretrained(work / "text_encoder")
-    tokenizer.save_pretrained(work / "tokenizer")
-    log("unet + text encoder saved (EMA weights)")
+    log("unet saved (EMA weights)")
     return losses
 
 
@@ -626,7 +774,8 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -
             noisy, timesteps, encoder_hidden_states=prompt_embeds,
             down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual,
         ).sample
-        loss = diffusion_loss(model_pred, target)
+        pixel_weight = object_pixel_weight(data["depths"][idx], model_pred.shape[-1], OBJECT_LOSS_WEIGHT)
+        loss = diffusion_loss(model_pred, target, pixel_weight)  # object masks are what control must get right
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
@@ -662,6 +811,7 @@ STAGE_FUNCTIONS = {
     "oracle": stage_oracle,
     "vae": stage_vae,
     "latents": stage_latents,
+    "clip": stage_clip,
     "decoder": stage_decoder,
     "unet": stage_unet,
     "pipeline": stage_pipeline,
@@ -678,8 +828,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="stage(s) to run (repeatable); default: all in order")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="checkpoints and caches")
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="where shipped weights go")
-    for name in ("oracle_steps", "vae_steps", "unet_steps", "decoder_steps", "controlnet_steps", "batch_size",
-                 "controlnet_batch_size", "n_scenes"):
+    for name in ("oracle_steps", "clip_steps", "vae_steps", "unet_steps", "decoder_steps", "controlnet_steps",
+                 "batch_size", "clip_batch_size", "controlnet_batch_size", "n_scenes"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
                         help="wall-time cap per training stage")

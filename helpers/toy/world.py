@@ -3,8 +3,8 @@
 Every scene is a pure function of `(split, seed)`: the same call renders the same pixels on any machine.
 A scene holds one object, or two (one on the left, one on the right); each object has a shape, a colour,
 a size and a horizontal slot (left / center / right) with a small random jitter. Captions mention a
-random subset of those attributes in varied wording, and two-object captions always list the objects
-from left to right, so the text encoder has to read word order as well as words.
+random subset of those attributes in varied wording. Two-object captions list the objects from left to
+right and never say "left" or "right", so the text encoder has to read word order as well as words.
 
 Depth follows the ControlNet convention (bright = near): the backdrop is a ground plane that comes
 nearer towards the bottom of the picture, objects stand in front of it (large ones nearer than small
@@ -79,7 +79,6 @@ VOCABULARY = sorted(
             *(p for phrases in POSITION_PHRASES.values() for p in phrases),
             *(p.format("x") for p in BACKGROUND_PHRASES),
             *PAIR_JOINERS,
-            "on the left and a on the right",
         )
         for word in phrase.split()
         if word != "x"
@@ -108,8 +107,8 @@ class Scene:
     background_rgb: tuple[int, int, int]
     objects: tuple[SceneObject, ...]  # left to right
     caption: str
-    # Attributes the caption states: subset of {"size", "position", "background"} for single objects
-    # (shape and colour are always stated; two-object captions always fix left/right by word order).
+    # Attributes the caption states: subset of {"size", "position", "background"} for single objects, of
+    # {"size", "background"} for two (shape and colour are always stated; word order fixes left/right).
     mentions: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -138,17 +137,17 @@ def _object_phrase(obj: SceneObject, with_size: bool) -> str:
 def _caption(
     rng: np.random.Generator, objects: tuple[SceneObject, ...], background: str
 ) -> tuple[str, frozenset[str]]:
-    mentions = {name for name in ("size", "position", "background") if rng.random() < 0.5}
+    # Position words belong to single objects only. Two-object captions place the objects by word order alone
+    # (left first): had they said "X on the left and a Y on the right", "left" and "right" would mean "two
+    # objects" as often as "this side", and a model would learn that instead.
+    stated = ("size", "position", "background") if len(objects) == 1 else ("size", "background")
+    mentions = {name for name in stated if rng.random() < 0.5}
     words = [str(rng.choice(PREFIXES)), _object_phrase(objects[0], "size" in mentions)]
     if len(objects) == 1:
         if "position" in mentions:
             words.append(str(rng.choice(POSITION_PHRASES[objects[0].position])))
     else:
-        # Two objects: always left first; say so explicitly in some captions, by word order in others.
-        if "position" in mentions:
-            words += ["on the left and a", _object_phrase(objects[1], "size" in mentions), "on the right"]
-        else:
-            words += [str(rng.choice(PAIR_JOINERS)), _object_phrase(objects[1], "size" in mentions)]
+        words += [str(rng.choice(PAIR_JOINERS)), _object_phrase(objects[1], "size" in mentions)]
     if "background" in mentions:
         words.append(str(rng.choice(BACKGROUND_PHRASES)).format(background))
     return " ".join(words), frozenset(mentions)
