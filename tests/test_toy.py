@@ -157,7 +157,7 @@ def test_controlnet_follows_depth():
     sample = sample_scenes(8, seed=200, split="heldout", max_objects=2)
     images = generate(control_pipe, sample.prompts, seed=0, num_inference_steps=20,
                       control_images=sample.control_images())
-    assert control_adherence(images, sample.depth_maps) >= 0.75  # shipped weights: 0.84 on these 8
+    assert control_adherence(images, sample.depth_maps) >= 0.75  # shipped weights: 0.79 on these 8
 
 
 @needs_weights
