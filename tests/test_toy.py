@@ -161,6 +161,21 @@ def test_controlnet_follows_depth():
 
 
 @needs_weights
+def test_bench_toy_reports_every_bar_for_any_scheduler(capsys):
+    from helpers.bench import toy as bench_toy
+
+    results = bench_toy.run(n_single=2, n_two=1, n_control=1, steps=2, seed=0, repeats=1, scheduler="euler_a")
+    assert results["scheduler"] == "euler_a"
+    for key in bench_toy.BARS:
+        assert 0 <= results[key] <= (1 if key != "seconds_per_image" else 60), (key, results[key])
+    bench_toy.print_table(results)
+    assert "euler_a" in capsys.readouterr().out
+    # LMS has no zero-SNR schedule: refused up front, not run on the wrong noise levels
+    with pytest.raises(ValueError, match="LMSDiscreteScheduler cannot run this model"):
+        bench_toy.run(n_single=1, n_two=0, n_control=1, steps=2, seed=0, repeats=1, scheduler="lms")
+
+
+@needs_weights
 @pytest.mark.skipif(not TOY_LDM_FILE.exists(), reason="single-file export not built")
 def test_folder_and_single_file_loads_are_identical(pipe):
     from diffusers import StableDiffusionPipeline
