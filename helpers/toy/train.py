@@ -541,18 +541,18 @@ def caption_codes(scenes: list[world.Scene]) -> tuple[torch.Tensor, torch.Tensor
     full, stated = [], []
     for scene in scenes:
         said = {"shape", "colour", *scene.mentions} | ({"position"} if len(scene.objects) == 2 else set())
-        f, s = [], []
+        is_codes, says_codes = [], []
         for k in range(2):
             if k < len(scene.objects):
                 codes = {name: values.index(getattr(scene.objects[k], name)) for name, values in names.items()}
-                f += codes.values()
-                s += [code if name in said else -1 for name, code in codes.items()]
+                is_codes += codes.values()
+                says_codes += [code if name in said else -1 for name, code in codes.items()]
             else:
-                f += [-2] * 4
-                s += [-2] * 4
+                is_codes += [-2] * 4
+                says_codes += [-2] * 4
         background = tuple(world.BACKGROUNDS).index(scene.background)
-        full.append([*f, background])
-        stated.append([*s, background if "background" in said else -1])
+        full.append([*is_codes, background])
+        stated.append([*says_codes, background if "background" in said else -1])
     return torch.tensor(full), torch.tensor(stated)
 
 
