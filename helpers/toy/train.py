@@ -223,6 +223,19 @@ class Checkpointer:
             self.last = time.time()
 
 
+def resume(checkpointer: Checkpointer, optimizer, generator: torch.Generator, **modules) -> int:
+    """Load a stage's checkpoint, if any, into `modules` (each under its keyword), the optimizer and the
+    generator; returns the step to resume at (0 for a fresh start)."""
+    state = checkpointer.load()
+    if state is None:
+        return 0
+    for key, module in modules.items():
+        module.load_state_dict(state[key])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return state["step"]
+
+
 def train_loop(
     name: str,
     steps: int,
@@ -368,12 +381,7 @@ def stage_vae(work: Path, budget: Budget) -> list[float]:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(1)
     checkpointer = Checkpointer(work / "vae.ckpt")
-    start = 0
-    if (state := checkpointer.load()) is not None:
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start = state["step"]
+    start = resume(checkpointer, optimizer, generator, model=vae)
     index_batches = batches(len(data["images"]), budget.batch_size // 2, generator)
 
     def step_fn(step: int, progress: float) -> float:
@@ -604,12 +612,7 @@ def stage_clip(work: Path, budget: Budget) -> list[float]:
     optimizer = torch.optim.AdamW(clip.parameters(), lr=CLIP_LR, weight_decay=0.1)
     generator = torch.Generator().manual_seed(5)
     checkpointer = Checkpointer(work / "clip.ckpt")
-    start = 0
-    if (state := checkpointer.load()) is not None:
-        clip.load_state_dict(state["clip"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start = state["step"]
+    start = resume(checkpointer, optimizer, generator, clip=clip)
     index_batches = batches(len(token_ids), budget.clip_batch_size, generator)
 
     def step_fn(step: int, progress: float) -> float:
@@ -661,13 +664,7 @@ def stage_unet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True, power=3 / 4)
     generator = torch.Generator().manual_seed(2)
     checkpointer = Checkpointer(work / "unet.ckpt")
-    start = 0
-    if (state := checkpointer.load()) is not None:
-        unet.load_state_dict(state["unet"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
-        start = state["step"]
+    start = resume(checkpointer, optimizer, generator, unet=unet, ema=ema)
     index_batches = batches(len(token_ids), budget.batch_size, generator)
 
     def step_fn(step: int, progress: float) -> float:
@@ -750,12 +747,7 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=CONTROLNET_LR)
     generator = torch.Generator().manual_seed(3)
     checkpointer = Checkpointer(work / "controlnet.ckpt")
-    start = 0
-    if (state := checkpointer.load()) is not None:
-        controlnet.load_state_dict(state["controlnet"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start = state["step"]
+    start = resume(checkpointer, optimizer, generator, controlnet=controlnet)
     index_batches = batches(len(token_ids), budget.controlnet_batch_size, generator)
 
     def step_fn(step: int, progress: float) -> float:
