@@ -137,7 +137,7 @@ def test_prompt_adherence_floor_and_guidance_matters(pipe):
     # every attribute 0.59 / 0.34; colour 1.00 / 1.00, background 1.00 / 1.00, size 1.00 / 0.95, position
     # 1.00 / 1.00, shape 0.88 / 0.44); a broken pipeline, text encoder, scheduler setting or guidance falls
     # through them, and so do the 2,400-step weights (shape 0.44, every attribute 0.22). Prompts without a
-    # position still get two objects a third of the time (see the weights README).
+    # position still get two objects 40% of the time (see the weights README).
     sample = sample_scenes(32, seed=100, split="heldout", max_objects=1)
     specs = [_as_spec(scene) for scene in sample.scenes]
     oracle = load_oracle()
