@@ -13,7 +13,7 @@ from helpers.stages import default_size, generate
 class GenerationPanel:
     """`GenerationPanel(pipe).show()` in a notebook; each click runs `generate` and shows image and timings."""
 
-    def __init__(self, pipe, prompt: str = "a large blue circle on the left on a white background", seed: int = 42,
+    def __init__(self, pipe, prompt: str = "a large orange circle on the left on a white background", seed: int = 42,
                  steps: int = 20, guidance_scale: float = 7.5, scheduler: str = DEFAULT_SCHEDULER):
         self.pipe = pipe
         height, width = default_size(pipe)
