@@ -126,7 +126,7 @@ def make_unet(cross_attention_dim: int):
         layers_per_block=2,
         cross_attention_dim=cross_attention_dim,
         # diffusers' (and SD 1.5's config) name for the number of heads: one head per block, 32-64 wide.
-        # 4 heads of 8 channels followed the same loss curve per step, but their CPU attention kernels made a
+        # 4 heads of 8 channels followed about the same loss curve per step, but their CPU attention kernels made a
         # training step 1.6x slower (1.32 s against 0.81 s for batch 64): 1 head buys 25% more steps per hour.
         attention_head_dim=1,
         # SD's 32 groups over 320+ channels normalise 10 channels together; over 32 channels they would make
