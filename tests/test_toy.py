@@ -56,6 +56,9 @@ def test_position_words_belong_to_single_objects():
             assert not said, scene.caption
         else:
             assert bool(said) == ("position" in scene.mentions), scene.caption
+            # a caption without a position means the centre: "a red circle" asks for one layout, not three
+            assert said or scene.objects[0].position == "center", scene.caption
+            assert parse_prompt(scene.caption).objects[0]["position"] == scene.objects[0].position
 
 
 def test_depth_is_consistent_with_the_image():
@@ -78,6 +81,7 @@ def test_parse_prompt():
     two = parse_prompt("a blue square next to a large yellow triangle")
     assert [o["position"] for o in two.objects] == ["left", "right"]
     assert two.objects[1] == {"size": "large", "colour": "yellow", "shape": "triangle", "position": "right"}
+    assert parse_prompt("a green diamond").objects[0]["position"] == "center"  # the world's convention
     with pytest.raises(ValueError, match="shapes"):
         parse_prompt("an astronaut riding a horse")
 

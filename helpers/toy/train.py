@@ -545,13 +545,13 @@ def drop_captions(token_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, ge
 
 def caption_codes(scenes: list[world.Scene]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each scene as attribute codes, (N, 9) each: what it is (`full`) and what its caption says
-    (`stated`, -1 where the caption is silent). Per object slot: shape, colour, size, position
+    (`stated`, -1 where the caption is silent; positions are never silent, the world's captions imply them). Per object slot: shape, colour, size, position
     (-2 for a missing second object); then the background."""
     names = {"shape": world.SHAPES, "colour": tuple(world.COLOURS), "size": tuple(world.SIZES),
              "position": tuple(world.POSITIONS)}
     full, stated = [], []
     for scene in scenes:
-        said = {"shape", "colour", *scene.mentions} | ({"position"} if len(scene.objects) == 2 else set())
+        said = {"shape", "colour", "position", *scene.mentions}  # an unstated position is implied (see world)
         is_codes, says_codes = [], []
         for k in range(2):
             if k < len(scene.objects):
