@@ -172,11 +172,11 @@ def test_controlnet_follows_depth():
 def test_bench_toy_reports_every_bar_for_any_scheduler(capsys):
     from helpers.bench import toy as bench_toy
 
-    results = bench_toy.run(n_single=6, n_two=1, n_control=1, steps=2, seed=0, repeats=1, scheduler="euler_a")
+    results = bench_toy.run(n_single=6, n_two=1, n_control=1, steps=2, seed=3, repeats=1, scheduler="euler_a")
     assert results["scheduler"] == "euler_a"
     for key in bench_toy.BARS:
         assert 0 <= results[key] <= (1 if key != "seconds_per_image" else 60), (key, results[key])
-    # the 6 held-out prompts include some with a position and some without; the overall share lies between
+    # seed 3's 6 held-out prompts: 5 with a position, 1 without (centre); the overall share lies between
     split = [results[f"prompt_adherence_single_cfg7.5_{label}"] for label in ("with_position", "without_position")]
     assert min(split) <= results["prompt_adherence_single_cfg7.5"] <= max(split), (split, results)
     bench_toy.print_table(results)
