@@ -545,8 +545,8 @@ def drop_captions(token_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, ge
 
 def caption_codes(scenes: list[world.Scene]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each scene as attribute codes, (N, 9) each: what it is (`full`) and what its caption says
-    (`stated`, -1 where the caption is silent; positions are never silent, the world's captions imply them). Per object slot: shape, colour, size, position
-    (-2 for a missing second object); then the background."""
+    (`stated`, -1 where the caption is silent; never for positions, which the world's captions imply).
+    Per object slot: shape, colour, size, position (-2 for a missing second object); then the background."""
     names = {"shape": world.SHAPES, "colour": tuple(world.COLOURS), "size": tuple(world.SIZES),
              "position": tuple(world.POSITIONS)}
     full, stated = [], []
