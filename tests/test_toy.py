@@ -260,6 +260,23 @@ def test_caption_matches_follow_what_captions_state():
     assert train.clip_loss(perfect, matches) < train.clip_loss(torch.zeros(200, 200), matches)
 
 
+def test_word_swap_accuracy_catches_merged_words():
+    # the clip stage's per-word check: a text encoder that cannot tell the shape words apart scores 0 on shape
+    from helpers.toy import train
+
+    torch.manual_seed(0)
+    tokenizer = train.make_tokenizer()
+    clip = train.make_clip(tokenizer)
+    token_embedding = clip.text_model.embeddings.token_embedding.weight  # (vocab, hidden)
+    shape_ids = tokenizer.convert_tokens_to_ids([f"{shape}</w>" for shape in world.SHAPES])
+    assert tokenizer.unk_token_id not in shape_ids
+    with torch.no_grad():
+        token_embedding[shape_ids] = token_embedding[shape_ids[0]].clone()  # every shape word the same vector
+    swaps = train.word_swap_accuracy(clip, tokenizer, n=64)
+    assert swaps["shape"] == 0.0, swaps  # a tie is not a win
+    assert swaps["size"] > 0.0 and swaps["colour"] > 0.0, swaps  # untrained, yet not merged: some wins
+
+
 @needs_weights
 def test_text_encoder_tells_every_word_apart():
     # SD's conditioning is the text encoder's per-token output: a shape or colour word that changes it

@@ -597,6 +597,38 @@ def retrieval_accuracy(clip, tokenizer, n: int = 256, seed: int = 0) -> float:
     return caption_matches(stated, full)[torch.arange(n), best].float().mean().item()
 
 
+SWAPPABLE_WORDS = {"shape": world.SHAPES, "colour": tuple(world.COLOURS), "size": tuple(world.SIZES),
+                   "background": tuple(world.BACKGROUNDS)}
+
+
+@torch.no_grad()
+def word_swap_accuracy(clip, tokenizer, n: int = 256, seed: int = 0) -> dict[str, float]:
+    """On n held-out single-object scenes, per attribute: the share of images that score their own caption
+    above every copy of it with that attribute's word swapped ("a red circle" against "a red square", "a red
+    triangle", "a red diamond"). Retrieval accuracy can stay high while the text encoder merges two words; the
+    UNet cannot draw a difference the encoder does not carry, so this is the text encoder's check per word."""
+    scenes = world.make_scenes(n, seed=seed, split="heldout", max_objects=1)
+    pixel_values = to_model_range(torch.from_numpy(np.stack([world.render(scene)[0] for scene in scenes])))
+    clip.eval()
+    results = {}
+    for attribute, values in SWAPPABLE_WORDS.items():
+        rows, captions = [], []  # per scene: its caption's row, then the rows of its swapped copies
+        for scene in scenes:
+            words = scene.caption.split()
+            value = scene.background if attribute == "background" else getattr(scene.objects[0], attribute)
+            if value not in words or (attribute == "colour" and words.count(value) > 1):
+                rows.append(None)  # the caption does not state it
+                continue
+            swapped = [" ".join(other if w == value else w for w in words) for other in values if other != value]
+            rows.append(range(len(captions), len(captions) + 1 + len(swapped)))
+            captions += [scene.caption, *swapped]
+        logits = clip(input_ids=tokenize(tokenizer, captions), pixel_values=pixel_values).logits_per_text  # (T, n)
+        wins = [logits[r[0], i] > logits[r[1]:r[-1] + 1, i].max() for i, r in enumerate(rows) if r is not None]
+        results[attribute] = torch.stack(wins).float().mean().item()
+    clip.train()
+    return results
+
+
 def stage_clip(work: Path, budget: Budget) -> list[float]:
     """Train a tiny CLIP on the world's (image, caption) pairs and keep its text half: SD's text encoder
     comes frozen from CLIP too. (Trained jointly with the UNet instead, the text encoder learned the easy
@@ -637,6 +669,9 @@ def stage_clip(work: Path, budget: Budget) -> list[float]:
 
     losses = train_loop("clip", budget.clip_steps, step_fn, checkpointer, state, start, budget.max_minutes)
     log(f"clip: held-out caption -> image top-1 accuracy {retrieval_accuracy(clip, tokenizer):.3f}")
+    swaps = word_swap_accuracy(clip, tokenizer)
+    log("clip: held-out image prefers its caption to one word swapped: "
+        + ", ".join(f"{attribute} {share:.3f}" for attribute, share in swaps.items()))
     text_encoder = CLIPTextModel(clip.config.text_config)
     text_encoder.load_state_dict(clip.text_model.state_dict())
     text_encoder.save_pretrained(work / "text_encoder")
