@@ -612,19 +612,17 @@ def word_swap_accuracy(clip, tokenizer, n: int = 256, seed: int = 0) -> dict[str
     clip.eval()
     results = {}
     for attribute, values in SWAPPABLE_WORDS.items():
-        rows, captions = [], []  # per scene: its caption's row, then the rows of its swapped copies
-        for scene in scenes:
+        picked, captions = [], []  # scenes whose caption states the attribute; per scene its caption, then the swaps
+        for i, scene in enumerate(scenes):
             words = scene.caption.split()
             value = scene.background if attribute == "background" else getattr(scene.objects[0], attribute)
-            if value not in words or (attribute == "colour" and words.count(value) > 1):
-                rows.append(None)  # the caption does not state it
-                continue
-            swapped = [" ".join(other if w == value else w for w in words) for other in values if other != value]
-            rows.append(range(len(captions), len(captions) + 1 + len(swapped)))
-            captions += [scene.caption, *swapped]
-        logits = clip(input_ids=tokenize(tokenizer, captions), pixel_values=pixel_values).logits_per_text  # (T, n)
-        wins = [logits[r[0], i] > logits[r[1]:r[-1] + 1, i].max() for i, r in enumerate(rows) if r is not None]
-        results[attribute] = torch.stack(wins).float().mean().item()
+            if value in words:
+                picked.append(i)
+                captions += [" ".join(other if w == value else w for w in words)
+                             for other in (value, *(v for v in values if v != value))]
+        logits = clip(input_ids=tokenize(tokenizer, captions), pixel_values=pixel_values).logits_per_text  # (P*k, n)
+        own = logits.view(len(picked), len(values), n)[torch.arange(len(picked)), :, picked]  # (P, k) own image
+        results[attribute] = (own[:, 0] > own[:, 1:].max(1).values).float().mean().item()
     clip.train()
     return results
 
