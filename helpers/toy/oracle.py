@@ -154,7 +154,8 @@ _POSITION_WORDS = {"left": "left", "right": "right", "center": "center", "middle
 def parse_prompt(prompt: str) -> PromptSpec:
     """Parse a toy-world prompt ("a small red circle on the left against a gray background").
 
-    Two objects without stated positions are read left to right, as the world's captions are written.
+    The world's captions leave positions implied: two objects are read left to right, as they are written,
+    and a single object without a stated position is in the centre.
     """
     words = re.findall(r"[a-z]+", prompt.lower())
     objects: list[dict] = []
@@ -175,9 +176,9 @@ def parse_prompt(prompt: str) -> PromptSpec:
             objects[-1]["position"] = _POSITION_WORDS[word]
     if not objects or len(objects) > 2:
         raise ValueError(f"expected a prompt with one or two toy-world shapes {world.SHAPES}: {prompt!r}")
-    if len(objects) == 2:
-        for obj, default in zip(objects, world.TWO_OBJECT_POSITIONS):
-            obj.setdefault("position", default)
+    defaults = world.TWO_OBJECT_POSITIONS if len(objects) == 2 else ("center",)
+    for obj, default in zip(objects, defaults):
+        obj.setdefault("position", default)
     return PromptSpec(tuple(objects), background)
 
 

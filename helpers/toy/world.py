@@ -3,8 +3,10 @@
 Every scene is a pure function of `(split, seed)`: the same call renders the same pixels on any machine.
 A scene holds one object, or two (one on the left, one on the right); each object has a shape, a colour,
 a size and a horizontal slot (left / center / right) with a small random jitter. Captions mention a
-random subset of those attributes in varied wording. Two-object captions list the objects from left to
-right and never say "left" or "right", so the text encoder has to read word order as well as words.
+random subset of those attributes in varied wording, with one convention: a single object's caption
+always says "left" or "right" when the object is off-centre, so a caption without a position means the
+centre. Two-object captions list the objects from left to right and never say "left" or "right", so the
+text encoder has to read word order as well as words.
 
 Depth follows the ControlNet convention (bright = near): the backdrop is a ground plane that comes
 nearer towards the bottom of the picture, objects stand in front of it (large ones nearer than small
@@ -108,7 +110,8 @@ class Scene:
     objects: tuple[SceneObject, ...]  # left to right
     caption: str
     # Attributes the caption states: subset of {"size", "position", "background"} for single objects, of
-    # {"size", "background"} for two (shape and colour are always stated; word order fixes left/right).
+    # {"size", "background"} for two (shape and colour are always stated; word order fixes left/right; an
+    # unstated single position means the centre).
     mentions: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -142,6 +145,11 @@ def _caption(
     # objects" as often as "this side", and a model would learn that instead.
     stated = ("size", "position", "background") if len(objects) == 1 else ("size", "background")
     mentions = {name for name in stated if rng.random() < 0.5}
+    # An unplaced object is in the centre. Were it anywhere, "a red circle" would ask for three layouts at once:
+    # the denoiser's early steps average them, guidance sharpens the average, and two objects come out (a third
+    # of such prompts did, with a position stated never).
+    if len(objects) == 1 and objects[0].position != "center":
+        mentions.add("position")
     words = [str(rng.choice(PREFIXES)), _object_phrase(objects[0], "size" in mentions)]
     if len(objects) == 1:
         if "position" in mentions:
