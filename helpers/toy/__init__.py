@@ -68,6 +68,23 @@ def load_pipeline(controlnet: bool = False, sd_dir: Path = TOY_SD_DIR, controlne
     return pipe
 
 
+def cfg_cutoff_callback(cutoff_step_ratio: float):
+    """diffusers' `SDCFGCutoffCallback` (classifier-free guidance off after int(steps * ratio) steps) for a batch:
+    diffusers' own keeps `prompt_embeds[-1:]`, one prompt's embedding, so a batch of two fails in the UNet."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    class BatchCFGCutoffCallback(SDCFGCutoffCallback):
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            cutoff_step = int(pipeline.num_timesteps * self.config.cutoff_step_ratio)
+            if step_index == cutoff_step and pipeline.do_classifier_free_guidance:
+                prompt_embeds = callback_kwargs["prompt_embeds"]  # (2B, 77, hidden): negative half, then prompts
+                callback_kwargs["prompt_embeds"] = prompt_embeds.chunk(2)[1]  # -> (B, 77, hidden)
+                pipeline._guidance_scale = 0.0
+            return callback_kwargs
+
+    return BatchCFGCutoffCallback(cutoff_step_ratio=cutoff_step_ratio)
+
+
 def generate(
     pipe,
     prompts: list[str],
@@ -76,17 +93,26 @@ def generate(
     guidance_scale: float = 7.5,
     control_images: list | None = None,
     batch_size: int = 64,
+    cfg_cutoff: float | None = None,
 ) -> np.ndarray:
     """Images (N, H, W, 3) uint8 for `prompts`; image i uses torch.Generator seeded seed + i, so results
-    do not depend on batch_size. Pass `control_images` with a ControlNet pipeline."""
+    do not depend on batch_size. Pass `control_images` with a ControlNet pipeline. `cfg_cutoff` in [0, 1]:
+    guidance only for the first int(num_inference_steps * cfg_cutoff) + 1 steps (see `cfg_cutoff_callback`)."""
     import torch
 
     if control_images is not None and len(control_images) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(control_images)} control images")
+    if cfg_cutoff is not None and not 0.0 <= cfg_cutoff <= 1.0:
+        raise ValueError(f"cfg_cutoff={cfg_cutoff} must be in [0, 1]: the share of steps that use guidance")
+    if cfg_cutoff is not None and control_images is not None:
+        raise ValueError("cfg_cutoff works with the plain pipeline only: the ControlNet pipeline doubles its "
+                         "control images for guidance, and the callback cannot halve them")
     images = []
     for start in range(0, len(prompts), batch_size):
         stop = min(start + batch_size, len(prompts))
         kwargs = {} if control_images is None else {"image": list(control_images[start:stop])}
+        if cfg_cutoff is not None:
+            kwargs["callback_on_step_end"] = cfg_cutoff_callback(cfg_cutoff)
         out = pipe(
             list(prompts[start:stop]),
             num_inference_steps=num_inference_steps,
@@ -100,7 +126,7 @@ def generate(
 
 
 __all__ = [
-    "generate", "load_pipeline",
+    "cfg_cutoff_callback", "generate", "load_pipeline",
     "TOY_CONTROLNET_DIR", "TOY_LDM_FILE", "TOY_SD_DIR", "SceneSample", "control_adherence", "load_oracle",
     "parse_prompt", "prompt_adherence", "read_images", "sample_scenes", "world",
 ]
