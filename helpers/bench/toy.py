@@ -76,31 +76,32 @@ def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeat
     results["oracle_accuracy"] = oracle_accuracy(1000, seed)
     single = sample_scenes(n_single, seed=seed, split="heldout", max_objects=1)
     two = sample_scenes(n_two, seed=seed, split="heldout", min_objects=2, max_objects=2)
+
+    def score(key: str, sample, **generate_kwargs) -> tuple[list, list]:
+        """Generate `sample`'s prompts, record every-attribute adherence and per-attribute accuracy under `key`."""
+        images = generate(pipe, sample.prompts, seed=seed, num_inference_steps=steps, **generate_kwargs)
+        readings, specs = read_images(oracle, images), [scene_spec(s) for s in sample.scenes]
+        results[key] = adherence(readings, specs)
+        # which stated attributes the images get right, one at a time
+        results[f"{key}_by_attribute"] = attribute_accuracy(readings, specs)
+        return readings, specs
+
     with torch.inference_mode():
         for guidance_scale in (7.5, 1.0):
             for name, sample in (("single", single), ("two", two)):
                 if not sample.prompts:
                     continue
-                images = generate(pipe, sample.prompts, seed=seed, num_inference_steps=steps,
-                                  guidance_scale=guidance_scale)
                 key = f"prompt_adherence_{name}_cfg{guidance_scale:g}"
-                readings, specs = read_images(oracle, images), [scene_spec(s) for s in sample.scenes]
-                results[key] = adherence(readings, specs)
+                readings, specs = score(key, sample, guidance_scale=guidance_scale)
                 # looser readings: right number of objects with the right colours (and shapes)
                 results[f"{key}_colour_only"] = adherence(readings, specs, attributes=("colour",))
                 results[f"{key}_shape_colour"] = adherence(readings, specs, attributes=("shape", "colour"))
-                # which stated attributes the images get right, one at a time
-                results[f"{key}_by_attribute"] = attribute_accuracy(readings, specs)
                 if name == "single":
                     results.update(adherence_by_stated_position(key, readings, specs, sample.scenes))
                 print(f"{key}: {results[key]:.3f}", flush=True)
         if single.prompts:  # guidance for the first int(0.4 * steps) + 1 steps, then the prompt alone (a smaller batch)
-            images = generate(pipe, single.prompts, seed=seed, num_inference_steps=steps, guidance_scale=7.5,
-                              cfg_cutoff=CFG_CUTOFF)
             key = f"prompt_adherence_single_cfg7.5_cutoff{CFG_CUTOFF:g}"
-            readings, specs = read_images(oracle, images), [scene_spec(s) for s in single.scenes]
-            results[key] = adherence(readings, specs)
-            results[f"{key}_by_attribute"] = attribute_accuracy(readings, specs)
+            score(key, single, guidance_scale=7.5, cfg_cutoff=CFG_CUTOFF)
             print(f"{key}: {results[key]:.3f}", flush=True)
     results["seconds_per_image"] = seconds_per_image(pipe, steps, 7.5, repeats)
     control = sample_scenes(n_control, seed=seed + 1, split="heldout", max_objects=2)

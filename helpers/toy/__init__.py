@@ -107,12 +107,11 @@ def generate(
     if cfg_cutoff is not None and control_images is not None:
         raise ValueError("cfg_cutoff works with the plain pipeline only: the ControlNet pipeline doubles its "
                          "control images for guidance, and the callback cannot halve them")
+    callback = {} if cfg_cutoff is None else {"callback_on_step_end": cfg_cutoff_callback(cfg_cutoff)}
     images = []
     for start in range(0, len(prompts), batch_size):
         stop = min(start + batch_size, len(prompts))
         kwargs = {} if control_images is None else {"image": list(control_images[start:stop])}
-        if cfg_cutoff is not None:
-            kwargs["callback_on_step_end"] = cfg_cutoff_callback(cfg_cutoff)
         out = pipe(
             list(prompts[start:stop]),
             num_inference_steps=num_inference_steps,
@@ -120,6 +119,7 @@ def generate(
             generator=[torch.Generator().manual_seed(seed + i) for i in range(start, stop)],
             output_type="np",
             **kwargs,
+            **callback,
         )
         images.append(np.round(out.images * 255).astype(np.uint8))  # (b, H, W, 3) float [0, 1] -> uint8
     return np.concatenate(images)
