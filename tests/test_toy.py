@@ -119,10 +119,10 @@ def test_shipped_weights_are_small():
 # (prompt, pixel (y, x), expected RGB): generate(pipe, [prompt], seed=0), 20 steps, guidance 7.5, as shipped.
 # Rebuilding the weights changes these: record new ones from the same call.
 GOLDEN = [
-    ("a red circle on the left", (32, 15), (226, 36, 41)),
-    ("a red circle on the left", (32, 49), (135, 136, 140)),
-    ("a large blue square on a white background", (32, 32), (36, 80, 220)),  # no position: the centre
-    ("a large blue square on a white background", (5, 5), (228, 236, 233)),
+    ("a red circle on the left", (32, 15), (227, 42, 36)),
+    ("a red circle on the left", (32, 49), (231, 229, 231)),
+    ("a large blue square on a white background", (32, 32), (40, 73, 231)),  # no position: the centre
+    ("a large blue square on a white background", (5, 5), (225, 223, 219)),
 ]
 
 
@@ -137,25 +137,39 @@ def test_golden_pixels(pipe):
 
 @needs_weights
 def test_prompt_adherence_floor_and_guidance_matters(pipe):
-    # Floors sit below what the shipped weights reach on this sample (share right at guidance 7.5 / 1.0:
-    # every attribute 0.88 / 0.72; colour 1.00 / 1.00, background 1.00 / 1.00, size 1.00 / 0.83, position
-    # 1.00 / 1.00, shape 0.88 / 0.75); a broken pipeline, text encoder, scheduler setting or guidance falls
-    # through them. Guidance now matters less for shape than for the rest (see the weights README).
-    sample = sample_scenes(32, seed=100, split="heldout", max_objects=1)
-    specs = [_as_spec(scene) for scene in sample.scenes]
+    # Floors sit below what the shipped weights reach on these samples (share right at guidance 7.5 / 1.0:
+    # single objects, every attribute 0.94 / 0.84; colour 1.00 / 1.00, background 1.00 / 1.00, size 0.94 / 0.89,
+    # position 1.00 / 1.00, shape 0.97 / 0.91; two objects, every attribute 0.69 / 0.50); a broken pipeline, text
+    # encoder, scheduler setting or guidance falls through them. Guidance matters most for two objects.
     oracle = load_oracle()
 
-    def accuracy(guidance_scale: float) -> dict[str, float]:
+    def accuracy(sample, guidance_scale: float) -> dict[str, float]:
         images = generate(pipe, sample.prompts, seed=0, num_inference_steps=20, guidance_scale=guidance_scale)
-        assert images.shape == (32, 64, 64, 3)
-        readings = read_images(oracle, images)
+        assert images.shape == (len(sample.prompts), 64, 64, 3)
+        readings, specs = read_images(oracle, images), [_as_spec(scene) for scene in sample.scenes]
         return {"all": adherence(readings, specs), **attribute_accuracy(readings, specs)}
 
-    guided, unguided = accuracy(7.5), accuracy(1.0)
-    assert guided["all"] >= 0.7 and guided["shape"] >= 0.7, guided
+    single = sample_scenes(32, seed=100, split="heldout", max_objects=1)
+    guided, unguided = accuracy(single, 7.5), accuracy(single, 1.0)
+    assert guided["all"] >= 0.8 and guided["shape"] >= 0.85, guided
     assert guided["colour"] >= 0.9 and guided["background"] >= 0.9, guided
     assert guided["size"] >= 0.8 and guided["position"] >= 0.9, guided
-    assert guided["all"] >= unguided["all"] + 0.1, (guided, unguided)  # guidance matters
+    assert guided["all"] > unguided["all"], (guided, unguided)  # guidance matters
+    two = sample_scenes(16, seed=100, split="heldout", min_objects=2, max_objects=2)
+    guided_two, unguided_two = accuracy(two, 7.5), accuracy(two, 1.0)
+    assert guided_two["all"] >= unguided_two["all"] + 0.1, (guided_two, unguided_two)
+
+
+@needs_weights
+def test_guidance_draws_every_shape(pipe):
+    # When the world's diamond was the square turned 45 degrees, a circle was the average of the two, and guidance
+    # (which extrapolates away from the average) drew "a red circle" as a diamond for every seed.
+    shapes = ("circle", "square", "triangle", "diamond")
+    prompts = [f"a red {shape}" for shape in shapes for _ in range(4)]
+    readings = read_images(load_oracle(), generate(pipe, prompts, seed=0, guidance_scale=7.5))
+    drawn = [reading.objects[0][0] if len(reading.objects) == 1 else None for reading in readings]
+    for i, shape in enumerate(shapes):
+        assert drawn[4 * i: 4 * i + 4].count(shape) >= 3, (shape, drawn[4 * i: 4 * i + 4])
 
 
 @needs_weights
@@ -178,7 +192,7 @@ def test_controlnet_follows_depth():
     sample = sample_scenes(8, seed=200, split="heldout", max_objects=2)
     images = generate(control_pipe, sample.prompts, seed=0, num_inference_steps=20,
                       control_images=sample.control_images())
-    assert control_adherence(images, sample.depth_maps) >= 0.75  # shipped weights: 0.81 on these 8
+    assert control_adherence(images, sample.depth_maps) >= 0.8  # shipped weights: 0.87 on these 8
 
 
 @needs_weights
