@@ -191,7 +191,7 @@ def _object_mask(obj: SceneObject, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         half = 0.85 * r  # about the circle's area
         return (np.abs(dx) <= half) & (np.abs(dy) <= half)
     if obj.shape == "diamond":
-        # A rhombus taller than wide. The square turned 45 degrees made every circle the polar average of a square
+        # A rhombus taller than wide. With the square turned 45 degrees, a circle was about the average of a square
         # and a diamond, and guidance, which extrapolates away from the average, drew 20 circles in 55 as diamonds.
         return np.abs(dx) / (0.95 * r) + np.abs(dy) / (1.45 * r) <= 1
     if obj.shape == "triangle":  # pointing up, apex at (0, -r), base at dy = 0.75 r
