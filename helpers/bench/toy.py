@@ -99,7 +99,8 @@ def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeat
                 if name == "single":
                     results.update(adherence_by_stated_position(key, readings, specs, sample.scenes))
                 print(f"{key}: {results[key]:.3f}", flush=True)
-        if single.prompts:  # guidance for the first int(CFG_CUTOFF * steps) + 1 steps, then the prompt alone (a smaller batch)
+        if single.prompts:
+            # guidance for the first int(CFG_CUTOFF * steps) + 1 steps, then the prompt alone (a smaller batch)
             key = f"prompt_adherence_single_cfg7.5_cutoff{CFG_CUTOFF:g}"
             score(key, single, guidance_scale=7.5, cfg_cutoff=CFG_CUTOFF)
             print(f"{key}: {results[key]:.3f}", flush=True)

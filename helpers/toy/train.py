@@ -120,6 +120,8 @@ def make_unet(cross_attention_dim: int):
         sample_size=world.IMAGE_SIZE // 4,
         in_channels=4,
         out_channels=4,
+        # Attention at 16x16 too, as SD has at its top level. Without it a step was 2.3x faster, but a full rebuild
+        # missed the bars: prompt adherence 0.890 (size 0.86), ControlNet IoU 0.756 (see the weights README).
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         block_out_channels=(32, 32, 64, 64),
