@@ -261,6 +261,41 @@ def test_short_training_run_lowers_the_loss(tmp_path):
     assert (tmp_path / "unet" / "config.json").exists() and (tmp_path / "unet.ckpt").exists()
 
 
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_stage_resumes_where_it_stopped(tmp_path):
+    """Six steps in one go, or three, a kill, a fresh process's objects and a resume: the same weights."""
+    from helpers.toy import train
+
+    def run(path, kill_at: int | None = None) -> torch.nn.Linear:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        generator = torch.Generator().manual_seed(0)
+        checkpointer = train.Checkpointer(path, optimizer, generator, every_seconds=0, model=model)
+
+        def step_fn(step: int, progress: float) -> float:
+            if step == kill_at:
+                raise Killed
+            train.set_lr(optimizer, 0.1 * train.cosine_lr(progress))
+            x = torch.randn(8, 4, generator=generator)
+            return train.optimizer_step(optimizer, (model(x) - x.sum(1, keepdim=True)).pow(2).mean())
+
+        train.train_loop("test", 6, step_fn, checkpointer, max_minutes=1e9)
+        return model
+
+    straight = run(tmp_path / "straight.ckpt")
+    with pytest.raises(Killed):
+        run(tmp_path / "killed.ckpt", kill_at=3)
+    assert torch.load(tmp_path / "killed.ckpt", weights_only=False)["step"] == 3
+    resumed = run(tmp_path / "killed.ckpt")
+    assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
+    torch.manual_seed(0)
+    assert not torch.equal(straight.weight, torch.nn.Linear(4, 1).weight)  # the six steps did train
+
+
 def test_caption_matches_follow_what_captions_state():
     from helpers.toy import train
 

@@ -209,36 +209,51 @@ def cosine_lr(progress: float, warmup: float = 0.05) -> float:
 
 
 class Checkpointer:
-    """Saves a stage's state every `every_seconds` (and at the end) to work_dir/<stage>.ckpt."""
+    """A stage's training state (its modules, each under its keyword, the optimizer, the generator and the
+    step), saved to `path` every `every_seconds` and at the end, and loaded back by `resume` after a kill."""
 
-    def __init__(self, path: Path, every_seconds: float = 180):
-        self.path, self.every_seconds, self.last = path, every_seconds, time.time()
+    def __init__(self, path: Path, optimizer, generator: torch.Generator, every_seconds: float = 180, **modules):
+        self.path, self.optimizer, self.generator, self.modules = path, optimizer, generator, modules
+        self.every_seconds, self.last = every_seconds, time.time()
 
-    def load(self) -> dict | None:
-        if self.path.exists():
-            log(f"resuming from {self.path}")
-            return torch.load(self.path, weights_only=False)
-        return None
+    def resume(self) -> int:
+        """Load the checkpoint, if any; returns the step to resume at (0 for a fresh start)."""
+        if not self.path.exists():
+            return 0
+        log(f"resuming from {self.path}")
+        state = torch.load(self.path, weights_only=False)
+        for key, module in self.modules.items():
+            module.load_state_dict(state[key])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        return state["step"]
 
-    def maybe_save(self, state: Callable[[], dict], force: bool = False) -> None:
-        if force or time.time() - self.last > self.every_seconds:
-            tmp = self.path.with_suffix(".tmp")
-            torch.save(state(), tmp)
-            tmp.replace(self.path)  # atomic: a kill mid-save never corrupts the checkpoint
-            self.last = time.time()
+    def save(self, step: int) -> None:
+        state = {key: module.state_dict() for key, module in self.modules.items()}
+        state |= {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "step": step}
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)  # atomic: a kill mid-save never corrupts the checkpoint
+        self.last = time.time()
+
+    def maybe_save(self, step: int) -> None:
+        if time.time() - self.last > self.every_seconds:
+            self.save(step)
 
 
-def resume(checkpointer: Checkpointer, optimizer, generator: torch.Generator, **modules) -> int:
-    """Load a stage's checkpoint, if any, into `modules` (each under its keyword), the optimizer and the
-    generator; returns the step to resume at (0 for a fresh start)."""
-    state = checkpointer.load()
-    if state is None:
-        return 0
-    for key, module in modules.items():
-        module.load_state_dict(state[key])
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    return state["step"]
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(optimizer, loss: torch.Tensor, clip_params: list | None = None) -> float:
+    """Backpropagate `loss` and step, with the gradient norm of `clip_params` (if given) clipped to 1."""
+    optimizer.zero_grad()
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    optimizer.step()
+    return loss.item()
 
 
 def train_loop(
@@ -246,13 +261,12 @@ def train_loop(
     steps: int,
     step_fn: Callable[[int, float], float],
     checkpointer: Checkpointer,
-    state_fn: Callable[[int], dict],
-    start_step: int,
     max_minutes: float,
 ) -> list[float]:
-    """Run step_fn(step, progress) -> loss from start_step until `steps` or `max_minutes`, whichever
-    comes first, with progress, checkpoints and a smoothed loss. `progress` in [0, 1) is the further
+    """Run step_fn(step, progress) -> loss from the checkpoint's step (or 0) until `steps` or `max_minutes`,
+    whichever comes first, with progress, checkpoints and a smoothed loss. `progress` in [0, 1) is the further
     along of the two, so learning-rate schedules still anneal fully when a busy machine hits the cap."""
+    start_step = checkpointer.resume()
     started = time.time()
     running = None
     losses = []
@@ -266,9 +280,9 @@ def train_loop(
         losses.append(loss)
         running = loss if running is None else 0.98 * running + 0.02 * loss
         bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-        checkpointer.maybe_save(lambda s=step: state_fn(s + 1))
+        checkpointer.maybe_save(step + 1)
     bar.close()
-    checkpointer.maybe_save(lambda: state_fn(start_step + len(losses)), force=True)
+    checkpointer.save(start_step + len(losses))
     log(f"{name}: done in {(time.time() - started) / 60:.1f} min, smoothed loss {running}")
     return losses
 
@@ -329,21 +343,16 @@ def stage_oracle(work: Path, budget: Budget) -> None:
     optimizer = torch.optim.AdamW(oracle.parameters(), lr=2e-3, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(0)
     index_batches = batches(len(scenes), budget.batch_size, generator)
-    checkpointer = Checkpointer(work / "oracle.ckpt")
+    checkpointer = Checkpointer(work / "oracle.ckpt", optimizer, generator, oracle=oracle)
 
     def step_fn(step: int, progress: float) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = 2e-3 * cosine_lr(progress)
+        set_lr(optimizer, 2e-3 * cosine_lr(progress))
         idx = next(index_batches)
         images = data["images"][idx].permute(0, 3, 1, 2).float() / 255.0  # (B, 3, 64, 64) in [0, 1]
         loss = oracle_loss(oracle(augment_for_oracle(images, generator)), {k: v[idx] for k, v in labels.items()})
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss.item()
+        return optimizer_step(optimizer, loss)
 
-    train_loop("oracle", budget.oracle_steps, step_fn, checkpointer,
-               lambda s: {"step": s}, 0, budget.max_minutes)
+    train_loop("oracle", budget.oracle_steps, step_fn, checkpointer, budget.max_minutes)
     save_oracle(oracle, WEIGHTS_DIR / "oracle")
     log(f"oracle saved to {WEIGHTS_DIR / 'oracle'}")
 
@@ -385,29 +394,18 @@ def stage_vae(work: Path, budget: Budget) -> list[float]:
     vae = make_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(1)
-    checkpointer = Checkpointer(work / "vae.ckpt")
-    start = resume(checkpointer, optimizer, generator, model=vae)
+    checkpointer = Checkpointer(work / "vae.ckpt", optimizer, generator, model=vae)
     index_batches = batches(len(data["images"]), budget.batch_size // 2, generator)
 
     def step_fn(step: int, progress: float) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = 2e-3 * cosine_lr(progress, warmup=0.02)
+        set_lr(optimizer, 2e-3 * cosine_lr(progress, warmup=0.02))
         idx = next(index_batches)
         images = to_model_range(data["images"][idx])  # (B, 3, 64, 64)
         masks = data["depths"][idx].float() > world.OBJECT_DEPTH_THRESHOLD  # (B, 64, 64) object pixels
         crops, crop_masks = object_crops(images, masks, world.IMAGE_SIZE // 2, generator)  # (B, 3, 32, 32)
-        loss = vae_loss(vae, crops, crop_masks)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        return loss.item()
+        return optimizer_step(optimizer, vae_loss(vae, crops, crop_masks), list(vae.parameters()))
 
-    def state(step: int) -> dict:
-        return {"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "step": step}
-
-    losses = train_loop("vae", budget.vae_steps, step_fn, checkpointer, state, start, budget.max_minutes)
+    losses = train_loop("vae", budget.vae_steps, step_fn, checkpointer, budget.max_minutes)
     # SD's scaling_factor makes latents unit-variance for the UNet: measure it on the training set.
     with torch.inference_mode():
         sample = to_model_range(data["images"][:512])
@@ -434,19 +432,11 @@ def stage_decoder(work: Path, budget: Budget) -> list[float]:
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     optimizer = torch.optim.AdamW(params, lr=5e-4)
     generator = torch.Generator().manual_seed(4)
-    checkpointer = Checkpointer(work / "decoder.ckpt")
-    start = 0
-    if (state := checkpointer.load()) is not None:
-        vae.load_state_dict(state["model"])
-        if "optimizer" in state:  # a checkpoint may hold the weights only
-            optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
-        start = state["step"]
+    checkpointer = Checkpointer(work / "decoder.ckpt", optimizer, generator, model=vae)
     index_batches = batches(len(data["images"]), budget.batch_size // 4, generator)
 
     def step_fn(step: int, progress: float) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = 5e-4 * cosine_lr(progress, warmup=0.02)
+        set_lr(optimizer, 5e-4 * cosine_lr(progress, warmup=0.02))
         idx = next(index_batches)
         images = to_model_range(data["images"][idx])  # (B, 3, 64, 64)
         masks = (data["depths"][idx].float() > world.OBJECT_DEPTH_THRESHOLD).float()[:, None]  # (B, 1, 64, 64)
@@ -460,17 +450,9 @@ def stage_decoder(work: Path, budget: Budget) -> list[float]:
         error = vae.decode(latents).sample - images
         weight = 1.0 + 9.0 * near_objects
         loss = (weight * (error.abs() + error.pow(2))).sum() / (weight.sum() * 3)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        return loss.item()
+        return optimizer_step(optimizer, loss, params)
 
-    def state(step: int) -> dict:
-        return {"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "step": step}
-
-    losses = train_loop("decoder", budget.decoder_steps, step_fn, checkpointer, state, start, budget.max_minutes)
+    losses = train_loop("decoder", budget.decoder_steps, step_fn, checkpointer, budget.max_minutes)
     vae.save_pretrained(work / "vae_decoder")
     log("vae with sharpened decoder saved")
     return losses
@@ -646,28 +628,18 @@ def stage_clip(work: Path, budget: Budget) -> list[float]:
     clip = make_clip(tokenizer)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=CLIP_LR, weight_decay=0.1)
     generator = torch.Generator().manual_seed(5)
-    checkpointer = Checkpointer(work / "clip.ckpt")
-    start = resume(checkpointer, optimizer, generator, clip=clip)
+    checkpointer = Checkpointer(work / "clip.ckpt", optimizer, generator, clip=clip)
     index_batches = batches(len(token_ids), budget.clip_batch_size, generator)
 
     def step_fn(step: int, progress: float) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = CLIP_LR * cosine_lr(progress)
+        set_lr(optimizer, CLIP_LR * cosine_lr(progress))
         idx = next(index_batches)
         pixel_values = to_model_range(data["images"][idx])  # (B, 3, 64, 64)
         logits_per_text = clip(input_ids=token_ids[idx], pixel_values=pixel_values).logits_per_text  # (B, B)
         loss = clip_loss(logits_per_text, caption_matches(stated[idx], full[idx]))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
-        optimizer.step()
-        return loss.item()
+        return optimizer_step(optimizer, loss, list(clip.parameters()))
 
-    def state(step: int) -> dict:
-        return {"clip": clip.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "step": step}
-
-    losses = train_loop("clip", budget.clip_steps, step_fn, checkpointer, state, start, budget.max_minutes)
+    losses = train_loop("clip", budget.clip_steps, step_fn, checkpointer, budget.max_minutes)
     log(f"clip: held-out caption -> image top-1 accuracy {retrieval_accuracy(clip, tokenizer):.3f}")
     swaps = word_swap_accuracy(clip, tokenizer)
     log("clip: held-out image prefers its caption to one word swapped: "
@@ -701,13 +673,11 @@ def stage_unet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list
     optimizer = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=1e-2)
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True, power=3 / 4)
     generator = torch.Generator().manual_seed(2)
-    checkpointer = Checkpointer(work / "unet.ckpt")
-    start = resume(checkpointer, optimizer, generator, unet=unet, ema=ema)
+    checkpointer = Checkpointer(work / "unet.ckpt", optimizer, generator, unet=unet, ema=ema)
     index_batches = batches(len(token_ids), budget.batch_size, generator)
 
     def step_fn(step: int, progress: float) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = UNET_LR * cosine_lr(progress)
+        set_lr(optimizer, UNET_LR * cosine_lr(progress))
         idx = next(index_batches)
         noisy, target, timesteps = noisy_latents_batch(latents, idx, scaling_factor, scheduler, generator)
         ids = drop_captions(token_ids[idx], empty_ids, caption_dropout, generator)
@@ -715,20 +685,11 @@ def stage_unet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list
             prompt_embeds = text_encoder(ids)[0]  # (B, 77, hidden)
         model_pred = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample  # (B, 4, 16, 16)
         pixel_weight = object_pixel_weight(data["depths"][idx], model_pred.shape[-1], OBJECT_LOSS_WEIGHT)
-        loss = diffusion_loss(model_pred, target, pixel_weight)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        loss = optimizer_step(optimizer, diffusion_loss(model_pred, target, pixel_weight), params)
         ema.step(params)
-        return loss.item()
+        return loss
 
-    def state(step: int) -> dict:
-        return {"unet": unet.state_dict(),
-                "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-                "generator": generator.get_state(), "step": step}
-
-    losses = train_loop("unet", budget.unet_steps, step_fn, checkpointer, state, start, budget.max_minutes)
+    losses = train_loop("unet", budget.unet_steps, step_fn, checkpointer, budget.max_minutes)
     ema.copy_to(params)  # ship the EMA weights
     unet.save_pretrained(work / "unet")
     log("unet saved (EMA weights)")
@@ -784,13 +745,11 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -
     empty_ids = tokenize(tokenizer, [""])[0]
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=CONTROLNET_LR)
     generator = torch.Generator().manual_seed(3)
-    checkpointer = Checkpointer(work / "controlnet.ckpt")
-    start = resume(checkpointer, optimizer, generator, controlnet=controlnet)
+    checkpointer = Checkpointer(work / "controlnet.ckpt", optimizer, generator, controlnet=controlnet)
     index_batches = batches(len(token_ids), budget.controlnet_batch_size, generator)
 
     def step_fn(step: int, progress: float) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = CONTROLNET_LR * cosine_lr(progress)
+        set_lr(optimizer, CONTROLNET_LR * cosine_lr(progress))
         idx = next(index_batches)
         noisy, target, timesteps = noisy_latents_batch(latents, idx, scaling_factor, scheduler, generator)
         ids = drop_captions(token_ids[idx], empty_ids, caption_dropout, generator)
@@ -806,29 +765,18 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -
         ).sample
         pixel_weight = object_pixel_weight(data["depths"][idx], model_pred.shape[-1], OBJECT_LOSS_WEIGHT)
         loss = diffusion_loss(model_pred, target, pixel_weight)  # object masks are what control must get right
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        optimizer.step()
-        return loss.item()
+        return optimizer_step(optimizer, loss, list(controlnet.parameters()))
 
-    def state(step: int) -> dict:
-        return {"controlnet": controlnet.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "step": step}
-
-    losses = train_loop("controlnet", budget.controlnet_steps, step_fn, checkpointer, state, start, budget.max_minutes)
+    losses = train_loop("controlnet", budget.controlnet_steps, step_fn, checkpointer, budget.max_minutes)
     controlnet.to(torch.float16).save_pretrained(target, safe_serialization=True)  # upcast on load
     log(f"controlnet saved -> {target}")
     return losses
 
 
 def stage_ldm(work: Path, budget: Budget) -> None:
-    try:
-        from helpers.ldm import export_ldm_checkpoint
-    except ImportError:
-        log("helpers.ldm.export_ldm_checkpoint is not available yet: skipping the single-file export")
-        return
     from diffusers import StableDiffusionPipeline
+
+    from helpers.ldm import export_ldm_checkpoint
 
     pipe = StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR / "sd", local_files_only=True)
     path = WEIGHTS_DIR / "toy-sd-ldm.safetensors"
