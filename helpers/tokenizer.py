@@ -28,7 +28,11 @@ middle near far background foreground high quality detailed realistic blurry ugl
 
 
 def _bpe_merges(words: list[str]) -> list[tuple[str, str]]:
-    """Learn BPE merges (CLIP style, `</w>` end-of-word suffix) until every word is one token."""
+    """Learn BPE merges (CLIP style, `</w>` end-of-word suffix) until every word is one token.
+
+    The trainer breaks ties between equally frequent pairs in hash-map order (huggingface/tokenizers#1794), so two
+    builds can swap the ids of a few word pieces ("st</w>" and "se</w>" between the last two toy rebuilds). Whole
+    words, the only tokens captions use, kept their ids, so the trained text encoder does not depend on it."""
     tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
