@@ -249,12 +249,14 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def optimizer_step(optimizer, loss: torch.Tensor, clip_params: list | None = None) -> float:
-    """Backpropagate `loss` and step, with the gradient norm of `clip_params` (if given) clipped to 1."""
+def optimizer_step(optimizer, loss: torch.Tensor, max_grad_norm: float | None = 1.0) -> float:
+    """Backpropagate `loss` and step, with the gradient norm of the optimizer's parameters clipped to
+    `max_grad_norm` (None: not clipped)."""
     optimizer.zero_grad()
     loss.backward()
-    if clip_params is not None:
-        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    if max_grad_norm is not None:
+        params = [param for group in optimizer.param_groups for param in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     return loss.item()
 
@@ -353,7 +355,7 @@ def stage_oracle(work: Path, budget: Budget) -> None:
         idx = next(index_batches)
         images = data["images"][idx].permute(0, 3, 1, 2).float() / 255.0  # (B, 3, 64, 64) in [0, 1]
         loss = oracle_loss(oracle(augment_for_oracle(images, generator)), {k: v[idx] for k, v in labels.items()})
-        return optimizer_step(optimizer, loss)
+        return optimizer_step(optimizer, loss, max_grad_norm=None)
 
     train_loop("oracle", budget.oracle_steps, step_fn, checkpointer, budget.max_minutes)
     save_oracle(oracle, WEIGHTS_DIR / "oracle")
@@ -406,7 +408,7 @@ def stage_vae(work: Path, budget: Budget) -> list[float]:
         images = to_model_range(data["images"][idx])  # (B, 3, 64, 64)
         masks = data["depths"][idx].float() > world.OBJECT_DEPTH_THRESHOLD  # (B, 64, 64) object pixels
         crops, crop_masks = object_crops(images, masks, world.IMAGE_SIZE // 2, generator)  # (B, 3, 32, 32)
-        return optimizer_step(optimizer, vae_loss(vae, crops, crop_masks), list(vae.parameters()))
+        return optimizer_step(optimizer, vae_loss(vae, crops, crop_masks))
 
     losses = train_loop("vae", budget.vae_steps, step_fn, checkpointer, budget.max_minutes)
     # SD's scaling_factor makes latents unit-variance for the UNet: measure it on the training set.
@@ -453,7 +455,7 @@ def stage_decoder(work: Path, budget: Budget) -> list[float]:
         error = vae.decode(latents).sample - images
         weight = 1.0 + 9.0 * near_objects
         loss = (weight * (error.abs() + error.pow(2))).sum() / (weight.sum() * 3)
-        return optimizer_step(optimizer, loss, params)
+        return optimizer_step(optimizer, loss)
 
     losses = train_loop("decoder", budget.decoder_steps, step_fn, checkpointer, budget.max_minutes)
     vae.save_pretrained(work / "vae_decoder")
@@ -644,7 +646,7 @@ def stage_clip(work: Path, budget: Budget) -> list[float]:
         pixel_values = to_model_range(data["images"][idx])  # (B, 3, 64, 64)
         logits_per_text = clip(input_ids=token_ids[idx], pixel_values=pixel_values).logits_per_text  # (B, B)
         loss = clip_loss(logits_per_text, caption_matches(stated[idx], full[idx]))
-        return optimizer_step(optimizer, loss, list(clip.parameters()))
+        return optimizer_step(optimizer, loss)
 
     losses = train_loop("clip", budget.clip_steps, step_fn, checkpointer, budget.max_minutes)
     log(f"clip: held-out caption -> image top-1 accuracy {retrieval_accuracy(clip, tokenizer):.3f}")
@@ -692,7 +694,7 @@ def stage_unet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list
             prompt_embeds = text_encoder(ids)[0]  # (B, 77, hidden)
         model_pred = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample  # (B, 4, 16, 16)
         pixel_weight = object_pixel_weight(data["depths"][idx], model_pred.shape[-1], OBJECT_LOSS_WEIGHT)
-        loss = optimizer_step(optimizer, diffusion_loss(model_pred, target, pixel_weight), params)
+        loss = optimizer_step(optimizer, diffusion_loss(model_pred, target, pixel_weight))
         ema.step(params)
         return loss
 
@@ -774,7 +776,7 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -
         ).sample
         pixel_weight = object_pixel_weight(data["depths"][idx], model_pred.shape[-1], OBJECT_LOSS_WEIGHT)
         loss = diffusion_loss(model_pred, target, pixel_weight)  # object masks are what control must get right
-        return optimizer_step(optimizer, loss, list(controlnet.parameters()))
+        return optimizer_step(optimizer, loss)
 
     losses = train_loop("controlnet", budget.controlnet_steps, step_fn, checkpointer, budget.max_minutes)
     controlnet.to(torch.float16).save_pretrained(target, safe_serialization=True)  # upcast on load
