@@ -272,17 +272,6 @@ TABLE_COLUMNS = [
 ]
 
 
-def format_rows(rows: list[dict], columns: list[str] = TABLE_COLUMNS) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}"
-        return str(value)
-
-    table = [columns] + [[cell(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in table)
-
-
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="one load of a single-file checkpoint, measured (internal)")
     parser.add_argument("--path", required=True)

@@ -4,7 +4,8 @@
 - `cpu`:   the offline main job. The toy model at full size (N=128 and 20 steps where a notebook asks).
 - `gpu`:   SD 1.5 from the hub on Kaggle/Colab.
 - `auto`:  `gpu` when CUDA and the hub are both there, else `cpu`.
-Each notebook's `parameters` cell holds its defaults (the `cpu` values); a profile overrides some of them.
+Each notebook's `parameters` cell holds its defaults (the `cpu` values); a profile overrides some of them, here and
+only here: a notebook never changes its own parameters in code, so what papermill passes is what runs.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ COMMON = {
 
 # Per-notebook overrides, keyed by the notebook's two-digit number.
 NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
-    "01": {
-        "smoke": {},
+    "01": {  # smoke: a small demo file, one repeat, state dicts only: the notebook takes seconds
+        "smoke": {"DEMO_SIZE_MB": 8, "LOAD_REPEATS": 1, "DEMO_RATE_LIMIT_MB_S": 4, "LOAD_MODES": ["tensors"]},
         "cpu": {},
         "gpu": {"SOURCE": "torrent"},
     },

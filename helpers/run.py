@@ -9,9 +9,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers.profiles import parameters_for, resolve_profile
-from helpers.timing import REPO_ROOT, format_table, outputs_dir
+from helpers.results import format_table, outputs_dir
 
-NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+# The series lives beside the package in a clone (editable install); a non-editable install runs the
+# notebooks/ folder of the working directory, or $SD_NOTEBOOKS.
+SOURCE_NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS_DIR: Path | None = None  # set to pin the folder (tests do)
+
+
+def notebooks_dir() -> Path:
+    """$SD_NOTEBOOKS, else ./notebooks, else the clone's notebooks/ beside the package."""
+    if NOTEBOOKS_DIR is not None:
+        return NOTEBOOKS_DIR
+    for folder in (os.environ.get("SD_NOTEBOOKS"), Path.cwd() / "notebooks", SOURCE_NOTEBOOKS_DIR):
+        if folder and any(Path(folder).glob("[0-9][0-9]_*.ipynb")):
+            return Path(folder)
+    raise FileNotFoundError(
+        "no notebooks found: run from the project's root (it has notebooks/), or set SD_NOTEBOOKS to the folder"
+    )
 
 
 @dataclass
@@ -33,7 +48,7 @@ class NotebookRun:
 
 def find_notebooks(only: list[str] | None = None) -> list[Path]:
     """The numbered notebooks, in order; `only` picks some by number ("02") or name."""
-    notebooks = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    notebooks = sorted(notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
     if only:
         picked = [nb for nb in notebooks if any(nb.name.startswith(o) or nb.stem == o for o in only)]
         unknown = [o for o in only if not any(nb.name.startswith(o) or nb.stem == o for nb in notebooks)]
@@ -57,6 +72,7 @@ def run_notebook(notebook: Path, profile: str, out_dir: Path) -> NotebookRun:
     run = NotebookRun(notebook.stem)
     for stale in out_dir.glob(f"{run.number}_*.json"):
         stale.unlink()  # results must come from this run
+    os.environ["SD_OUTPUTS"] = str(out_dir.resolve())  # the kernel inherits it: record_results writes there
     start = time.perf_counter()
     try:
         pm.execute_notebook(
@@ -83,7 +99,6 @@ def run_series(profile: str = "auto", only: list[str] | None = None, out_dir: Pa
     profile = resolve_profile(profile)
     out_dir = Path(out_dir) if out_dir else outputs_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["SD_OUTPUTS"] = str(out_dir.resolve())  # the kernels inherit it: record_results writes there
     notebooks = find_notebooks(only)
     print(f"Running {len(notebooks)} notebook(s), profile {profile!r}, into {out_dir}", flush=True)
     runs = []

@@ -1,46 +1,27 @@
 """Every notebook, executed headless by papermill in the `smoke` profile, and what it recorded.
 
-The notebooks run once per session (the `smoke_runs` fixture); each test then checks one notebook's
+The notebooks run once per session (the `smoke_runs` fixture in conftest.py); each test then checks one notebook's
 numbers in outputs/NN_*.json, so a notebook that "runs" but measures nonsense still fails.
 """
 
 import pytest
 
-from helpers.run import find_notebooks, run_series
+from helpers.profiles import parameters_for
+from helpers.run import find_notebooks
 
 pytestmark = pytest.mark.notebook
 
 
-@pytest.fixture(scope="session")
-def smoke_runs(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("outputs")
-    runs = run_series("smoke", out_dir=out_dir)
-    return {run.number: run for run in runs}, out_dir
-
-
-def results_of(smoke_runs, number: str) -> dict:
-    runs, _ = smoke_runs
-    if number not in runs:
-        pytest.fail(f"notebook {number} was not found in notebooks/")
-    run = runs[number]
-    assert run.status == "ok", run.error
-    merged = {}
-    for result in run.results.values():
-        merged.update(result)
-    return merged
-
-
 @pytest.mark.parametrize("notebook", [nb.stem for nb in find_notebooks()])
 def test_notebook_runs_and_records_results(smoke_runs, notebook):
-    runs, out_dir = smoke_runs
-    run = runs[notebook[:2]]
+    run = smoke_runs(notebook[:2])
     assert run.status == "ok", run.error
     assert run.results, f"{notebook} wrote no outputs/{notebook[:2]}_*.json"
-    assert (out_dir / f"{notebook}.ipynb").exists(), "the executed copy goes to outputs/"
+    assert (smoke_runs.out_dir / f"{notebook}.ipynb").exists(), "the executed copy goes to outputs/"
 
 
-def test_01_download_and_loading(smoke_runs):
-    r = results_of(smoke_runs, "01")
+def test_01_download_and_loading(notebook_results):
+    r = notebook_results("01")
     assert r["source"] == "loopback", "offline, the download runs on a local swarm"
     first, again = r["downloads"][0], r["downloads"][1]
     assert first["interrupted_at_bytes"] > 0 and first["resumed_bytes"] == first["interrupted_at_bytes"]
@@ -55,8 +36,8 @@ def test_01_download_and_loading(smoke_runs):
     assert {"full file", "unet", "vae", "text_encoder"} <= components
 
 
-def test_02_three_stages(smoke_runs):
-    r = results_of(smoke_runs, "02")
+def test_02_three_stages(notebook_results):
+    r = notebook_results("02")
     assert r["model"] == "toy" and r["profile"] == "smoke"
     assert r["max_abs_diff_helpers_vs_pipeline"] <= 1e-4
     assert r["max_abs_diff_loop_vs_pipeline"] <= 1e-4
@@ -67,7 +48,8 @@ def test_02_three_stages(smoke_runs):
     first, last = r["signal_first_last"]
     assert first == 0.0 and last > 0.9, "the toy schedule runs from pure noise (zero terminal SNR) to nearly clean"
     assert r["negative_prompt_mean_abs_change"] > 0.005, "the negative prompt must change the picture"
-    assert len(r["grid_seconds"]) == 4
+    smoke = parameters_for("02", "smoke")
+    assert len(r["grid_seconds"]) == len(smoke["GRID_STEPS"]) * len(smoke["GRID_GUIDANCE"])
     assert set(r["stage_seconds"]) == {"encode_text", "denoise", "decode"}
     assert r["stage_seconds"]["denoise"] > r["stage_seconds"]["encode_text"]
     accuracy = r["oracle_attribute_accuracy"]  # share of 8 images with each of the prompt's attributes right

@@ -51,7 +51,7 @@ def test_parameters_reach_the_notebook_and_results_are_collected(notebooks_dir, 
         notebooks_dir / "97_echo.ipynb",
         [
             "PROFILE = 'cpu'\nMODEL = 'auto'",
-            "from helpers.timing import record_results\n"
+            "from helpers.results import record_results\n"
             "record_results('97_echo', {'summary': {'model': MODEL, 'profile': PROFILE}})",
         ],
     )

@@ -91,8 +91,8 @@ def ensure_checkpoint(cache_dir: Path, small: bool = False) -> tuple[Path, Path]
 
 
 def main(argv: list[str]) -> int:
-    from helpers.partial import TABLE_COLUMNS, compare, format_rows
-    from helpers.timing import outputs_dir, record_results
+    from helpers.partial import TABLE_COLUMNS, compare
+    from helpers.results import format_table, outputs_dir, record_results
 
     parser = argparse.ArgumentParser(prog="python -m helpers bench load", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     rows = compare(path, config_dir, modes=modes, repeats=args.repeats, cold=not args.warm)
     print()
-    print(format_rows(rows, TABLE_COLUMNS))
+    print(format_table(rows, TABLE_COLUMNS))
 
     te = next((r for r in rows if r["mode"] == "tensors" and r["component"] == "text_encoder"), None)
     target = None

@@ -13,8 +13,9 @@ import argparse
 import torch
 
 from helpers.models import load_pipeline
+from helpers.results import format_table, record_results
 from helpers.stages import decode, default_size, denoise, encode_text
-from helpers.timing import format_table, measure, record_results
+from helpers.timing import measure
 
 PROMPT = "a large red circle on the left on a white background"
 

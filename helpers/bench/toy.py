@@ -10,12 +10,12 @@ Prints a table and writes outputs/bench_toy.json:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from helpers.results import format_table, record_results
 
 CFG_CUTOFF = 0.4  # share of steps with guidance in the cfg-cutoff run (diffusers SDCFGCutoffCallback)
 
@@ -117,20 +117,17 @@ def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeat
     return results
 
 
-def print_table(results: dict) -> None:
-    print(f"{'metric':46s} {'value':>8s}  bar")
+def table_rows(results: dict) -> list[dict]:
+    """One row per measured number, with its bar and verdict where the issue set one."""
+    rows = []
     for key, value in results.items():
-        if isinstance(value, dict):
-            print(f"{key:46s} " + ", ".join(f"{name} {share:.2f}" for name, share in value.items()))
-        elif isinstance(value, float):
-            bar = BARS.get(key)
-            verdict = ""
-            if bar:
-                ok = value >= bar[1] if bar[0] == ">=" else value < bar[1]
-                verdict = f"{bar[0]} {bar[1]:g}  {'PASS' if ok else 'FAIL'}"
-            print(f"{key:46s} {value:8.3f}  {verdict}")
-        else:
-            print(f"{key:46s} {value!s:>8s}")
+        bar = BARS.get(key)
+        verdict = ""
+        if bar and isinstance(value, float):
+            ok = value >= bar[1] if bar[0] == ">=" else value < bar[1]
+            verdict = f"{bar[0]} {bar[1]:g}  {'PASS' if ok else 'FAIL'}"
+        rows.append({"metric": key, "value": value, "bar": verdict})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,13 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler", default="default",
                         help="the model's own (DDIM), or a helpers.models.SCHEDULERS name, e.g. euler_a")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs for seconds per image")
-    parser.add_argument("--output", type=Path, default=Path("outputs/bench_toy.json"))
     args = parser.parse_args(argv)
     results = run(args.n_single, args.n_two, args.n_control, args.steps, args.seed, args.repeats, args.scheduler)
-    print_table(results)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    print(format_table(table_rows(results)))
+    print(f"wrote {record_results('bench_toy', results)}")
     return 0
 
 
