@@ -30,6 +30,17 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
         "cpu": {},
         "gpu": {"HEIGHT": 512, "WIDTH": 512},
     },
+    "04": {  # smoke: 8 steps, 4 divisions, 2 seed pairs for the midpoint statistics
+        "smoke": {"STEPS": 8, "NUM_DIVISIONS": 4, "MIDPOINT_SEEDS": 2, "NORM_PAIRS": 16},
+        "cpu": {},
+        "gpu": {"NUM_DIVISIONS": 6},
+    },
+    "05": {  # smoke: 2 prompt pairs x 2 seeds for the oracle shares (cpu: 8 x 8)
+        "smoke": {"STEPS": 8, "NUM_DIVISIONS": 4, "ORACLE_SEEDS": 2, "NORM_PAIRS": 16,
+                  "PROMPT_PAIRS": [["a red circle", "a blue square"], ["a green triangle", "a yellow diamond"]]},
+        "cpu": {},
+        "gpu": {"NUM_DIVISIONS": 6},
+    },
 }
 
 

@@ -95,3 +95,18 @@ def upscale(image, factor: int = 4) -> PIL.Image.Image:
     """Nearest-neighbour upscaling, so a 64×64 toy image is big enough to look at."""
     image = to_pil(image)
     return image.resize((image.width * factor, image.height * factor), PIL.Image.NEAREST)
+
+
+def save_gif(images: Sequence, path: str | Path, *, fps: int = 4, bounce: bool = True, zoom: int = 1) -> Path:
+    """An animated GIF of `images` (diffusers' export_to_gif), looping forever; `bounce` plays it forwards then
+    backwards (an interpolation that jumps from its end back to its start is hard to watch); `zoom` upscales."""
+    from diffusers.utils import export_to_gif
+
+    if len(images) < 2:
+        raise ValueError(f"save_gif needs at least 2 images (frames), got {len(images)}")
+    if fps < 1:
+        raise ValueError(f"fps={fps} must be at least 1 (frames per second)")
+    frames = [upscale(im, zoom) if zoom > 1 else to_pil(im).convert("RGB") for im in images]
+    if bounce:
+        frames = frames + frames[-2:0:-1]  # 0 1 2 3 2 1, then the loop starts again at 0
+    return Path(export_to_gif(frames, str(path), fps=fps))

@@ -1,0 +1,292 @@
+"""Interpolation between latents (or embeddings): lerp, slerp, the sequences notebooks 04 and 05 decode, and how
+clean the midpoints are on the toy model.
+
+- `lerp(t, v0, v1)` and `slerp(t, v0, v1)`: `t` a scalar or a vector of K values in [0, 1]. With a vector the result
+  gains a leading axis: (K, *v0.shape). A tensor of 2 or more dims is a batch: each entry `v0[i]` (flattened) is one
+  vector, so slerp measures the angle per sample, never across the batch.
+- `interpolation_alphas(num_divisions)`: 0, 1/N, ..., 1. `interpolate(v0, v1, num_divisions, method)`: the list of
+  interpolated tensors at those alphas.
+- Why slerp: a Gaussian sample in many dimensions lies near the sphere of radius sqrt(D). The straight line between
+  two independent samples cuts through the inside of that sphere: at alpha 0.5 its norm is about 1/sqrt(2) of the
+  ends' (`expected_lerp_norm_ratio`), a latent the UNet never saw as noise. Slerp walks along the sphere instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from helpers.show import to_pil
+
+# |cos(angle)| above this and the two vectors count as parallel: sin(angle) is then so small that slerp's weights
+# sin((1 - t) θ) / sin θ lose precision, while lerp differs from slerp by less than (1 - 0.9995) of the norm.
+# (The value is the one of the widely copied slerp in the Stable Diffusion community; see tests/test_interpolate.py.)
+PARALLEL_THRESHOLD = 0.9995
+
+METHODS = ("lerp", "slerp")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _check_endpoints(v0: torch.Tensor, v1: torch.Tensor) -> None:
+    if not isinstance(v0, torch.Tensor) or not isinstance(v1, torch.Tensor):
+        raise TypeError(f"v0 and v1 must be torch tensors, got {type(v0).__name__} and {type(v1).__name__}")
+    if v0.shape != v1.shape:
+        raise ValueError(
+            f"v0 has shape {tuple(v0.shape)} but v1 has {tuple(v1.shape)}: interpolate between tensors of one shape"
+        )
+    if v0.dtype != v1.dtype:
+        raise ValueError(f"v0 is {v0.dtype} but v1 is {v1.dtype}: cast one (e.g. v1.to(v0.dtype)) so both match")
+    if v0.device != v1.device:
+        raise ValueError(f"v0 is on {v0.device} but v1 on {v1.device}: move both to one device")
+    if not v0.is_floating_point():
+        raise ValueError(f"v0 and v1 are {v0.dtype}: interpolation needs floating-point tensors")
+
+
+def _as_t(t, device: torch.device) -> torch.Tensor:
+    """`t` as a float64 tensor (a 0-dim scalar or a 1-dim vector), every value checked to lie in [0, 1]."""
+    t_tensor = torch.as_tensor(t, dtype=torch.float64).to(device)
+    if t_tensor.ndim > 1:
+        raise ValueError(f"t has shape {tuple(t_tensor.shape)}: give a scalar or a vector (1-D) of values in [0, 1]")
+    if t_tensor.numel() == 0:
+        raise ValueError("t is empty: give a scalar or at least one value in [0, 1]")
+    bad = t_tensor[~((t_tensor >= 0) & (t_tensor <= 1))]  # NaN fails both comparisons, so it counts as bad
+    if bad.numel():
+        raise ValueError(
+            f"t must lie in [0, 1] (0 gives v0, 1 gives v1), got {bad.tolist()}; extrapolation is not supported"
+        )
+    return t_tensor
+
+
+def _broadcast_t(t: torch.Tensor, v0: torch.Tensor) -> torch.Tensor:
+    """A 0-dim t stays a scalar; a vector of K values becomes (K, 1, ..., 1) to broadcast over (K, *v0.shape)."""
+    return t if t.ndim == 0 else t.view(-1, *([1] * v0.ndim))
+
+
+# ---------------------------------------------------------------------------------------------------
+# lerp and slerp
+
+
+def lerp(t, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """(1 - t) · v0 + t · v1, exact at t = 0 and 1 (torch.lerp). t a scalar, or K values: then (K, *v0.shape)."""
+    _check_endpoints(v0, v1)
+    t = _broadcast_t(_as_t(t, v0.device), v0)
+    compute_dtype = torch.promote_types(v0.dtype, torch.float32)  # fp16/bf16 inputs: weights in fp32
+    result = torch.lerp(v0.to(compute_dtype), v1.to(compute_dtype), t.to(compute_dtype))
+    return result.to(v0.dtype)
+
+
+def slerp(t, v0: torch.Tensor, v1: torch.Tensor, parallel_threshold: float = PARALLEL_THRESHOLD) -> torch.Tensor:
+    """Spherical interpolation: sin((1 - t) θ) / sin θ · v0 + sin(t θ) / sin θ · v1, θ the angle between v0 and v1.
+
+    Per sample for batched tensors (a tensor of 2+ dims is (batch, ...)). Exact at t = 0 and 1. Where
+    |cos θ| > `parallel_threshold` it falls back to lerp (for nearly opposite vectors that line passes near zero:
+    the arc between opposite points is not unique). For equal-norm endpoints every point keeps that norm (Shoemake's
+    formula; unequal norms get the same weights). Keeps dtype (computes in at least float32) and device.
+    """
+    _check_endpoints(v0, v1)
+    if not 0.0 < parallel_threshold <= 1.0:
+        raise ValueError(f"parallel_threshold={parallel_threshold} must be in (0, 1]: a bound on |cos θ|")
+    t = _broadcast_t(_as_t(t, v0.device), v0)
+    compute_dtype = torch.promote_types(v0.dtype, torch.float32)
+    a, b = v0.to(compute_dtype), v1.to(compute_dtype)
+    dot = _per_sample_cosine(a, b)  # (batch, 1, ..., 1), or 0-dim for 1-D vectors
+    theta = torch.arccos(dot.clamp(-1.0, 1.0))
+    sin_theta = torch.sin(theta)
+    t = t.to(compute_dtype)
+    # (1 - t) θ is exactly 0 at t = 1 and t θ is exactly θ, so the weights are exactly (1, 0) and (0, 1) at the ends
+    weight0 = torch.sin((1 - t) * theta) / sin_theta
+    weight1 = torch.sin(t * theta) / sin_theta
+    parallel = dot.abs() > parallel_threshold
+    weight0 = torch.where(parallel, 1 - t, weight0)
+    weight1 = torch.where(parallel, t, weight1)
+    return (weight0 * a + weight1 * b).to(v0.dtype)
+
+
+def _per_sample_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos θ between a[i] and b[i] (each flattened) kept as (batch, 1, ..., 1); one 0-dim value for 1-D tensors."""
+    if a.ndim <= 1:
+        return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0, eps=1e-12)
+    cosine = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-12)  # (batch,)
+    return cosine.view(-1, *([1] * (a.ndim - 1)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequences and their norms
+
+
+def interpolation_alphas(num_divisions: int) -> list[float]:
+    """alpha = n / num_divisions for n = 0 .. num_divisions: 2 divisions give [0.0, 0.5, 1.0]."""
+    if isinstance(num_divisions, bool) or not isinstance(num_divisions, int) or num_divisions < 1:
+        raise ValueError(
+            f"NUM_DIVISIONS={num_divisions!r} must be an integer of at least 1: the number of steps from 0 to 1 "
+            "(1 gives just the two ends, 2 adds the midpoint)"
+        )
+    return [n / num_divisions for n in range(num_divisions + 1)]
+
+
+def interpolate(v0: torch.Tensor, v1: torch.Tensor, num_divisions: int, method: str = "lerp") -> list[torch.Tensor]:
+    """[interpolation at alpha for alpha in interpolation_alphas(num_divisions)], each shaped like v0."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; choose one of {METHODS}")
+    function = lerp if method == "lerp" else slerp
+    return list(function(interpolation_alphas(num_divisions), v0, v1))  # (K, *shape) -> K tensors of v0's shape
+
+
+def expected_lerp_norm_ratio(alpha: float) -> float:
+    """E‖lerp(alpha, a, b)‖ / E‖a‖ for independent a, b ~ N(0, I) in many dimensions: sqrt((1 - alpha)² + alpha²),
+    1/sqrt(2) ≈ 0.707 at alpha 0.5 (the variances add: (1 - alpha)² + alpha²; the norm goes with its root)."""
+    return math.sqrt((1 - alpha) ** 2 + alpha**2)
+
+
+def norm_curve(sequence: Sequence[torch.Tensor]) -> dict[str, list[float]]:
+    """Each interpolated tensor's norm (per sample, averaged over the batch), relative to the mean of the two ends'
+    norms, and its standard deviation: what the wash-out of lerped noise is about."""
+    norms = [float(x.float().flatten(1).norm(dim=1).mean()) if x.ndim > 1 else float(x.float().norm())
+             for x in sequence]
+    reference = (norms[0] + norms[-1]) / 2
+    stds = [float(x.float().std()) for x in sequence]
+    return {"norm": norms, "norm_ratio": [n / reference for n in norms], "std": stds}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The starting noise, drawn the way `helpers.stages.denoise` draws it
+
+
+def noise_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+    """The Gaussian starting latents `denoise` draws for `seeds` (one generator per seed), (batch, 4, h/8, w/8):
+    `denoise(..., latents=noise_latents(pipe, seeds, h, w))` equals `denoise(..., seeds=seeds)`."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from helpers.stages import make_generators
+
+    factor = pipe.vae_scale_factor
+    shape = (len(seeds), pipe.unet.config.in_channels, height // factor, width // factor)
+    return randn_tensor(shape, generator=make_generators(seeds), device=pipe.unet.device, dtype=pipe.unet.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Midpoint quality on the toy model
+
+
+@dataclass
+class MidpointQuality:
+    """For each way of interpolating (MIDPOINT_METHODS), how the oracle reads the midpoints: "either prompt" = one
+    object with every attribute of prompt A, or of prompt B, right; "one object" = one object whatever its
+    attributes (a chimera such as A's colour on B's shape counts here, not there); the rest are blends."""
+
+    alpha: float
+    pairs: list[tuple[str, str]]
+    seeds: list[int]
+    shares: dict[str, float] = field(default_factory=dict)  # method -> share reading as A or as B
+    share_a: dict[str, float] = field(default_factory=dict)
+    share_b: dict[str, float] = field(default_factory=dict)
+    share_one_object: dict[str, float] = field(default_factory=dict)
+    contrast_ratio: dict[str, float] = field(default_factory=dict)  # midpoint pixel std / the endpoints' mean
+    endpoint_adherence: float = 0.0  # share of the alpha 0 and 1 images that match their own prompt
+    images: dict[str, list] = field(default_factory=dict)  # method -> midpoint images, pair-major
+
+    def rows(self) -> list[dict]:
+        return [{"method": m, "either prompt": self.shares[m], "prompt A": self.share_a[m], "prompt B": self.share_b[m],
+                 "one object": self.share_one_object[m], "contrast ratio": self.contrast_ratio[m]} for m in self.shares]
+
+    def as_dict(self) -> dict:
+        return {"alpha": self.alpha, "pairs": [list(p) for p in self.pairs], "seeds": self.seeds,
+                "midpoints_per_method": len(self.pairs) * len(self.seeds), "shares": self.shares,
+                "share_a": self.share_a, "share_b": self.share_b, "share_one_object": self.share_one_object,
+                "contrast_ratio": self.contrast_ratio, "endpoint_adherence": self.endpoint_adherence}
+
+
+MIDPOINT_METHODS = ("noise slerp", "noise lerp", "final-latent lerp")
+
+
+def pixel_contrast(images) -> np.ndarray:
+    """Each image's standard deviation over pixels and channels, in [0, 1] units: (N,). A cross-fade of two
+    different pictures, or a washed-out one, has less of it than a clean picture."""
+    arrays = np.stack([np.asarray(to_pil(im).convert("RGB"), np.float32) / 255 for im in images])  # (N, H, W, 3)
+    return arrays.std(axis=(1, 2, 3))
+
+
+def morph_midpoints(pipe, prompt_a: str, prompt_b: str, seeds_a: Sequence[int], seeds_b: Sequence[int], alpha: float,
+                    **denoise_kwargs) -> dict[str, torch.Tensor]:
+    """For each seed pair, generation A (prompt_a, seeds_a[i]) and B (prompt_b, seeds_b[i]) and three midpoints at
+    `alpha`: noise slerp and noise lerp (each denoised with the text embeddings lerped, so alpha 0 and 1 are A and B
+    exactly), and the lerp of A's and B's final latents. Returns latents (batch, 4, h/8, w/8) keyed "A", "B" and by
+    MIDPOINT_METHODS. `denoise_kwargs` must hold height and width."""
+    from helpers.stages import denoise, encode_text
+
+    n = len(seeds_a)
+    height, width = denoise_kwargs.pop("height"), denoise_kwargs.pop("width")
+    prompt_embeds, negative_prompt_embeds = encode_text(pipe, [prompt_a, prompt_b])  # (2, 77, hidden) each
+    embeds_a, embeds_b = prompt_embeds[:1].expand(n, -1, -1), prompt_embeds[1:].expand(n, -1, -1)  # (n, 77, hidden)
+    negative = negative_prompt_embeds[:1].expand(n, -1, -1)
+    noise_a, noise_b = noise_latents(pipe, seeds_a, height, width), noise_latents(pipe, seeds_b, height, width)
+    embeds_mid = lerp(alpha, embeds_a, embeds_b)
+
+    def run(embeds, noise, seeds):
+        return denoise(pipe, embeds, negative, seeds=seeds, height=height, width=width, latents=noise,
+                       progress=False, **denoise_kwargs)
+
+    latents = {"A": run(embeds_a, noise_a, seeds_a), "B": run(embeds_b, noise_b, seeds_b)}
+    latents["noise slerp"] = run(embeds_mid, slerp(alpha, noise_a, noise_b), seeds_a)
+    latents["noise lerp"] = run(embeds_mid, lerp(alpha, noise_a, noise_b), seeds_a)
+    latents["final-latent lerp"] = lerp(alpha, latents["A"], latents["B"])
+    return latents
+
+
+def midpoint_quality(pipe, prompt_pairs: Sequence[Sequence[str]], seeds: Sequence[int], *, alpha: float = 0.5,
+                     seed_offset: int = 1000, oracle=None, **denoise_kwargs) -> MidpointQuality:
+    """How the oracle reads the midpoints of each method (MIDPOINT_METHODS) over every (pair, seed): endpoint A
+    uses seed s, endpoint B seed s + seed_offset (two different noises, as two separate generations have).
+    `denoise_kwargs` (num_inference_steps, guidance_scale, height, width, scheduler) go to `denoise`."""
+    from helpers.stages import decode
+    from helpers.toy.oracle import load_oracle, parse_prompt, read_images
+
+    oracle = oracle or load_oracle()
+    pairs = [_check_pair(pair) for pair in prompt_pairs]
+    seeds = [int(s) for s in seeds]
+    if not pairs or not seeds:
+        raise ValueError(f"need at least one prompt pair and one seed, got {len(pairs)} pairs and {len(seeds)} seeds")
+    quality = MidpointQuality(_as_t(alpha, torch.device("cpu")).item(), pairs, seeds)
+    readings = {key: [] for key in ("A", "B", *MIDPOINT_METHODS)}
+    specs = {"A": [], "B": []}
+    images = {key: [] for key in readings}
+    for prompt_a, prompt_b in pairs:
+        specs["A"] += [parse_prompt(prompt_a)] * len(seeds)
+        specs["B"] += [parse_prompt(prompt_b)] * len(seeds)
+        latents = morph_midpoints(pipe, prompt_a, prompt_b, seeds, [s + seed_offset for s in seeds], alpha,
+                                  **denoise_kwargs)
+        for key, batch in latents.items():
+            decoded = decode(pipe, batch)
+            images[key] += decoded
+            readings[key] += read_images(oracle, decoded)
+    _score_midpoints(quality, readings, specs, images)
+    return quality
+
+
+def _score_midpoints(quality: MidpointQuality, readings: dict, specs: dict, images: dict) -> None:
+    from helpers.toy.oracle import adherence, matches
+
+    quality.endpoint_adherence = (adherence(readings["A"], specs["A"]) + adherence(readings["B"], specs["B"])) / 2
+    endpoint_contrast = np.concatenate([pixel_contrast(images["A"]), pixel_contrast(images["B"])]).mean()
+    for method in MIDPOINT_METHODS:
+        is_a = [matches(r, s) for r, s in zip(readings[method], specs["A"])]
+        is_b = [matches(r, s) for r, s in zip(readings[method], specs["B"])]
+        quality.share_a[method] = float(np.mean(is_a))
+        quality.share_b[method] = float(np.mean(is_b))
+        quality.shares[method] = float(np.mean([a or b for a, b in zip(is_a, is_b)]))
+        quality.share_one_object[method] = float(np.mean([len(r.objects) == 1 for r in readings[method]]))
+        quality.contrast_ratio[method] = float(pixel_contrast(images[method]).mean() / endpoint_contrast)
+        quality.images[method] = images[method]
+
+
+def _check_pair(pair) -> tuple[str, str]:
+    if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+        raise ValueError(f"each prompt pair must be two prompts [prompt_a, prompt_b], got {pair!r}")
+    return pair[0], pair[1]
