@@ -13,11 +13,18 @@ Stages (each resumable from its checkpoint in --work-dir, each skipped when its 
               v-prediction, caption dropout, EMA
   pipeline    assemble the StableDiffusionPipeline folder (DDIM, zero-SNR schedule) -> weights/sd/
   controlnet  ControlNetModel.from_unet on depth maps, base model frozen           -> weights/controlnet-depth/
+  controlnet-normal, controlnet-canny
+              the same on normal maps / Canny edges derived from the depth maps (helpers.control)
+                                                                          -> weights/controlnet-normal/, -canny/
   ldm         single-file export in the original LDM key layout (helpers.ldm)      -> weights/toy-sd-ldm.safetensors
 
 Examples:
   python -m helpers.toy.train                          # everything, default budget (~62 min on 2 cores)
   python -m helpers.toy.train --stage unet --unet-steps 100 --work-dir scratch/try
+  python -m helpers.toy.train --stage controlnet-canny   # one ControlNet alone, on the shipped UNet (~15 min)
+
+The ControlNet stages need only the shipped weights/sd/: they render the scenes and encode them with the shipped VAE
+when the work dir has neither (the VAE encoder is frozen after the vae stage, so its latents are the same).
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ from helpers.toy.oracle import Oracle, oracle_loss, save_oracle, scene_labels
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WORK_DIR = Path(__file__).resolve().parents[2] / "scratch" / "toy"
-STAGES = ("data", "oracle", "vae", "latents", "clip", "unet", "decoder", "pipeline", "controlnet", "ldm")
+STAGES = ("data", "oracle", "vae", "latents", "clip", "unet", "decoder", "pipeline", "controlnet",
+          "controlnet-normal", "controlnet-canny", "ldm")
+CONTROL_KINDS = ("depth", "normal", "canny")  # what each ControlNet is conditioned on, all derived from depth
 
 # SD 1.5's training noise schedule (scheduler_config.json of stable-diffusion-v1-5), with two changes from
 # SD 2 and "Common Diffusion Noise Schedules and Sample Steps are Flawed" (Lin et al. 2024):
@@ -470,7 +479,9 @@ def stage_latents(work: Path, budget: Budget) -> None:
     from diffusers import AutoencoderKL
 
     data = torch.load(work / "data.pt", weights_only=False)
-    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    # the shipped VAE when the work dir has none: its encoder is the vae stage's, frozen since (see stage_decoder)
+    vae_dir = work / "vae" if (work / "vae" / "config.json").exists() else WEIGHTS_DIR / "sd" / "vae"
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
     means, stds = [], []
     with torch.inference_mode():
         for start in tqdm(range(0, len(data["images"]), 256), desc="encode", mininterval=20):
@@ -735,13 +746,32 @@ def stage_pipeline(work: Path, budget: Budget) -> None:
     log(f"pipeline saved -> {target}")
 
 
-def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -> list[float]:
-    target = WEIGHTS_DIR / "controlnet-depth"
+def control_condition(depths: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, H, W) depth maps -> (B, 3, H, W) control images in [0, 1], as the ControlNet pipeline feeds them.
+    Normal maps and edges are derived from the depth map rounded to 8 bits, as it comes from a PNG."""
+    from helpers.control import canny_edges, normal_map
+
+    if kind == "depth":
+        return depths.float()[:, None].expand(-1, 3, -1, -1)  # (B, H, W) -> (B, 3, H, W)
+    make_map = {"normal": normal_map, "canny": canny_edges}[kind]
+    depths_uint8 = (depths.float().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    maps = np.stack([make_map(depth) for depth in depths_uint8])  # (B, H, W, 3) uint8
+    return torch.from_numpy(maps).permute(0, 3, 1, 2).float() / 255.0
+
+
+CONTROL_SEEDS = {"depth": 3, "normal": 6, "canny": 7}
+
+
+def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1, kind: str = "depth") -> list[float]:
+    """A ControlNet for `kind` (see CONTROL_KINDS) on the frozen shipped pipeline."""
+    target = WEIGHTS_DIR / f"controlnet-{kind}"
     if (target / "config.json").exists():
         return []
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    stage_data(work, budget)  # no-ops when the work dir has them (a full run made them already)
+    stage_latents(work, budget)
     torch.manual_seed(0)
     sd = WEIGHTS_DIR / "sd"
     data = torch.load(work / "data.pt", weights_only=False)
@@ -755,8 +785,9 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -
     token_ids = tokenize(tokenizer, data["captions"])
     empty_ids = tokenize(tokenizer, [""])[0]
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=CONTROLNET_LR)
-    generator = torch.Generator().manual_seed(3)
-    checkpointer = Checkpointer(work / "controlnet.ckpt", optimizer, generator, controlnet=controlnet)
+    generator = torch.Generator().manual_seed(CONTROL_SEEDS[kind])
+    checkpoint = work / ("controlnet.ckpt" if kind == "depth" else f"controlnet-{kind}.ckpt")
+    checkpointer = Checkpointer(checkpoint, optimizer, generator, controlnet=controlnet)
     index_batches = batches(len(token_ids), budget.controlnet_batch_size, generator)
 
     def step_fn(step: int, progress: float) -> float:
@@ -766,7 +797,7 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -
         ids = drop_captions(token_ids[idx], empty_ids, caption_dropout, generator)
         with torch.no_grad():
             prompt_embeds = text_encoder(ids)[0]  # (B, 77, hidden)
-        control = data["depths"][idx].float()[:, None].expand(-1, 3, -1, -1)  # (B, 64, 64) -> (B, 3, 64, 64)
+        control = control_condition(data["depths"][idx], kind)  # (B, 64, 64) -> (B, 3, 64, 64)
         down_residuals, mid_residual = controlnet(
             noisy, timesteps, encoder_hidden_states=prompt_embeds, controlnet_cond=control, return_dict=False
         )
@@ -778,7 +809,8 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1) -
         loss = diffusion_loss(model_pred, target, pixel_weight)  # object masks are what control must get right
         return optimizer_step(optimizer, loss)
 
-    losses = train_loop("controlnet", budget.controlnet_steps, step_fn, checkpointer, budget.max_minutes)
+    name = "controlnet" if kind == "depth" else f"controlnet-{kind}"
+    losses = train_loop(name, budget.controlnet_steps, step_fn, checkpointer, budget.max_minutes)
     controlnet.to(torch.float16).save_pretrained(target, safe_serialization=True)  # upcast on load
     log(f"controlnet saved -> {target}")
     return losses
@@ -805,6 +837,8 @@ STAGE_FUNCTIONS = {
     "unet": stage_unet,
     "pipeline": stage_pipeline,
     "controlnet": stage_controlnet,
+    "controlnet-normal": lambda work, budget: stage_controlnet(work, budget, kind="normal"),
+    "controlnet-canny": lambda work, budget: stage_controlnet(work, budget, kind="canny"),
     "ldm": stage_ldm,
 }
 

@@ -1,0 +1,383 @@
+"""Control images for ControlNet: depth maps from files, maps derived from them, the metadata folder, and sizes.
+
+    load_depth_map(path)            8/16-bit grey, RGB or RGBA PNG -> DepthMap (float (H, W) in [0, 1], and a report)
+    normal_map(depth), canny_edges  derived control images, (H, W, 3) uint8
+    read_metadata(folder)           notebooks/metadata/metadata.jsonl -> MetadataEntry per line (format: its README)
+    snap_size, size_for_aspect      sizes that are multiples of the VAE factor, and sizes for an aspect ratio
+    fit_control_image               bring a map to a target size: "resize" (stretch), "crop" or "pad"
+    check_control_images            control images of the target size, or a clear error (or resized, if asked)
+    estimate_depth                  a depth map from a photo with transformers' depth-estimation pipeline (hub)
+
+Depth follows the ControlNet convention: bright = near.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+# Depth 1.0 stands this far (as a share of the image width) in front of depth 0.0 when normals are derived: the
+# toy's objects (0.25-0.35 in front of the ground) then get steep rims, and its ground plane stays nearly flat.
+NORMAL_DEPTH_SCALE = 0.125
+# OpenCV Canny hysteresis thresholds on 8-bit grey (the values diffusers' ControlNet examples use).
+CANNY_LOW, CANNY_HIGH = 100, 200
+FIT_STRATEGIES = ("resize", "crop", "pad")
+METADATA_FILE = "metadata.jsonl"
+# Metadata sizes are written for SD 1.5, which was trained at 512 × 512; `MetadataEntry.size_for` scales them to
+# a model trained at another size (the toy: 64 × 64), keeping the aspect.
+METADATA_REFERENCE_SIZE = 512
+# Channels of an RGB image closer than this (in 8-bit levels) count as one grey depth map saved as RGB.
+GREY_TOLERANCE = 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Depth maps from files
+
+
+@dataclass
+class DepthMap:
+    """A depth map in [0, 1] (bright = near), where it came from, and what loading did to it."""
+
+    depth: np.ndarray  # (H, W) float32
+    source: str
+    report: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as PIL counts."""
+        return self.depth.shape[1], self.depth.shape[0]
+
+    def control_image(self) -> PIL.Image.Image:
+        """The map as the 3-channel 8-bit image a depth ControlNet takes."""
+        grey = np.round(self.depth * 255).astype(np.uint8)
+        return PIL.Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))  # (H, W) -> (H, W, 3)
+
+
+def load_depth_map(source: str | Path | PIL.Image.Image) -> DepthMap:
+    """Read a depth map (bright = near) from a PNG path or a PIL image: 8-bit grey ("L"), 16-bit grey ("I;16",
+    or "I" as Pillow opens some 16-bit PNGs), grey stored as RGB, RGBA or LA (alpha: opaque is dropped,
+    transparency composited onto 0, far). Other modes, and coloured RGB, are refused with an error that says why."""
+    name = str(source) if not isinstance(source, PIL.Image.Image) else "<PIL image>"
+    if isinstance(source, PIL.Image.Image):
+        image = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"depth map {path} does not exist")
+        image = PIL.Image.open(path)
+        image.load()
+    depth, report = _depth_from_image(image, name)
+    return DepthMap(depth.astype(np.float32), name, f"{report}; {image.width}×{image.height}")
+
+
+def _depth_from_image(image: PIL.Image.Image, name: str) -> tuple[np.ndarray, str]:
+    mode = image.mode
+    if mode == "L":
+        return np.asarray(image, np.float32) / 255.0, "8-bit grey, scaled /255"
+    if mode.startswith("I;16"):
+        return np.asarray(image).astype(np.float32) / 65535.0, "16-bit grey, scaled /65535"
+    if mode == "I":
+        values = np.asarray(image)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"depth map {name}: 32-bit integer values span [{values.min()}, {values.max()}], "
+                             "beyond 16 bits; save it as an 8- or 16-bit grey PNG")
+        return values.astype(np.float32) / 65535.0, "16-bit grey (opened as 32-bit 'I'), scaled /65535"
+    if mode in ("RGB", "RGBA", "LA"):
+        return _depth_from_colour_channels(image, name)
+    raise ValueError(f"depth map {name} has mode {mode!r}; give an 8- or 16-bit grey PNG ('L', 'I;16'), or grey "
+                     "stored as RGB/RGBA")
+
+
+def _depth_from_colour_channels(image: PIL.Image.Image, name: str) -> tuple[np.ndarray, str]:
+    array = np.asarray(image).astype(np.float32)  # (H, W, C), C = 2 (LA), 3 or 4
+    colour, alpha = (array[..., :1], array[..., 1]) if image.mode == "LA" else (array[..., :3], None)
+    if image.mode == "RGBA":
+        alpha = array[..., 3]
+    spread = colour.max(-1) - colour.min(-1)  # (H, W): 0 where the channels agree
+    if spread.max() > GREY_TOLERANCE:
+        raise ValueError(
+            f"depth map {name} is a colour image (its channels differ by up to {spread.max():.0f} levels), not a "
+            "grey depth map. A colour-mapped depth map must be converted back to grey first; for a photo, "
+            "estimate its depth (helpers.control.estimate_depth)")
+    depth = colour.mean(-1) / 255.0  # (H, W)
+    report = f"{image.mode} with grey channels"
+    if alpha is None:
+        return depth, report + ", scaled /255"
+    if alpha.min() == 255:
+        return depth, report + ", opaque alpha dropped, scaled /255"
+    transparent = float((alpha < 255).mean())
+    return depth * alpha / 255.0, f"{report}, {transparent:.0%} of pixels (partly) transparent: composited onto 0 (far)"
+
+
+def estimate_depth(image: PIL.Image.Image, model: str = "depth-anything/Depth-Anything-V2-Small-hf") -> DepthMap:
+    """A depth map (bright = near) of an ordinary photo, with transformers' `depth-estimation` pipeline (Depth
+    Anything and DPT predict relative inverse depth, which is ControlNet's convention). Needs the model from the
+    hub: offline it raises an error saying so."""
+    from transformers import pipeline
+
+    from helpers.models import hub_offline
+
+    try:
+        estimator = pipeline("depth-estimation", model=model, local_files_only=hub_offline())
+    except OSError as error:
+        raise RuntimeError(f"estimate_depth needs the model {model!r} from the hub (or its local cache), which is "
+                           f"not reachable here ({type(error).__name__}); use a depth map file instead") from error
+    predicted = estimator(image.convert("RGB"))["predicted_depth"].squeeze().float().cpu().numpy()  # (h, w)
+    low, high = float(predicted.min()), float(predicted.max())
+    depth = (predicted - low) / max(high - low, 1e-8)
+    resized = PIL.Image.fromarray(depth.astype(np.float32), mode="F").resize(image.size, PIL.Image.BILINEAR)
+    return DepthMap(np.clip(np.asarray(resized), 0, 1).astype(np.float32), f"{model} on a photo",
+                    f"estimated by {model}, min-max normalised to [0, 1]; {image.width}×{image.height}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Maps derived from depth
+
+
+def _as_unit_depth(depth, name: str = "depth") -> np.ndarray:
+    depth = depth.depth if isinstance(depth, DepthMap) else np.asarray(depth)
+    if depth.ndim != 2:
+        raise ValueError(f"{name} must be a (height, width) map, got shape {depth.shape}; load_depth_map reads files")
+    if depth.dtype == np.uint8:
+        return depth.astype(np.float32) / 255.0
+    if depth.dtype == np.uint16:
+        return depth.astype(np.float32) / 65535.0
+    depth = depth.astype(np.float32)
+    if depth.min() < 0.0 or depth.max() > 1.0:
+        raise ValueError(f"{name} values span [{depth.min():.3g}, {depth.max():.3g}]; a float map must lie in [0, 1]")
+    return depth
+
+
+def normal_map(depth, depth_scale: float = NORMAL_DEPTH_SCALE) -> np.ndarray:
+    """Surface normals of a depth map (bright = near) as the usual RGB normal map: x right -> R, y up -> G,
+    z towards the viewer -> B, each mapped from [-1, 1] to [0, 255], so a surface facing the camera is (128, 128, 255).
+
+    (H, W) depth (a DepthMap, uint8, uint16 or float in [0, 1]) -> (H, W, 3) uint8. Depth 1.0 counts as
+    `depth_scale` × width pixels in front of depth 0.0, so the same scene gives the same map at any resolution."""
+    depth = _as_unit_depth(depth)
+    height_px = depth * depth_scale * depth.shape[1]  # depth -> distance towards the viewer, in pixels
+    dz_drow, dz_dcol = np.gradient(height_px)  # (H, W) each; rows run downwards, y up is -row
+    normals = np.stack([-dz_dcol, dz_drow, np.ones_like(depth)], axis=-1)  # (H, W, 3), unnormalised
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    return np.round((normals * 0.5 + 0.5) * 255).astype(np.uint8)
+
+
+def canny_edges(image, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> np.ndarray:
+    """Canny edges with OpenCV (`controlnet_aux`'s CannyDetector needs torchvision): an RGB image (H, W, 3; PIL or
+    uint8) or a depth map (a DepthMap, or (H, W) uint8, uint16 or float in [0, 1]) -> (H, W, 3) uint8, 0 or 255."""
+    import cv2
+
+    image = image if isinstance(image, DepthMap) else np.asarray(image)
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3:
+        gray = cv2.cvtColor(np.ascontiguousarray(image, dtype=np.uint8), cv2.COLOR_RGB2GRAY)
+    elif isinstance(image, DepthMap) or image.ndim == 2:
+        gray = np.round(_as_unit_depth(image, "image") * 255).astype(np.uint8)
+    else:
+        raise ValueError(f"image must be (H, W, 3) RGB or an (H, W) map, got shape {image.shape}")
+    edges = cv2.Canny(gray, low, high)  # (H, W) uint8, 0 or 255
+    return np.repeat(edges[..., None], 3, axis=-1)  # -> (H, W, 3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The metadata folder
+
+
+@dataclass
+class MetadataEntry:
+    """One line of metadata.jsonl: a prompt, its depth map, and the size it is meant for (on SD 1.5)."""
+
+    name: str
+    prompt: str
+    depth_path: Path
+    width: int
+    height: int
+    negative_prompt: str = ""
+    seed: int = 0
+
+    def load_depth(self) -> DepthMap:
+        return load_depth_map(self.depth_path)
+
+    def size_for(self, pipe) -> SnappedSize:
+        """The entry's (height, width) for `pipe`'s model: scaled by its trained size over SD 1.5's 512, snapped."""
+        from helpers.stages import _pipe_scale_factor, default_size
+
+        scale = default_size(pipe)[0] / METADATA_REFERENCE_SIZE
+        return snap_size(self.height * scale, self.width * scale, _pipe_scale_factor(pipe))
+
+
+REQUIRED_KEYS = {"prompt": str, "depth": str, "width": int, "height": int}
+OPTIONAL_KEYS = {"name": str, "negative_prompt": str, "seed": int}
+
+
+def read_metadata(folder: str | Path) -> list[MetadataEntry]:
+    """Every entry of `folder`/metadata.jsonl (one JSON object a line; see notebooks/metadata/README.md), each
+    checked: an error names the line and what is wrong, including a depth map that is not there."""
+    folder = Path(folder)
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METADATA_FILE} in {folder}: the metadata folder needs one (see its README.md)")
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            entries.append(_parse_entry(_json_line(line, path, number), folder, f"{path.name} line {number}"))
+    if not entries:
+        raise ValueError(f"{path} holds no entries")
+    return entries
+
+
+def _json_line(line: str, path: Path, number: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path.name} line {number} is not valid JSON ({error.msg})") from error
+    if not isinstance(record, dict):
+        raise ValueError(f"{path.name} line {number} must be a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _parse_entry(record: dict, folder: Path, where: str) -> MetadataEntry:
+    missing = [key for key in REQUIRED_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}: every entry needs {list(REQUIRED_KEYS)}")
+    unknown = sorted(set(record) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; known: {[*REQUIRED_KEYS, *OPTIONAL_KEYS]}")
+    for key, kind in {**REQUIRED_KEYS, **OPTIONAL_KEYS}.items():
+        if key in record and (not isinstance(record[key], kind) or isinstance(record[key], bool)):
+            raise ValueError(f"{where}: {key}={record[key]!r} must be a {kind.__name__}")
+    if record["width"] < 1 or record["height"] < 1:
+        raise ValueError(f"{where}: width and height must be positive, got {record['width']}×{record['height']}")
+    depth_path = folder / record["depth"]
+    if not depth_path.is_file():
+        raise FileNotFoundError(f"{where}: depth map {record['depth']!r} not found (looked for {depth_path})")
+    return MetadataEntry(record.get("name", depth_path.stem), record["prompt"], depth_path, record["width"],
+                         record["height"], record.get("negative_prompt", ""), record.get("seed", 0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sizes and aspect ratios
+
+
+@dataclass
+class SnappedSize:
+    height: int
+    width: int
+    asked: tuple[float, float]  # (height, width) before snapping
+    factor: int
+
+    @property
+    def changed(self) -> bool:
+        return (self.height, self.width) != self.asked
+
+    @property
+    def note(self) -> str:
+        """What snapping did, in words ("" when nothing changed)."""
+        if not self.changed:
+            return ""
+        asked = "×".join(f"{v:g}" for v in self.asked)
+        return f"{asked} (H×W) is not a multiple of the VAE factor {self.factor}: using {self.height}×{self.width}"
+
+
+def snap_size(height: float, width: float, factor: int) -> SnappedSize:
+    """The nearest (height, width) that are positive multiples of `factor` (the latents are `factor`× smaller)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive, got {height}×{width}")
+
+    def snap(value: float) -> int:
+        return max(factor, int(round(value / factor)) * factor)
+
+    return SnappedSize(snap(height), snap(width), (height, width), factor)
+
+
+def parse_aspect(aspect: str) -> float:
+    """"3:2" -> 1.5 (width over height)."""
+    try:
+        width, height = (float(part) for part in aspect.split(":"))
+    except ValueError as error:
+        raise ValueError(f"aspect={aspect!r} must read 'W:H' with two positive numbers, e.g. '3:2'") from error
+    if width <= 0 or height <= 0:
+        raise ValueError(f"aspect={aspect!r} must read 'W:H' with two positive numbers, e.g. '3:2'")
+    return width / height
+
+
+def size_for_aspect(aspect: str | float, base_size: int, factor: int, keep: str = "short_side") -> SnappedSize:
+    """(height, width) with width / height = `aspect`, snapped to `factor`. `keep="short_side"`: the short side is
+    the model's trained size (SD 1.5 at 3:2: 768×512, what users usually pick); `"area"`: the trained area."""
+    ratio = parse_aspect(aspect) if isinstance(aspect, str) else float(aspect)
+    if keep == "short_side":
+        height, width = (base_size, base_size * ratio) if ratio >= 1 else (base_size / ratio, base_size)
+    elif keep == "area":
+        height, width = base_size / math.sqrt(ratio), base_size * math.sqrt(ratio)
+    else:
+        raise ValueError(f"keep={keep!r} must be 'short_side' or 'area'")
+    return snap_size(height, width, factor)
+
+
+def _to_pil(image) -> PIL.Image.Image:
+    if isinstance(image, PIL.Image.Image):
+        return image
+    if isinstance(image, DepthMap):
+        return image.control_image()
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise ValueError(f"a control image must be PIL or a uint8 (H, W[, 3]) array, got {array.dtype} {array.shape}")
+    return PIL.Image.fromarray(array)
+
+
+def fit_control_image(image, height: int, width: int, strategy: str = "resize") -> PIL.Image.Image:
+    """`image` (PIL, uint8 array or DepthMap) brought to width × height:
+    - "resize": stretched (what the ControlNet pipeline does to any control image): nothing lost, shapes distorted;
+    - "crop": scaled to cover the target, then centre-cropped: shapes kept, the sides (or top and bottom) lost;
+    - "pad": scaled to fit inside, then padded by repeating its edge pixels: shapes and content kept, smaller."""
+    from PIL import ImageOps
+
+    if strategy not in FIT_STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} must be one of {FIT_STRATEGIES}")
+    image = _to_pil(image)
+    if strategy == "resize":
+        return image.resize((width, height), PIL.Image.BILINEAR)
+    if strategy == "crop":
+        return ImageOps.fit(image, (width, height), PIL.Image.BILINEAR)
+    scale = min(width / image.width, height / image.height)
+    inner = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), PIL.Image.BILINEAR)
+    array = np.asarray(inner)
+    top, left = (height - inner.height) // 2, (width - inner.width) // 2
+    pad = [(top, height - inner.height - top), (left, width - inner.width - left)] + [(0, 0)] * (array.ndim - 2)
+    return PIL.Image.fromarray(np.pad(array, pad, mode="edge"))
+
+
+def check_control_images(images, height: int, width: int, factor: int, *, resize: bool = False,
+                         name: str = "image") -> tuple[list[PIL.Image.Image], list[str]]:
+    """Control images ready for a ControlNet at height × width: RGB (grey "L" is expanded), every one of exactly
+    that size. A size other than the target is refused with an error (multi-ControlNet pipelines otherwise fail deep
+    in the UNet, "size of tensor a must match"), or stretched to it when `resize=True`, with a note saying so.
+    Returns (images, notes)."""
+    for side, value in (("height", height), ("width", width)):
+        if value < factor or value % factor:
+            snapped = snap_size(height, width, factor)
+            raise ValueError(f"{side}={value} is not a positive multiple of the VAE factor {factor}; "
+                             f"try height={snapped.height}, width={snapped.width} (helpers.control.snap_size)")
+    single = not isinstance(images, (list, tuple))
+    checked, notes = [], []
+    for k, image in enumerate([images] if single else images):
+        label = name if single else f"{name}[{k}]"
+        image = _to_pil(image)
+        if image.mode == "L":
+            image = image.convert("RGB")
+        elif image.mode != "RGB":
+            raise ValueError(f"{label} has mode {image.mode!r}; a control image must be RGB or grey ('L'): "
+                             "convert it (an RGBA map: drop or composite its alpha first)")
+        if image.size != (width, height):
+            if not resize:
+                raise ValueError(f"{label} is {image.width}×{image.height} (W×H) but the target is {width}×{height}: "
+                                 "fit it first (helpers.control.fit_control_image: resize, crop or pad), or pass "
+                                 "resize=True to stretch it")
+            notes.append(f"{label}: {image.width}×{image.height} stretched to {width}×{height}")
+            image = image.resize((width, height), PIL.Image.BILINEAR)
+        checked.append(image)
+    return checked, notes
