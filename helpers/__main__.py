@@ -3,7 +3,7 @@
   python -m helpers run [--profile smoke|cpu|gpu|auto] [--only 02 03] [--outputs DIR]
   python -m helpers bench NAME [args...]      (NAME: a module in helpers/bench/, e.g. load, toy)
   python -m helpers list                      the notebooks and benchmarks there are
-  python -m helpers app [--port 7860]         the web page, text in, image out (helpers/app.py; --help for more)
+  python -m helpers app [--port 7860]         the web page: text in, image out (helpers/app.py)
   python -m helpers batch PROMPTS --out DIR   generate a prompt file (helpers/batch.py; also under accelerate launch)
 """
 
@@ -15,6 +15,7 @@ import pkgutil
 import sys
 
 import helpers.bench
+from helpers import app as web_app  # light: gradio and torch are imported when the page is built
 from helpers import batch as batch_job  # light: torch is imported when a batch runs
 
 
@@ -33,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="run a benchmark: prints a table, writes outputs/bench_NAME.json")
     bench.add_argument("name", help=f"one of {benchmarks()}")
     bench.add_argument("args", nargs=argparse.REMAINDER)
-    app = commands.add_parser("app", add_help=False, help="serve the web page (text in, image out) on 127.0.0.1")
-    app.add_argument("args", nargs=argparse.REMAINDER, help="see `python -m helpers app --help`")
+    web_app.add_arguments(commands.add_parser("app", help="serve the web page (text in, image out) on 127.0.0.1"))
     commands.add_parser("list", help="list notebooks and benchmarks")
     batch_job.add_arguments(commands.add_parser("batch", help="generate a prompt file (also under accelerate launch)"))
     args = parser.parse_args(argv)
@@ -46,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary_table(runs))
         return 0 if all(r.status == "ok" for r in runs) else 1
     if args.command == "app":
-        from helpers.app import main as serve_app
-
-        return serve_app(args.args)
+        return web_app.run_from_args(args)
     if args.command == "bench":
         if args.name not in benchmarks():
             parser.error(f"no benchmark {args.name!r}; there are {benchmarks()}")
