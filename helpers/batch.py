@@ -22,7 +22,7 @@ What lands in DIR:
   loses only the batch it was making; a torn last line (killed mid-write) is skipped with a warning and its
   entry made again;
 - `manifest.jsonl`: at the end, rank 0 merges every manifest (the old merged one and all rank files) into this
-  one, one line per entry sorted by index (a later line for an entry wins), written atomically; the rank files go;
+  one, one line per entry sorted by index (its "ok" line, else its last), written atomically; the rank files go;
 - `batch.json`: the summary (record_results): images made, errors, per-rank throughput, total time.
 
 Resume: every process reads all manifests before any process writes (a barrier), skips the entries already there
@@ -136,12 +136,13 @@ class ManifestWriter:
 
 
 def manifest_paths(out_dir: Path) -> list[Path]:
-    """The merged manifest first, then the rank files, so a newer rank line wins over the merged one."""
+    """The merged manifest first, then the rank files (newer than the merged one)."""
     return [p for p in [out_dir / MANIFEST] if p.exists()] + sorted(out_dir.glob(RANK_MANIFEST.format(rank="*")))
 
 
 def read_manifests(out_dir: str | Path) -> dict[int, dict]:
-    """The last record of every entry in DIR's manifests; unreadable (torn) lines are skipped with a warning."""
+    """One record per entry from DIR's manifests: its "ok" line if there is one, else its last line (an error
+    retried with --retry-errors may have gone to another rank's file). Torn lines are skipped with a warning."""
     records: dict[int, dict] = {}
     for path in manifest_paths(Path(out_dir)):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -152,7 +153,9 @@ def read_manifests(out_dir: str | Path) -> dict[int, dict]:
             except json.JSONDecodeError:
                 warnings.warn(f"{path}:{number} is torn (a killed write?); its entry will be made again", stacklevel=2)
                 continue
-            records[record["index"]] = record
+            earlier = records.get(record["index"])
+            if earlier is None or earlier["status"] != "ok" or record["status"] == "ok":
+                records[record["index"]] = record  # an "ok" line is final; an error may be retried
     return records
 
 
@@ -234,6 +237,14 @@ def settings_of(args: argparse.Namespace, model: str) -> dict:
         "guidance_scale": args.guidance_scale,
         "scheduler": args.scheduler,
     }
+
+
+def check_scheduler(name: str | None, pipe) -> None:
+    """Checked once before any work: a wrong name would fail every entry."""
+    from helpers.models import make_scheduler
+
+    if name is not None:
+        make_scheduler(name, pipe.scheduler)  # raises naming the schedulers there are
 
 
 def with_default_size(entries: Sequence[Entry], pipe) -> list[Entry]:
@@ -330,6 +341,7 @@ def run(args: argparse.Namespace) -> dict:
     load_start = time.perf_counter()
     pipe = load_pipeline(model, device=state.device)
     load_s = time.perf_counter() - load_start
+    check_scheduler(args.scheduler, pipe)
     pending = pending_entries(entries, read_manifests(out_dir), settings, args.retry_errors)
     batches = plan_batches(with_default_size(pending, pipe), args.batch_size)
     state.wait_for_everyone()  # all have read the manifests before anyone appends to them
@@ -366,17 +378,27 @@ def summarize(entries, pending, ranks: list[dict], records: dict[int, dict], tot
 # Command line
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The batch command's arguments, on `parser` (`python -m helpers batch --help` shows this module's doc)."""
+    parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     parser.add_argument("prompts", help="a text file (one prompt a line) or .jsonl (prompt, negative_prompt, seed, "
                                         "height, width)")
     parser.add_argument("--out", required=True, help="folder for images/, the manifests and batch.json")
     parser.add_argument("--model", default="auto", help="toy, tiny-random, sd15-random, a hub id, folder or file")
-    parser.add_argument("--steps", type=int, default=20, help="num_inference_steps")
+    parser.add_argument("--steps", type=positive_int, default=20, help="num_inference_steps")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--scheduler", default=None, help="a name from helpers.models.SCHEDULERS (default: model's)")
-    parser.add_argument("--batch-size", type=int, default=4, help="prompts per generate call")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="prompts per generate call")
     parser.add_argument("--seed", type=int, default=0, help="entry i without its own seed gets seed + i")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: see above)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch threads per process (default: $OMP_NUM_THREADS, else cores / processes)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where there is CUDA")
     parser.add_argument("--retry-errors", action="store_true", help="make entries recorded as errors again")
     return parser
@@ -395,7 +417,7 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m helpers batch", description=__doc__.split("\n")[0]))
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m helpers batch"))
     return run_from_args(parser.parse_args(argv))
 
 

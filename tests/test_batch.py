@@ -93,15 +93,17 @@ def test_torn_lines_are_skipped_and_merging_keeps_one_line_per_entry(tmp_path):
     writer = batch.ManifestWriter(tmp_path, rank=1)  # the next run starts on a fresh line
     writer.append([record(1)])  # a retried error: the later line wins
     writer.close()
-    batch.ManifestWriter(tmp_path, rank=0).append([record(0, rank=0)])
+    batch.ManifestWriter(tmp_path, rank=0).append([record(0, rank=0), record(4, rank=0)])
+    batch.ManifestWriter(tmp_path, rank=2).append([record(4, status="error", rank=2)])  # read after rank 0's
     with pytest.warns(UserWarning, match=r"manifest.rank1.jsonl:3 is torn"):
         records = batch.read_manifests(tmp_path)
-    assert sorted(records) == [0, 1, 3] and records[1]["status"] == "ok"
+    assert sorted(records) == [0, 1, 3, 4] and records[1]["status"] == "ok"
+    assert records[4]["status"] == "ok"  # an "ok" line wins over an error line in any file
 
     with pytest.warns(UserWarning, match="torn"):
         merged = batch.merge_manifests(tmp_path)
     lines = [json.loads(line) for line in merged.read_text().splitlines()]
-    assert [r["index"] for r in lines] == [0, 1, 3] and lines[1]["status"] == "ok"
+    assert [r["index"] for r in lines] == [0, 1, 3, 4] and lines[1]["status"] == lines[3]["status"] == "ok"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl"]  # rank files merged away
     assert batch.read_manifests(tmp_path) == records
 
@@ -153,11 +155,11 @@ def prompt_file(tmp_path_factory):
     return path
 
 
-def run_here(prompt_file, out_dir) -> int:
-    """`python -m helpers batch` in this process, the torch threads put back afterwards."""
+def run_here(prompt_file, out_dir, *extra: str) -> int:
+    """`python -m helpers batch` in this process (`extra` arguments win), the torch threads put back afterwards."""
     threads = torch.get_num_threads()
     try:
-        return main(["batch", str(prompt_file), "--out", str(out_dir), *SETTINGS])
+        return main(["batch", str(prompt_file), "--out", str(out_dir), *SETTINGS, *extra])
     finally:
         torch.set_num_threads(threads)
 
@@ -217,6 +219,15 @@ def test_a_rerun_skips_what_is_done(prompt_file, reference, tmp_path):
     assert run_here(prompt_file, out_dir) == 1  # the bad entry stays failed
     assert summary(out_dir)["images_made"] == 0 and summary(out_dir)["already_done"] == len(ENTRIES)
     assert manifest(out_dir) == manifest(reference_dir)
+
+
+def test_bad_arguments_are_refused_before_any_work(prompt_file, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_here(prompt_file, tmp_path, "--batch-size", "0")
+    assert "argument --batch-size: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="scheduler='foo' is unknown; choose one of"):
+        run_here(prompt_file, tmp_path, "--model", "tiny-random", "--scheduler", "foo")
+    assert not list(tmp_path.glob("manifest*"))
 
 
 def subprocess_env() -> dict:
