@@ -288,7 +288,7 @@ def run_batch_of_entries(pipe, batch, settings, out_dir: Path, writer: ManifestW
     is recorded as an error. Returns the number of errors."""
     try:
         generation = generate_batch(pipe, batch, settings)
-    except Exception as error:  # noqa: BLE001 (recorded in the manifest, the rest go on)
+    except Exception as error:  # recorded in the manifest; the rest go on
         if len(batch) > 1:
             return sum(run_batch_of_entries(pipe, [e], settings, out_dir, writer, rank) for e in batch)
         writer.append([entry_record(batch[0], settings, rank, status="error", file=None,
