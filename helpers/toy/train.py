@@ -14,14 +14,15 @@ Stages (each resumable from its checkpoint in --work-dir, each skipped when its 
   pipeline    assemble the StableDiffusionPipeline folder (DDIM, zero-SNR schedule) -> weights/sd/
   controlnet  ControlNetModel.from_unet on depth maps, base model frozen           -> weights/controlnet-depth/
   controlnet-normal, controlnet-canny
-              the same on normal maps / Canny edges derived from the depth maps (helpers.control)
+              fine-tuned from the depth net on normal maps / Canny edges derived from the depth maps
+              (helpers.control, as notebook 06 derives them)
                                                                           -> weights/controlnet-normal/, -canny/
   ldm         single-file export in the original LDM key layout (helpers.ldm)      -> weights/toy-sd-ldm.safetensors
 
 Examples:
   python -m helpers.toy.train                          # everything, default budget (~62 min on 2 cores)
   python -m helpers.toy.train --stage unet --unet-steps 100 --work-dir scratch/try
-  python -m helpers.toy.train --stage controlnet-canny   # one ControlNet alone, on the shipped UNet (~15 min)
+  python -m helpers.toy.train --stage controlnet-canny   # one ControlNet alone, on the shipped pipeline
 
 The ControlNet stages need only the shipped weights/sd/: they render the scenes and encode them with the shipped VAE
 when the work dir has neither (the VAE encoder is frozen after the vae stage, so its latents are the same).
@@ -80,6 +81,7 @@ SD_DDIM_CONFIG = {
 }
 UNET_LR = 2e-3  # peak; linear warm-up, cosine decay (the model is small: 2.5 M parameters)
 CONTROLNET_LR = 1e-3
+DERIVED_CONTROLNET_LR = 5e-4  # the normal and Canny nets start from the trained depth net: a fine-tune
 CLIP_LR = 1e-3
 # Objects cover 4-11% of an image; a plain MSE spends the few CPU steps on the backdrop and learns the
 # average shape (a blob). Latent pixels on an object weigh this much more in the UNet's loss.
@@ -100,6 +102,10 @@ class Budget:
     max_minutes: float = 1e9
     batch_size: int = 64
     controlnet_batch_size: int = 32  # a ControlNet step runs the frozen UNet too: more, smaller steps
+    # The normal and Canny ControlNets start from the depth one (the same object masks to steer; only what they read
+    # changes), so they need fewer, smaller steps: a shared machine ran 8 s a step of batch 32 that day.
+    derived_controlnet_steps: int = 600
+    derived_controlnet_batch_size: int = 16
     n_scenes: int = 20000
 
 
@@ -763,11 +769,12 @@ CONTROL_SEEDS = {"depth": 3, "normal": 6, "canny": 7}
 
 
 def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1, kind: str = "depth") -> list[float]:
-    """A ControlNet for `kind` (see CONTROL_KINDS) on the frozen shipped pipeline."""
+    """A ControlNet for `kind` (see CONTROL_KINDS) on the frozen shipped pipeline. Depth starts from the UNet's
+    encoder (`ControlNetModel.from_unet`), normal and Canny from the trained depth net."""
     target = WEIGHTS_DIR / f"controlnet-{kind}"
     if (target / "config.json").exists():
         return []
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     stage_data(work, budget)  # no-ops when the work dir has them (a full run made them already)
@@ -780,18 +787,29 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1, k
     tokenizer = CLIPTokenizer.from_pretrained(sd / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(sd / "text_encoder").eval().requires_grad_(False)
     unet = UNet2DConditionModel.from_pretrained(sd / "unet").eval().requires_grad_(False)
-    controlnet = make_controlnet(unet)
+    derived = kind != "depth"
+    if derived:
+        depth_dir = WEIGHTS_DIR / "controlnet-depth"
+        if not (depth_dir / "config.json").exists():
+            raise FileNotFoundError(f"the {kind} ControlNet starts from the depth one, missing at {depth_dir}: "
+                                    "run the controlnet stage first")
+        controlnet = ControlNetModel.from_pretrained(depth_dir, torch_dtype=torch.float32)
+    else:
+        controlnet = make_controlnet(unet)
+    lr = DERIVED_CONTROLNET_LR if derived else CONTROLNET_LR
+    steps = budget.derived_controlnet_steps if derived else budget.controlnet_steps
+    batch_size = budget.derived_controlnet_batch_size if derived else budget.controlnet_batch_size
     scheduler = DDPMScheduler(**SD_SCHEDULE)
     token_ids = tokenize(tokenizer, data["captions"])
     empty_ids = tokenize(tokenizer, [""])[0]
-    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=CONTROLNET_LR)
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(CONTROL_SEEDS[kind])
     checkpoint = work / ("controlnet.ckpt" if kind == "depth" else f"controlnet-{kind}.ckpt")
     checkpointer = Checkpointer(checkpoint, optimizer, generator, controlnet=controlnet)
-    index_batches = batches(len(token_ids), budget.controlnet_batch_size, generator)
+    index_batches = batches(len(token_ids), batch_size, generator)
 
     def step_fn(step: int, progress: float) -> float:
-        set_lr(optimizer, CONTROLNET_LR * cosine_lr(progress))
+        set_lr(optimizer, lr * cosine_lr(progress))
         idx = next(index_batches)
         noisy, target, timesteps = noisy_latents_batch(latents, idx, scaling_factor, scheduler, generator)
         ids = drop_captions(token_ids[idx], empty_ids, caption_dropout, generator)
@@ -810,7 +828,7 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1, k
         return optimizer_step(optimizer, loss)
 
     name = "controlnet" if kind == "depth" else f"controlnet-{kind}"
-    losses = train_loop(name, budget.controlnet_steps, step_fn, checkpointer, budget.max_minutes)
+    losses = train_loop(name, steps, step_fn, checkpointer, budget.max_minutes)
     controlnet.to(torch.float16).save_pretrained(target, safe_serialization=True)  # upcast on load
     log(f"controlnet saved -> {target}")
     return losses
@@ -852,7 +870,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="checkpoints and caches")
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="where shipped weights go")
     for name in ("oracle_steps", "clip_steps", "vae_steps", "unet_steps", "decoder_steps", "controlnet_steps",
-                 "batch_size", "clip_batch_size", "controlnet_batch_size", "n_scenes"):
+                 "derived_controlnet_steps", "batch_size", "clip_batch_size", "controlnet_batch_size",
+                 "derived_controlnet_batch_size", "n_scenes"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
                         help="wall-time cap per training stage")
