@@ -183,6 +183,24 @@ def canny_edges(image, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> np.ndarr
     return np.repeat(edges[..., None], 3, axis=-1)  # -> (H, W, 3)
 
 
+CONTROL_KINDS = ("depth", "normal", "canny")
+
+
+def control_images(depth, height: int, width: int, kinds=CONTROL_KINDS, strategy: str = "resize") -> dict:
+    """A depth map (DepthMap, (H, W) array or PIL) fitted to width × height (`fit_control_image`), then each of
+    `kinds` derived from the fitted map: {kind: PIL RGB image of the target size}."""
+    unknown = set(kinds) - set(CONTROL_KINDS)
+    if unknown:
+        raise ValueError(f"kinds {sorted(unknown)} are unknown; choose from {CONTROL_KINDS}")
+    if not isinstance(depth, (DepthMap, PIL.Image.Image)):
+        depth = DepthMap(_as_unit_depth(depth), "array", "")
+    fitted = fit_control_image(depth, height, width, strategy)
+    grey = np.asarray(fitted.convert("L"))  # (height, width) uint8
+    derive = {"depth": lambda: fitted.convert("RGB"), "normal": lambda: PIL.Image.fromarray(normal_map(grey)),
+              "canny": lambda: PIL.Image.fromarray(canny_edges(grey))}
+    return {kind: derive[kind]() for kind in kinds}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The metadata folder
 
@@ -381,3 +399,45 @@ def check_control_images(images, height: int, width: int, factor: int, *, resize
             image = image.resize((width, height), PIL.Image.BILINEAR)
         checked.append(image)
     return checked, notes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring on the toy (its oracle knows only the toy world)
+
+
+def square_view(image) -> PIL.Image.Image:
+    """An image padded to a square with its background colour (the median of its border), so the toy's oracle,
+    which reads 64 × 64 squares, sees the shapes of a wide or tall picture unsquashed (only smaller)."""
+    image = _to_pil(np.asarray(image)).convert("RGB")
+    array = np.asarray(image)
+    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])  # (2H + 2W, 3)
+    side = max(image.size)
+    square = PIL.Image.new("RGB", (side, side), tuple(int(v) for v in np.median(border, axis=0)))
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return square
+
+
+def count_objects(image, min_share: float = 0.004) -> int:
+    """Objects drawn in a toy image: connected parts of its object mask (pixels unlike the background) covering at
+    least `min_share` of the image (a small toy object covers ~0.04 of a 64 × 64 image)."""
+    from skimage.measure import label, regionprops
+
+    from helpers.toy.oracle import image_object_mask
+
+    array = np.asarray(image)
+    mask = image_object_mask(array)  # (H, W) bool
+    return int(sum(region.area >= min_share * mask.size for region in regionprops(label(mask))))
+
+
+def toy_scores(images, control_depths, prompts, attributes: tuple[str, ...] | None = None) -> dict:
+    """Control and prompt adherence of toy images (uint8 (N, H, W, 3) or PIL) against the depth maps they were
+    conditioned on (each the image's size; None for a text-only image) and their prompts: mean mask IoU, the share
+    of images the oracle reads as the prompt (on `square_view`s; `attributes` as in oracle.matches), and the objects
+    drawn per image."""
+    from helpers.toy.oracle import ATTRIBUTES, control_adherence, prompt_adherence
+
+    arrays = [np.asarray(image.convert("RGB") if hasattr(image, "convert") else image) for image in images]
+    with_depth = [(a, np.asarray(d)) for a, d in zip(arrays, control_depths, strict=True) if d is not None]
+    iou = control_adherence([a for a, _ in with_depth], [d for _, d in with_depth]) if with_depth else None
+    adherence = prompt_adherence([square_view(a) for a in arrays], list(prompts), attributes=attributes or ATTRIBUTES)
+    return {"control_iou": iou, "prompt_adherence": adherence, "objects": [count_objects(a) for a in arrays]}
