@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from helpers.show import to_pil
+from helpers.toy import world
 
 # |cos(angle)| above this and the two vectors count as parallel: sin(angle) is then so small that slerp's weights
 # sin((1 - t) θ) / sin θ lose precision, while lerp differs from slerp by less than (1 - 0.9995) of the norm.
@@ -179,7 +180,9 @@ def noise_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torch.
 class MidpointQuality:
     """For each way of interpolating (MIDPOINT_METHODS), how the oracle reads the midpoints: "either prompt" = one
     object with every attribute of prompt A, or of prompt B, right; "one object" = one object whatever its
-    attributes (a chimera such as A's colour on B's shape counts here, not there); the rest are blends."""
+    attributes (a chimera such as A's colour on B's shape counts here, not there). The oracle names the nearest
+    class even for a blend (a red-over-blue double exposure may read as a blue square), so "colour purity" says
+    whether the object really is one flat colour (see `colour_purity`): low purity = a blend."""
 
     alpha: float
     pairs: list[tuple[str, str]]
@@ -188,22 +191,26 @@ class MidpointQuality:
     share_a: dict[str, float] = field(default_factory=dict)
     share_b: dict[str, float] = field(default_factory=dict)
     share_one_object: dict[str, float] = field(default_factory=dict)
+    colour_purity: dict[str, float] = field(default_factory=dict)  # mean over midpoints; the endpoints': "ends"
     contrast_ratio: dict[str, float] = field(default_factory=dict)  # midpoint pixel std / the endpoints' mean
     endpoint_adherence: float = 0.0  # share of the alpha 0 and 1 images that match their own prompt
-    images: dict[str, list] = field(default_factory=dict)  # method -> midpoint images, pair-major
+    images: dict[str, list] = field(default_factory=dict)  # "A", "B" and method -> images, pair-major
 
     def rows(self) -> list[dict]:
         return [{"method": m, "either prompt": self.shares[m], "prompt A": self.share_a[m], "prompt B": self.share_b[m],
-                 "one object": self.share_one_object[m], "contrast ratio": self.contrast_ratio[m]} for m in self.shares]
+                 "one object": self.share_one_object[m], "colour purity": self.colour_purity[m],
+                 "contrast ratio": self.contrast_ratio[m]} for m in self.shares]
 
     def as_dict(self) -> dict:
         return {"alpha": self.alpha, "pairs": [list(p) for p in self.pairs], "seeds": self.seeds,
                 "midpoints_per_method": len(self.pairs) * len(self.seeds), "shares": self.shares,
                 "share_a": self.share_a, "share_b": self.share_b, "share_one_object": self.share_one_object,
+                "colour_purity": self.colour_purity,
                 "contrast_ratio": self.contrast_ratio, "endpoint_adherence": self.endpoint_adherence}
 
 
 MIDPOINT_METHODS = ("noise slerp", "noise lerp", "final-latent lerp")
+SEED_OFFSET = 1000  # endpoint B of a morph uses seed s + SEED_OFFSET when endpoint A uses seed s
 
 
 def pixel_contrast(images) -> np.ndarray:
@@ -213,16 +220,41 @@ def pixel_contrast(images) -> np.ndarray:
     return arrays.std(axis=(1, 2, 3))
 
 
+def colour_tolerance() -> float:
+    """Half the smallest RGB distance between two colours of the toy world (yellow and orange): a pixel this close
+    to a world colour is nearer to it than to any other."""
+    colours = np.array(list(world.COLOURS.values()), np.float32)  # (colours, 3)
+    distances = np.linalg.norm(colours[:, None] - colours[None], axis=-1)
+    return float(distances[distances > 0].min() / 2)
+
+
+def colour_purity(image, reading) -> float:
+    """The share of the object's pixels (`image_object_mask`) within `colour_tolerance()` of the world colour the
+    oracle named: near 1 for a flat object of one colour, lower for a blend of two. 0 unless the reading is exactly
+    one object (the mask cannot tell two objects apart)."""
+    from helpers.toy.oracle import image_object_mask
+
+    if len(reading.objects) != 1:
+        return 0.0
+    pixels = np.asarray(to_pil(image).convert("RGB"), np.float32)
+    object_pixels = pixels[image_object_mask(pixels)]  # (n, 3)
+    if not len(object_pixels):
+        return 0.0
+    named = np.array(world.COLOURS[reading.objects[0][1]], np.float32)
+    return float((np.linalg.norm(object_pixels - named, axis=-1) <= colour_tolerance()).mean())
+
+
 def morph_midpoints(pipe, prompt_a: str, prompt_b: str, seeds_a: Sequence[int], seeds_b: Sequence[int], alpha: float,
                     **denoise_kwargs) -> dict[str, torch.Tensor]:
     """For each seed pair, generation A (prompt_a, seeds_a[i]) and B (prompt_b, seeds_b[i]) and three midpoints at
     `alpha`: noise slerp and noise lerp (each denoised with the text embeddings lerped, so alpha 0 and 1 are A and B
     exactly), and the lerp of A's and B's final latents. Returns latents (batch, 4, h/8, w/8) keyed "A", "B" and by
-    MIDPOINT_METHODS. `denoise_kwargs` must hold height and width."""
+    MIDPOINT_METHODS. `denoise_kwargs` must hold height and width (progress bars are off unless asked for)."""
     from helpers.stages import denoise, encode_text
 
     n = len(seeds_a)
     height, width = denoise_kwargs.pop("height"), denoise_kwargs.pop("width")
+    denoise_kwargs.setdefault("progress", False)
     prompt_embeds, negative_prompt_embeds = encode_text(pipe, [prompt_a, prompt_b])  # (2, 77, hidden) each
     embeds_a, embeds_b = prompt_embeds[:1].expand(n, -1, -1), prompt_embeds[1:].expand(n, -1, -1)  # (n, 77, hidden)
     negative = negative_prompt_embeds[:1].expand(n, -1, -1)
@@ -231,7 +263,7 @@ def morph_midpoints(pipe, prompt_a: str, prompt_b: str, seeds_a: Sequence[int], 
 
     def run(embeds, noise, seeds):
         return denoise(pipe, embeds, negative, seeds=seeds, height=height, width=width, latents=noise,
-                       progress=False, **denoise_kwargs)
+                       **denoise_kwargs)
 
     latents = {"A": run(embeds_a, noise_a, seeds_a), "B": run(embeds_b, noise_b, seeds_b)}
     latents["noise slerp"] = run(embeds_mid, slerp(alpha, noise_a, noise_b), seeds_a)
@@ -241,7 +273,7 @@ def morph_midpoints(pipe, prompt_a: str, prompt_b: str, seeds_a: Sequence[int], 
 
 
 def midpoint_quality(pipe, prompt_pairs: Sequence[Sequence[str]], seeds: Sequence[int], *, alpha: float = 0.5,
-                     seed_offset: int = 1000, oracle=None, **denoise_kwargs) -> MidpointQuality:
+                     seed_offset: int = SEED_OFFSET, oracle=None, **denoise_kwargs) -> MidpointQuality:
     """How the oracle reads the midpoints of each method (MIDPOINT_METHODS) over every (pair, seed): endpoint A
     uses seed s, endpoint B seed s + seed_offset (two different noises, as two separate generations have).
     `denoise_kwargs` (num_inference_steps, guidance_scale, height, width, scheduler) go to `denoise`."""
@@ -274,6 +306,9 @@ def _score_midpoints(quality: MidpointQuality, readings: dict, specs: dict, imag
     from helpers.toy.oracle import adherence, matches
 
     quality.endpoint_adherence = (adherence(readings["A"], specs["A"]) + adherence(readings["B"], specs["B"])) / 2
+    quality.colour_purity["ends"] = float(np.mean([colour_purity(im, r) for key in ("A", "B")
+                                                   for im, r in zip(images[key], readings[key])]))
+    quality.images.update(A=images["A"], B=images["B"])
     endpoint_contrast = np.concatenate([pixel_contrast(images["A"]), pixel_contrast(images["B"])]).mean()
     for method in MIDPOINT_METHODS:
         is_a = [matches(r, s) for r, s in zip(readings[method], specs["A"])]
@@ -282,6 +317,8 @@ def _score_midpoints(quality: MidpointQuality, readings: dict, specs: dict, imag
         quality.share_b[method] = float(np.mean(is_b))
         quality.shares[method] = float(np.mean([a or b for a, b in zip(is_a, is_b)]))
         quality.share_one_object[method] = float(np.mean([len(r.objects) == 1 for r in readings[method]]))
+        quality.colour_purity[method] = float(np.mean([colour_purity(im, r)
+                                                       for im, r in zip(images[method], readings[method])]))
         quality.contrast_ratio[method] = float(pixel_contrast(images[method]).mean() / endpoint_contrast)
         quality.images[method] = images[method]
 
