@@ -17,7 +17,8 @@ import os
 
 # torch, diffusers and gradio are imported when the page is built: `python -m helpers ...` stays quick to start.
 DEFAULT_PORT = 7860
-CSS = "#output-image img { image-rendering: pixelated; }"  # the toy's 64 px images, enlarged without blur
+# fill the image box (the toy's 64 px images too), enlarged pixel for pixel rather than blurred
+CSS = "#output-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
 def _as_number(name: str, value, whole: bool = False) -> float:
@@ -107,7 +108,8 @@ def build_app(model: str = "toy", models=None, cache=None):
                 prompt = gr.Textbox(label="Prompt", value="a large orange circle on the left on a white background",
                                     elem_id="prompt")
                 negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id="negative-prompt")
-                model_box = gr.Dropdown(choices=choices, value=model, label="Model", elem_id="model")
+                model_box = gr.Dropdown(choices=choices, value=model, label="Model (or type a hub id or path)",
+                                        allow_custom_value=True, elem_id="model")
                 steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
                 guidance_scale = gr.Slider(*GUIDANCE_RANGE, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
                 with gr.Row():

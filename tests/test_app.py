@@ -1,0 +1,182 @@
+"""The web page: `python -m helpers app` served on 127.0.0.1, driven by a real headless Chromium (Playwright with
+Debian's /usr/bin/chromium: `playwright install` cannot download browsers here) and by gradio_client."""
+
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from playwright.sync_api import sync_playwright
+
+from helpers.app import make_request
+from helpers.models import load_pipeline
+from helpers.results import outputs_dir
+from helpers.stages import generate
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+START_TIMEOUT_S = 240  # importing gradio and diffusers and loading the toy on 2 busy cores
+STEPS = 8  # fewer steps than the page's default, to keep the tests short
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"`python -m helpers app` exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"the app did not answer on {url} within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app, started as a user would, with the test process's thread count (so its images match ours)."""
+    folder = tmp_path_factory.mktemp("app")
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(folder / "gradio"), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    log = folder / "server.log"
+    with open(log, "w") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "helpers", "app", "--port", str(port), "--model", "toy"],
+                                   stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_serving(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return load_pipeline("toy", device="cpu")
+
+
+def expected_pixels(pipe, prompt: str, seed: int, steps: int = STEPS) -> np.ndarray:
+    image = generate(pipe, [prompt], seeds=[seed], num_inference_steps=steps).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def read_pixels(source) -> np.ndarray:
+    image = PIL.Image.open(source if not isinstance(source, bytes) else io.BytesIO(source))
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_page_in_a_headless_browser(server, toy_pipe):
+    """Type a prompt, click Generate, see the image appear (the one generate() makes) and take a screenshot."""
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `apt-get install chromium` (.ci/run does it)"
+    prompt, seed = "a large blue square on the right on a black background", 7
+    requested = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("request", lambda request: requested.append(request.url))
+        page.goto(server)
+        page.locator("#prompt textarea").fill(prompt)
+        for field, value in (("#steps", STEPS), ("#seed", seed)):
+            number = page.locator(f"{field} input[type=number]")
+            number.fill(str(value))
+            number.press("Enter")
+        page.locator("#generate").click()
+        picture = page.locator("#output-image img")
+        picture.wait_for(state="visible", timeout=180_000)
+        page.wait_for_function("() => document.querySelector('#output-image img').naturalWidth > 0")
+        page.locator("#info").get_by_text("denoise").first.wait_for(timeout=30_000)
+        screenshot = outputs_dir() / "app_page.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        source = picture.get_attribute("src")
+        info_text = page.locator("#info").inner_text()
+        browser.close()
+
+    assert screenshot.stat().st_size > 10_000
+    with urllib.request.urlopen(source if source.startswith("http") else server.rstrip("/") + source) as response:
+        shown = read_pixels(response.read())
+    assert np.abs(shown - expected_pixels(toy_pipe, prompt, seed)).max() <= 1
+    for stage in ("encode_text", "denoise", "decode", "total"):
+        assert stage in info_text
+    hosts = {urlparse(url).hostname for url in requested if url.startswith("http")}
+    assert hosts == {"127.0.0.1"}, f"the page reached out to {hosts - {'127.0.0.1'}}"
+
+
+def test_concurrent_requests_each_get_their_own_image(server, toy_pipe):
+    """Requests sent at once queue up; each answer is its own prompt's and seed's image, as generate() makes it."""
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    asks = [("a large red circle on the left on a white background", 1),
+            ("a large red circle on the left on a white background", 2),
+            ("a small green triangle on the right on a gray background", 3)]
+
+    def ask(prompt_seed):
+        prompt, seed = prompt_seed
+        return client.predict(prompt, "", STEPS, 7.5, seed, 64, 64, "toy", api_name="/generate")
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(ask, asks))
+
+    images = [read_pixels(path) for path, _ in answers]
+    for (prompt, seed), (_, info), image in zip(asks, answers, images):
+        assert info["seed"] == seed and info["model"] == "toy"
+        assert set(info["timings"]) >= {"encode_text", "denoise", "decode", "total"}
+        assert np.abs(image - expected_pixels(toy_pipe, prompt, seed)).max() <= 1
+    for i in range(len(images)):
+        for j in range(i):
+            assert np.abs(images[i] - images[j]).mean() > 5, "two requests got the same picture"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"prompt": "  "}, "prompt is empty"),
+    ({"width": 66}, "width=66 must be a multiple of 4"),
+    ({"model": "nobody/no-such-model"}, "Cannot load MODEL='nobody/no-such-model': the hub is switched off"),
+    # the form's sliders refuse values past their ends themselves (Gradio checks them before our code runs)
+    ({"steps": 100_000}, "Value 100000 is greater than maximum value 150"),
+    ({"height": 100_000}, "Value 100000 is greater than maximum value 256"),
+    ({"guidance": -3}, "Value -3 is less than minimum value 1.0"),
+])
+def test_bad_input_is_answered_with_a_message(server, change, message):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    request = {"prompt": "a red circle", "negative": "", "steps": 2, "guidance": 7.5, "seed": 0, "height": 64,
+               "width": 64, "model": "toy"} | change
+    client = Client(server, verbose=False)
+    with pytest.raises(AppError, match=re.escape(message)):
+        client.predict(*request.values(), api_name="/generate")
+    path, info = client.predict(*(request | {"prompt": "a red circle", "model": "toy", "steps": 2, "guidance": 7.5,
+                                             "height": 64, "width": 64}).values(), api_name="/generate")
+    assert info["seed"] == 0 and Path(path).exists(), "the server goes on serving after a bad request"
+
+
+def test_form_fields_must_be_whole_numbers():
+    with pytest.raises(ValueError, match="steps=3.5 must be a whole number"):
+        make_request("a red circle", "", 3.5, 7.5, 0, 64, 64)
+    with pytest.raises(ValueError, match="seed='x' must be a whole number"):
+        make_request("a red circle", "", 3, 7.5, "x", 64, 64)
+    assert make_request("a red circle", "", 3.0, 7, 5.0, 64, 64).seed == 5
