@@ -20,8 +20,8 @@ COMMON = {
 
 # Per-notebook overrides, keyed by the notebook's two-digit number.
 NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
-    "01": {  # smoke: a small demo file, one repeat, state dicts only: the notebook takes seconds
-        "smoke": {"DEMO_SIZE_MB": 8, "LOAD_REPEATS": 1, "DEMO_RATE_LIMIT_MB_S": 4, "LOAD_MODES": ["tensors"]},
+    "01": {  # smoke: a small demo file: the notebook takes seconds (partial loading moved to 03)
+        "smoke": {"DEMO_SIZE_MB": 8, "DEMO_RATE_LIMIT_MB_S": 4},
         "cpu": {},
         "gpu": {"SOURCE": "torrent"},
     },
@@ -29,6 +29,12 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
         "smoke": {"GRID_STEPS": [5, 20], "GRID_GUIDANCE": [1.0, 7.5], "CALLBACK_EVERY": 5},
         "cpu": {},
         "gpu": {"HEIGHT": 512, "WIDTH": 512},
+    },
+    "03": {  # smoke: N=4 at 2 steps, chunks of 3, room for 1 in the OOM demo, cold loads of state dicts only
+        "smoke": {"N": 4, "STEPS": 2, "MAX_BATCH": 4, "REPEATS": 2, "CHUNK_DEMO_MAX_BATCH": 3, "OOM_DEMO_LIMIT": 1,
+                  "LOAD_MODES": ["tensors"], "LOAD_REPEATS": 1},
+        "cpu": {},  # the toy at N=128, 20 steps: several minutes
+        "gpu": {"N": 32, "MAX_BATCH": 32, "CHUNK_DEMO_MAX_BATCH": 12, "OOM_DEMO_LIMIT": 8},  # SD 1.5, 512×512 fp16
     },
     "04": {  # smoke: 8 steps, 4 divisions, 2 seed pairs for the midpoint statistics
         "smoke": {"STEPS": 8, "NUM_DIVISIONS": 4, "MIDPOINT_SEEDS": 2, "NORM_PAIRS": 16},

@@ -32,8 +32,7 @@ def test_01_download_and_loading(notebook_results):
     assert len(r["bad_cases"]) >= 5 and all("Error" in v.split(":")[0] for v in r["bad_cases"].values())
     assert all(diff <= 1e-5 for diff in r["single_file_max_abs_diff"].values())
     assert set(r["single_file_max_abs_diff"]) == {"unet", "vae", "text_encoder"}
-    components = {row["component"] for row in r["partial_loading"]["rows"]}
-    assert {"full file", "unet", "vae", "text_encoder"} <= components
+    assert "partial_loading" not in r, "partial loading moved to notebook 03 (tests/test_nb03.py)"
 
 
 def test_02_three_stages(notebook_results):

@@ -1,0 +1,550 @@
+"""Batching, measured: call a stage N times with one input each, or once with all N, per stage.
+
+- `load_prompts(n)`: N of the shipped 128 varied toy-world prompts (`helpers/data/prompts_128.txt`, from
+  `make_prompts`).
+- `StageJob`: the N inferences' inputs (prompts, seeds, embeddings, latents), so each stage runs alone on any
+  slice: `job.call("denoise", start, stop)`. Stage "generate" is the whole chain.
+- `run_in_chunks(call, n, max_batch)`: one "call with N inputs", in chunks of at most `max_batch`; an
+  out-of-memory error (CUDA's, or helpers.memory's estimate) halves the chunk and keeps the chunks already finished.
+- `compare(job, stage, max_batch)`: N calls of batch 1 against one chunked call: times, speed-up, max difference.
+- `sweep(job, stage, batch_sizes)`: throughput and peak memory per batch size; `auto_batch_size` picks from it.
+- `load_stage(model, stage)`: only the components one stage uses (a single file: only their tensors are read).
+
+Timing follows the project's method: warm-up excluded, `torch.inference_mode()`, synchronised on a GPU, the
+median of repeats while a run is short. Peak memory is `torch.cuda.max_memory_allocated` on CUDA; on the CPU it
+is the process's peak RSS (`VmHWM`), reset before each measured call through `/proc/self/clear_refs`, so every
+point has its own peak (without that file: RSS sampled by a thread every millisecond).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import psutil
+import torch
+
+from helpers.stages import decode, denoise, encode_text, generate
+from helpers.timing import synchronize
+
+PROMPTS_FILE = Path(__file__).parent / "data" / "prompts_128.txt"
+STAGES = ("encode_text", "denoise", "decode", "generate")  # "generate": the three in series
+STAGE_COMPONENTS = {  # what each stage reads of the model
+    "encode_text": ("tokenizer", "text_encoder"),
+    "denoise": ("unet", "scheduler"),
+    "decode": ("vae",),
+}
+SHORT_RUN_S = 2.0  # a run shorter than this is repeated and the median kept; a longer one is timed once
+MB = 1e6
+OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)  # errors that a smaller chunk may avoid
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs: prompts, seeds, sizes. Each check names the argument and says what would be right.
+
+
+def check_count(name: str, value) -> int:
+    """`value` as a count of at least 1, or a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a whole number of at least 1")
+    return int(value)
+
+
+def make_prompts(n: int = 128, seed: int = 0, split: str = "heldout") -> list[str]:
+    """`n` different captions of the toy world (one or two objects, worded in many ways), deterministic.
+
+    Held-out captions by default: the toy model never saw them in training. `helpers/data/prompts_128.txt`
+    is `make_prompts(128)`; a test checks that the shipped file still equals it.
+    """
+    from helpers.toy import world
+
+    check_count("n", n)
+    prompts: list[str] = []
+    start = seed
+    while len(prompts) < n:  # a few captions repeat; draw more scenes until there are n different ones
+        for scene in world.make_scenes(n, seed=start, split=split, max_objects=2):
+            if scene.caption not in prompts:
+                prompts.append(scene.caption)
+        start += n
+    return prompts[:n]
+
+
+def load_prompts(n: int, path: str | Path | None = None) -> list[str]:
+    """The first `n` prompts of a prompt file (one per line; default: the shipped 128)."""
+    check_count("N", n)
+    path = Path(path) if path else PROMPTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist: give a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if n > len(prompts):
+        raise ValueError(f"N={n} but {path.name} holds {len(prompts)} prompts: "
+                         f"use N <= {len(prompts)} or a longer file")
+    return prompts[:n]
+
+
+def check_seeds(seeds: Sequence[int], prompts: Sequence[str]) -> list[int]:
+    seeds = [int(s) for s in seeds]
+    if len(seeds) > len(prompts):
+        raise ValueError(f"seeds has {len(seeds)} entries but there are only {len(prompts)} prompts: "
+                         "give one seed per prompt")
+    if len(seeds) < len(prompts):
+        raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts: give one seed per prompt")
+    return seeds
+
+
+def sweep_sizes(n: int, largest: int | None = None) -> list[int]:
+    """1, 2, 4, ... up to `largest` (default n), and `largest` itself when it is not a power of two."""
+    largest = check_count("largest", largest if largest is not None else check_count("N", n))
+    if largest > n:
+        raise ValueError(f"largest={largest} is more than N={n}: a batch cannot hold more inputs than there are")
+    sizes = [2**k for k in range(largest.bit_length()) if 2**k <= largest]
+    return sizes if sizes[-1] == largest else [*sizes, largest]
+
+
+# ---------------------------------------------------------------------------------------------------
+# One call with N inputs, in chunks; CUDA out-of-memory halves the chunk.
+
+
+@dataclass
+class Chunked:
+    """The outputs of one chunked call, and how it was cut."""
+
+    output: object
+    chunk_sizes: list[int]  # the chunks that ran, in order
+    oom_halvings: list[int] = field(default_factory=list)  # chunk sizes that ran out of memory and were halved
+
+    @property
+    def calls(self) -> int:
+        return len(self.chunk_sizes)
+
+
+def concat_outputs(parts: list):
+    """Join per-chunk outputs along the batch: tensors, arrays, lists, tuples of those, or None."""
+    first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, np.ndarray):
+        return np.concatenate(parts)
+    if isinstance(first, tuple):
+        return tuple(concat_outputs(list(items)) for items in zip(*parts))
+    if isinstance(first, list):
+        return [item for part in parts for item in part]
+    raise TypeError(f"cannot join chunk outputs of type {type(first).__name__}: return tensors, arrays or lists")
+
+
+def run_in_chunks(call: Callable[[int, int], object], n: int, max_batch: int) -> Chunked:
+    """`call(start, stop)` over inputs 0..n-1 in chunks of at most `max_batch`, outputs joined.
+
+    Running out of memory halves the chunk size and retries the failed chunk; the chunks that already finished
+    are kept, and later chunks use the smaller size. A chunk of one that still runs out is re-raised. "Out of
+    memory" is `torch.cuda.OutOfMemoryError` (CUDA ran out while allocating) or `MemoryError` (what
+    `helpers.memory` raises when it estimates, before allocating, that a batch cannot fit).
+    """
+    n, max_batch = check_count("N", n), check_count("max_batch", max_batch)
+    parts, sizes, halvings = [], [], []
+    start, size = 0, min(max_batch, n)
+    while start < n:
+        stop = min(start + size, n)
+        try:
+            parts.append(call(start, stop))
+        except OUT_OF_MEMORY as error:
+            if stop - start == 1:
+                raise type(error)(
+                    f"out of memory with a batch of 1 (after {start} of {n} inputs in chunks {sizes}): the model "
+                    f"itself does not fit; try cpu_offload=True or a smaller size. Original error: {error}"
+                ) from error
+            halvings.append(stop - start)
+            size = (stop - start) // 2
+            _release_cuda_cache()
+            continue
+        sizes.append(stop - start)
+        start = stop
+    return Chunked(concat_outputs(parts), sizes, halvings)
+
+
+def _release_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the failed chunk's blocks back before the smaller retry
+
+
+# ---------------------------------------------------------------------------------------------------
+# Peak memory of a block
+
+
+def _vm_hwm_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        _vm_hwm_bytes()
+        return True
+    except OSError:
+        return False
+
+
+class _RssSampler(threading.Thread):
+    """The highest RSS seen, sampled every millisecond (where /proc/self/clear_refs is missing)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.process, self.peak, self.done = psutil.Process(), 0, threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self.done.wait(0.001)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join()
+        return max(self.peak, self.process.memory_info().rss)
+
+
+def memory_method(device: str | torch.device = "cpu") -> str:
+    """How `peak_memory` measures on `device`, in words (for tables and notebooks)."""
+    if torch.device(device).type == "cuda":
+        return "torch.cuda.max_memory_allocated"
+    if _reset_peak_rss():
+        return "peak RSS (VmHWM, reset through /proc/self/clear_refs before each call)"
+    return "peak RSS (sampled every 1 ms)"
+
+
+@contextmanager
+def peak_memory(device: str | torch.device = "cpu") -> Iterator[dict]:
+    """`with peak_memory(device) as memory: ...` fills `memory` with `peak_MB` (the block's peak), `added_MB`
+    (peak minus the memory in use before it) and `method` (how it was measured, as `memory_method` says)."""
+    device = torch.device(device)
+    memory: dict = {"method": memory_method(device)}
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield memory
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        before = psutil.Process().memory_info().rss
+        if _reset_peak_rss():
+            yield memory
+            peak = _vm_hwm_bytes()
+        else:
+            sampler = _RssSampler()
+            sampler.start()
+            try:
+                yield memory
+            finally:
+                peak = sampler.stop()
+    memory.update(peak_MB=peak / MB, added_MB=(peak - before) / MB)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job: N inferences' inputs, and each stage callable on a slice of them
+
+
+@dataclass
+class StageJob:
+    """N prompts with one seed each, and the settings every stage runs with.
+
+    `prompt_embeds`/`negative_prompt_embeds` (inputs of denoise) and `latents` (input of decode) are made when
+    first needed, or set from a measured batched run so that no stage's work is done twice.
+    """
+
+    pipe: object
+    prompts: list[str]
+    seeds: list[int]
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.prompts = list(self.prompts)
+        check_count("N", len(self.prompts))
+        self.seeds = check_seeds(self.seeds, self.prompts)
+        check_count("num_inference_steps", self.num_inference_steps)
+
+    @property
+    def n(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def device(self) -> torch.device:
+        part = getattr(self.pipe, "unet", None) or getattr(self.pipe, "vae", None) or self.pipe.text_encoder
+        return part.device
+
+    def call(self, stage: str, start: int, stop: int, pipe=None, *, warmup: bool = False):
+        """Run `stage` on inputs start..stop-1 (with `pipe`, e.g. only the stage's part; default the job's).
+        `warmup=True` denoises one step only: the same shapes and set-up at a twentieth of the cost."""
+        pipe = pipe or self.pipe
+        guidance = self.guidance_scale > 1.0
+        steps = 1 if warmup else self.num_inference_steps
+        if stage == "encode_text":
+            return encode_text(pipe, self.prompts[start:stop], guidance=guidance)  # 2 × (b, 77, hidden)
+        if stage == "denoise":
+            negative = None if self.negative_prompt_embeds is None else self.negative_prompt_embeds[start:stop]
+            return denoise(pipe, self.prompt_embeds[start:stop], negative, num_inference_steps=steps,
+                           guidance_scale=self.guidance_scale, seeds=self.seeds[start:stop], height=self.height,
+                           width=self.width, progress=False)  # (b, 4, h/8, w/8)
+        if stage == "decode":
+            return decode(pipe, self.latents[start:stop], output_type="pt")  # (b, 3, h, w) in [0, 1]
+        if stage == "generate":
+            return generate(pipe, self.prompts[start:stop], seeds=self.seeds[start:stop],
+                            num_inference_steps=steps, guidance_scale=self.guidance_scale,
+                            height=self.height, width=self.width, output_type="pt", progress=False).images
+        raise ValueError(f"stage={stage!r} is unknown; choose one of {STAGES}")
+
+    def ensure_inputs(self, stage: str, max_batch: int) -> None:
+        """Make the inputs `stage` needs (embeddings for denoise, latents for decode), in chunks of max_batch."""
+        if stage in ("denoise", "decode") and self.prompt_embeds is None:
+            self.set_output("encode_text", run_in_chunks(lambda a, b: self.call("encode_text", a, b), self.n,
+                                                         max_batch).output)
+        if stage == "decode" and self.latents is None:
+            self.set_output("denoise", run_in_chunks(lambda a, b: self.call("denoise", a, b), self.n,
+                                                     max_batch).output)
+
+    def set_output(self, stage: str, output) -> None:
+        """Keep a stage's output over all N as the next stage's input."""
+        if stage == "encode_text":
+            self.prompt_embeds, self.negative_prompt_embeds = output
+        elif stage == "denoise":
+            self.latents = output
+
+
+def max_abs_diff(a, b) -> float:
+    """The largest absolute difference between two outputs (tensors, or tuples of tensors / None)."""
+    if isinstance(a, tuple):
+        return max((max_abs_diff(x, y) for x, y in zip(a, b) if x is not None), default=0.0)
+    return float((a.float() - b.float()).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing one chunked call
+
+
+@dataclass
+class Run:
+    """A chunked call of N inputs, timed: the output and chunking of the first run, every run's seconds."""
+
+    chunked: Chunked
+    seconds: list[float]
+    memory: dict
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def time_chunked(call: Callable[[int, int], object], n: int, max_batch: int, *, device, repeats: int = 3,
+                 short_s: float = SHORT_RUN_S, warmup: Callable[[int, int], object] | bool = True) -> Run:
+    """`run_in_chunks(call, n, max_batch)` timed: warm-up excluded, synchronised, under inference_mode; runs
+    shorter than `short_s` are repeated (up to `repeats`, the median kept). Peak memory of the first run.
+
+    The warm-up is one untimed call at the chunk size (first calls pay for lazy set-up and allocations), made
+    with `warmup` when it is a callable (e.g. one denoising step instead of twenty), skipped when False."""
+    check_count("repeats", repeats)
+    seconds, first = [], None
+    with torch.inference_mode():
+        if warmup:
+            (warmup if callable(warmup) else call)(0, min(max_batch, n))
+        while not seconds or (len(seconds) < repeats and seconds[-1] < short_s):
+            with peak_memory(device) if first is None else _no_memory() as memory:
+                synchronize(device)
+                start = time.perf_counter()
+                chunked = run_in_chunks(call, n, max_batch)
+                synchronize(device)
+                seconds.append(time.perf_counter() - start)
+            if first is None:
+                first, first_memory = chunked, memory
+    return Run(first, seconds, first_memory)
+
+
+@contextmanager
+def _no_memory():
+    yield {}
+
+
+def time_stage(job: StageJob, stage: str, n: int, max_batch: int, *, repeats: int = 3) -> Run:
+    """`stage` on the job's first `n` inputs in chunks of `max_batch`, timed by `time_chunked`; the warm-up
+    call runs at the chunk size with one denoising step."""
+    return time_chunked(lambda start, stop: job.call(stage, start, stop), n, max_batch, device=job.device,
+                        repeats=repeats, warmup=lambda start, stop: job.call(stage, start, stop, warmup=True))
+
+
+# ---------------------------------------------------------------------------------------------------
+# N calls of one against one call of N
+
+
+def compare(job: StageJob, stage: str, max_batch: int, *, repeats: int = 3, keep_output: bool = True) -> dict:
+    """One table row: `stage` as N calls of batch 1, then as one call of all N in chunks of `max_batch`.
+
+    Both see the same inputs and seeds, so the outputs must agree (`max_abs_diff`); the batched output becomes
+    the next stage's input when `keep_output`.
+    """
+    max_batch = check_count("max_batch", max_batch)
+    job.ensure_inputs(stage, max_batch)
+    single = time_stage(job, stage, job.n, 1, repeats=repeats)
+    batched = time_stage(job, stage, job.n, max_batch, repeats=repeats)
+    if keep_output:
+        job.set_output(stage, batched.chunked.output)
+    return {
+        "stage": stage,
+        "N": job.n,
+        "single_calls": single.chunked.calls,
+        "single_s": single.median_s,
+        "single_s_per_inference": single.median_s / job.n,
+        "batch_size": max(batched.chunked.chunk_sizes),
+        "batched_calls": batched.chunked.calls,
+        "batched_s": batched.median_s,
+        "batched_s_per_inference": batched.median_s / job.n,
+        "speedup": single.median_s / batched.median_s,
+        "max_abs_diff": max_abs_diff(single.chunked.output, batched.chunked.output),
+        "chunk_sizes": batched.chunked.chunk_sizes,
+        "oom_halvings": batched.chunked.oom_halvings,
+        "single_peak_MB": single.memory["peak_MB"],
+        "batched_peak_MB": batched.memory["peak_MB"],
+        "repeats": [len(single.seconds), len(batched.seconds)],
+        "memory_method": batched.memory["method"],
+    }
+
+
+COMPARE_COLUMNS = ["stage", "N", "single_calls", "single_s", "single_s_per_inference", "batch_size", "batched_calls",
+                   "batched_s", "batched_s_per_inference", "speedup", "max_abs_diff"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sweep over batch sizes, and the "auto" batch size
+
+
+def sweep(job: StageJob, stage: str, batch_sizes: Sequence[int], *, repeats: int = 3) -> list[dict]:
+    """For each batch size b: one call of the first b inputs, timed (median while short), its throughput
+    (inferences/s) and peak memory. Each point has its own warm-up call (of one denoising step)."""
+    sizes = [check_count("batch size", b) for b in batch_sizes]
+    if max(sizes) > job.n:
+        raise ValueError(f"batch size {max(sizes)} is more than N={job.n}: sweep sizes up to N")
+    job.ensure_inputs(stage, max(sizes))
+    rows = []
+    for b in sizes:
+        run = time_stage(job, stage, b, b, repeats=repeats)
+        rows.append({"stage": stage, "batch_size": b, "call_s": run.median_s, "throughput": b / run.median_s,
+                     "peak_MB": run.memory["peak_MB"], "added_MB": run.memory["added_MB"], "repeats": len(run.seconds)})
+    best = max(rows, key=lambda r: r["throughput"])
+    for row in rows:
+        row["vs_best"] = row["throughput"] / best["throughput"]
+    return rows
+
+
+SWEEP_COLUMNS = ["stage", "batch_size", "call_s", "throughput", "vs_best", "peak_MB", "added_MB", "repeats"]
+
+
+def auto_batch_size(rows: Sequence[dict], tolerance: float = 0.10, memory_limit_MB: float | None = None) -> int:
+    """The smallest swept batch size within `tolerance` of the best throughput (less memory and latency for
+    the same speed), among those under `memory_limit_MB` if given."""
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance={tolerance} must be in [0, 1): the share of the best throughput one may lose")
+    fitting = [r for r in rows if memory_limit_MB is None or r["peak_MB"] <= memory_limit_MB]
+    if not fitting:
+        raise ValueError(f"no swept batch size fits memory_limit_MB={memory_limit_MB}: the smallest peak was "
+                         f"{min(r['peak_MB'] for r in rows):.0f} MB")
+    best = max(r["throughput"] for r in fitting)
+    return min(r["batch_size"] for r in fitting if r["throughput"] >= (1 - tolerance) * best)
+
+
+def call_overhead(rows: Sequence[dict]) -> dict:
+    """A straight line through the sweep, call_s = fixed_s + b · per_inference_s: the fixed cost of a call (what
+    batching can share out) against the cost of each inference (what it cannot)."""
+    sizes = np.array([r["batch_size"] for r in rows], dtype=float)
+    seconds = np.array([r["call_s"] for r in rows])
+    per_inference, fixed = np.polyfit(sizes, seconds, 1) if len(rows) > 1 else (seconds[0], 0.0)
+    one = next(r["call_s"] for r in rows if r["batch_size"] == min(sizes))
+    return {"fixed_s": float(fixed), "per_inference_s": float(per_inference),
+            "fixed_share_at_batch_1": float(fixed / one)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Only a stage's part of the model
+
+
+def threads_report() -> dict:
+    """torch's threads against the cores this process may use: more threads than cores is oversubscription."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"torch_threads": torch.get_num_threads(), "cores_available": cores,
+            "oversubscribed": torch.get_num_threads() > cores}
+
+
+def load_stage(model: str, stage: str, *, device=None, dtype=None, config_dir: str | Path | None = None):
+    """Only what `stage` uses (STAGE_COMPONENTS), each through `helpers.models.load_component`: one component
+    of a folder or hub repo, or, from a single file, only that component's tensors. Returns an object with those
+    attributes, which the stage functions accept in place of a pipeline."""
+    from helpers.models import load_component, toy_paths
+
+    if stage not in STAGE_COMPONENTS:
+        raise ValueError(f"stage={stage!r}: only {list(STAGE_COMPONENTS)} run on a part of the model")
+    single_file = Path(model).is_file()
+    if single_file and config_dir is None:
+        config_dir = toy_paths()[0] if Path(model).resolve() == _toy_ldm_file().resolve() else None
+    parts = {}
+    for component in STAGE_COMPONENTS[stage]:
+        # the tokenizer and scheduler are not in an LDM file: they come from the config folder
+        source = str(config_dir) if single_file and component in ("tokenizer", "scheduler") else model
+        parts[component] = load_component(source, component, device=device, dtype=dtype, config_dir=config_dir)
+    if stage == "denoise":  # latents are vae_scale_factor times smaller than images: read it from the VAE config
+        parts["vae_scale_factor"] = _vae_scale_factor(str(config_dir) if single_file else model)
+    return SimpleNamespace(**parts)
+
+
+def _toy_ldm_file() -> Path:
+    from helpers.toy import TOY_LDM_FILE
+
+    return Path(TOY_LDM_FILE)
+
+
+def _vae_scale_factor(model: str) -> int:
+    from diffusers import AutoencoderKL
+
+    from helpers.models import hub_offline, resolve_model, toy_paths
+
+    model = resolve_model(model)
+    root = toy_paths()[0] if model == "toy" else model
+    config = AutoencoderKL.load_config(root, subfolder="vae", local_files_only=hub_offline())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def weights_MB(*modules) -> float:
+    """Bytes of the parameters and buffers of the torch modules among `modules`, in MB."""
+    total = 0
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return total / MB
+
+
+def measure_load(load: Callable[[], object], device) -> tuple[object, dict]:
+    """Call `load()` and measure it: seconds, weights MB of the modules it holds, peak memory it added."""
+    with peak_memory(device) as memory:
+        start = time.perf_counter()
+        loaded = load()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    modules = [getattr(loaded, name, None) for name in ("text_encoder", "unet", "vae")]
+    return loaded, {"load_s": seconds, "weights_MB": weights_MB(*modules), "load_added_MB": memory["added_MB"]}

@@ -1,0 +1,250 @@
+"""helpers.batching: chunked calls, the out-of-memory fallback, the sweep and "auto", stage-only loading, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import batching
+from helpers.batching import StageJob, auto_batch_size, run_in_chunks
+
+STEPS = 2
+
+
+def recording_stage(fail_at: dict | None = None, error=torch.cuda.OutOfMemoryError):
+    """A stub stage: returns its inputs' indices; raises `error` (CUDA OOM) for the (start, stop) chunks in
+    `fail_at` (each entry counts how many more times that chunk fails)."""
+    calls = []
+    fail_at = dict(fail_at or {})
+
+    def call(start, stop):
+        calls.append((start, stop))
+        if fail_at.get((start, stop), 0) > 0:
+            fail_at[(start, stop)] -= 1
+            raise error(f"out of memory (fake) at chunk {start}:{stop}")
+        return torch.arange(start, stop)
+
+    return call, calls
+
+
+def test_chunks_never_exceed_max_batch_and_keep_order():
+    call, calls = recording_stage()
+    chunked = run_in_chunks(call, 7, 3)
+    assert calls == [(0, 3), (3, 6), (6, 7)]
+    assert chunked.chunk_sizes == [3, 3, 1] and chunked.calls == 3 and chunked.oom_halvings == []
+    assert chunked.output.tolist() == list(range(7))
+
+
+def test_max_batch_above_n_is_one_call():
+    call, calls = recording_stage()
+    assert run_in_chunks(call, 5, 64).chunk_sizes == [5] and calls == [(0, 5)]
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError, MemoryError])
+def test_oom_halves_the_chunk_and_keeps_finished_results(error):
+    # memory runs out on the second chunk: the first one, already finished, must not run again
+    call, calls = recording_stage(fail_at={(4, 8): 1}, error=error)
+    chunked = run_in_chunks(call, 10, 4)
+    assert calls == [(0, 4), (4, 8), (4, 6), (6, 8), (8, 10)], "finished chunk (0, 4) is kept, not recomputed"
+    assert chunked.oom_halvings == [4]
+    assert chunked.chunk_sizes == [4, 2, 2, 2], "after an OOM the smaller chunk size is kept"
+    assert chunked.output.tolist() == list(range(10))
+
+
+def test_oom_halves_repeatedly_down_to_what_fits():
+    calls = []
+
+    def room_for_three(start, stop):
+        calls.append(stop - start)
+        if stop - start > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        return [f"x{i}" for i in range(start, stop)]
+
+    chunked = run_in_chunks(room_for_three, 16, 16)
+    assert chunked.oom_halvings == [16, 8, 4] and set(chunked.chunk_sizes) == {2}
+    assert chunked.output == [f"x{i}" for i in range(16)]
+    assert calls[:4] == [16, 8, 4, 2]
+
+
+def test_oom_with_a_batch_of_one_is_raised_with_what_was_done():
+    def never_fits(start, stop):
+        if start >= 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        return torch.zeros(stop - start)
+
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"batch of 1 \(after 2 of 4 inputs"):
+        run_in_chunks(never_fits, 4, 2)
+
+
+def test_other_errors_are_not_mistaken_for_oom():
+    def broken(start, stop):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_in_chunks(broken, 4, 2)
+
+
+def test_tuples_of_tensors_and_none_are_joined():
+    call = lambda a, b: (torch.arange(a, b), None)
+    output, negative = run_in_chunks(call, 5, 2).output
+    assert output.tolist() == [0, 1, 2, 3, 4] and negative is None
+
+
+@pytest.mark.parametrize(
+    "fn, match",
+    [
+        (lambda: run_in_chunks(lambda a, b: None, 0, 2), r"N=0 must be a whole number of at least 1"),
+        (lambda: run_in_chunks(lambda a, b: None, 4, 0), r"max_batch=0 must be"),
+        (lambda: batching.load_prompts(0), r"N=0 must be"),
+        (lambda: batching.load_prompts(129), r"N=129 but prompts_128.txt holds 128 prompts"),
+        (lambda: batching.sweep_sizes(4, 8), r"largest=8 is more than N=4"),
+        (lambda: batching.sweep_sizes(4, 0), r"largest=0 must be"),
+        (lambda: batching.check_seeds([1, 2, 3], ["a", "b"]), r"seeds has 3 entries but there are only 2 prompts"),
+        (lambda: auto_batch_size([{"batch_size": 1, "throughput": 1.0, "peak_MB": 9.0}], 0.1, 1.0),
+         r"memory_limit_MB=1.0"),
+        (lambda: auto_batch_size([], 1.5), r"tolerance=1.5"),
+    ],
+)
+def test_bad_input_names_the_argument(fn, match):
+    with pytest.raises(ValueError, match=match):
+        fn()
+
+
+def test_job_refuses_more_seeds_than_prompts(tiny_pipe):
+    with pytest.raises(ValueError, match="seeds has 4 entries but there are only 3 prompts"):
+        StageJob(tiny_pipe, ["a", "b", "c"], range(4))
+    with pytest.raises(ValueError, match="N=0"):
+        StageJob(tiny_pipe, [], [])
+
+
+def test_sweep_refuses_batch_sizes_beyond_n_or_below_one(tiny_pipe):
+    job = StageJob(tiny_pipe, ["a red circle"] * 2, [0, 1], num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="batch size 4 is more than N=2"):
+        batching.sweep(job, "encode_text", [1, 4])
+    with pytest.raises(ValueError, match="batch size=0 must be"):
+        batching.sweep(job, "encode_text", [0, 1])
+
+
+def test_shipped_prompts_are_make_prompts_and_varied():
+    shipped = batching.load_prompts(128)
+    assert shipped == batching.make_prompts(128), "helpers/data/prompts_128.txt must be regenerated by make_prompts"
+    assert len(set(shipped)) == 128
+    assert sum(" and a " in p or " next to a " in p or " beside a " in p for p in shipped) >= 20, "two-object prompts"
+    assert len({p.split()[-2] for p in shipped if p.endswith("background")}) == 4, "every background is asked for"
+
+
+def test_sweep_sizes_are_powers_of_two_then_n():
+    assert batching.sweep_sizes(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert batching.sweep_sizes(6) == [1, 2, 4, 6]
+    assert batching.sweep_sizes(100, 10) == [1, 2, 4, 8, 10]
+
+
+def test_auto_picks_the_smallest_batch_within_tolerance_of_the_best():
+    rows = [{"batch_size": b, "throughput": t, "peak_MB": 100.0 * b}
+            for b, t in [(1, 10.0), (2, 18.0), (4, 19.5), (8, 20.0), (16, 19.0)]]
+    assert auto_batch_size(rows, 0.10) == 2  # 18 >= 0.9 * 20
+    assert auto_batch_size(rows, 0.05) == 4
+    assert auto_batch_size(rows, 0.0) == 8
+    assert auto_batch_size(rows, 0.10, memory_limit_MB=150) == 1, "the memory limit rules out 2 and up"
+    best = max(r["throughput"] for r in rows)
+    for tolerance in (0.0, 0.05, 0.1, 0.5):
+        picked = next(r for r in rows if r["batch_size"] == auto_batch_size(rows, tolerance))
+        assert picked["throughput"] >= (1 - tolerance) * best
+
+
+def test_call_overhead_recovers_a_straight_line():
+    rows = [{"batch_size": b, "call_s": 0.5 + 0.25 * b} for b in (1, 2, 4, 8)]
+    fit = batching.call_overhead(rows)
+    assert fit["fixed_s"] == pytest.approx(0.5) and fit["per_inference_s"] == pytest.approx(0.25)
+    assert fit["fixed_share_at_batch_1"] == pytest.approx(0.5 / 0.75)
+
+
+def test_peak_memory_sees_an_allocation_of_200_MB():
+    with batching.peak_memory("cpu") as memory:
+        block = torch.ones(50_000_000)  # 200 MB, every page written
+        del block
+    assert memory["added_MB"] >= 150, memory
+    with batching.peak_memory("cpu") as small:
+        torch.ones(1000)
+    assert small["added_MB"] < 50, f"each measurement has its own peak, not the last one's: {small}"
+    assert small["method"].startswith("peak RSS")
+
+
+@pytest.mark.parametrize("stage", batching.STAGES)
+def test_batched_equals_single_calls_on_the_tiny_model(tiny_pipe, stage):
+    job = StageJob(tiny_pipe, ["a red circle", "a blue square", "a green triangle"], [7, 8, 9],
+                   num_inference_steps=STEPS)
+    row = batching.compare(job, stage, max_batch=2, repeats=1)
+    assert row["stage"] == stage and row["N"] == 3
+    assert row["single_calls"] == 3 and row["batched_calls"] == 2 and row["chunk_sizes"] == [2, 1]
+    assert row["max_abs_diff"] <= 1e-5, "the same seeds must give the same outputs, batched or not"
+    assert row["speedup"] == pytest.approx(row["single_s"] / row["batched_s"])
+    assert row["single_s_per_inference"] == pytest.approx(row["single_s"] / 3)
+    assert row["single_peak_MB"] > 0 and row["batched_peak_MB"] > 0
+
+
+def test_compare_hands_each_stage_output_to_the_next(tiny_pipe):
+    job = StageJob(tiny_pipe, ["a red circle", "a blue square"], [1, 2], num_inference_steps=STEPS)
+    batching.compare(job, "encode_text", 2, repeats=1)
+    batching.compare(job, "denoise", 2, repeats=1)
+    latents = job.latents.clone()
+    decoded = batching.compare(job, "decode", 2, repeats=1)
+    chain = job.call("generate", 0, 2)
+    assert torch.equal(latents, job.latents) and decoded["max_abs_diff"] <= 1e-5
+    assert batching.max_abs_diff(chain, job.call("decode", 0, 2)) <= 1e-5, "decode(denoise(encode)) == generate"
+
+
+def test_sweep_rows_are_consistent(tiny_pipe):
+    job = StageJob(tiny_pipe, ["a red circle"] * 4, range(4), num_inference_steps=STEPS)
+    rows = batching.sweep(job, "decode", [1, 2, 4], repeats=1)
+    assert [r["batch_size"] for r in rows] == [1, 2, 4]
+    for row in rows:
+        assert row["throughput"] == pytest.approx(row["batch_size"] / row["call_s"])
+        assert row["peak_MB"] > 0
+    assert max(r["vs_best"] for r in rows) == 1.0
+
+
+@pytest.mark.parametrize("source", ["folder", "single_file"])
+def test_each_stage_runs_with_only_its_part_loaded(source):
+    from helpers.models import load_pipeline
+    from helpers.toy import TOY_LDM_FILE
+
+    pipe = load_pipeline("toy")
+    model = str(TOY_LDM_FILE) if source == "single_file" else "toy"
+    job = StageJob(pipe, ["a red circle", "a blue square on the left"], [3, 4], num_inference_steps=STEPS)
+    job.ensure_inputs("decode", 2)
+    whole = batching.weights_MB(pipe.text_encoder, pipe.unet, pipe.vae)
+    for stage, components in batching.STAGE_COMPONENTS.items():
+        part = batching.load_stage(model, stage)
+        assert set(components) <= set(vars(part))
+        assert not {"unet", "vae", "text_encoder"} - set(components) & set(vars(part)), "only the stage's networks"
+        assert batching.weights_MB(*vars(part).values()) < whole
+        assert batching.max_abs_diff(job.call(stage, 0, 2, pipe=part), job.call(stage, 0, 2)) <= 1e-6
+
+
+def test_load_stage_refuses_the_chain():
+    with pytest.raises(ValueError, match="stage='generate'"):
+        batching.load_stage("toy", "generate")
+
+
+def test_bench_prints_and_records_the_table(tmp_path, monkeypatch, capsys):
+    from helpers.bench import batching as bench
+
+    monkeypatch.setenv("SD_OUTPUTS", str(tmp_path))
+    assert bench.main(["--model", "tiny-random", "--n", "3", "--steps", "1", "--max-batch", "2", "--repeats", "1",
+                       "--stages", "encode_text", "denoise", "decode"]) == 0
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "max_abs_diff" in printed
+    recorded = json.loads((tmp_path / "bench_batching.json").read_text())
+    assert [r["stage"] for r in recorded["rows"]] == ["encode_text", "denoise", "decode"]
+    assert all(r["N"] == 3 and r["batched_calls"] == 2 and r["max_abs_diff"] <= 1e-5 for r in recorded["rows"])
+    assert recorded["environment"]["cpu"] and recorded["threads"]["torch_threads"] >= 1
+
+
+def test_bench_refuses_bad_counts():
+    from helpers.bench import batching as bench
+
+    with pytest.raises(ValueError, match="--max-batch=0"):
+        bench.main(["--model", "tiny-random", "--n", "2", "--max-batch", "0"])
+    with pytest.raises(ValueError, match="--n=0"):
+        bench.main(["--model", "tiny-random", "--n", "0"])

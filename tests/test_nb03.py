@@ -1,0 +1,117 @@
+"""Notebook 03 (batching), run in the smoke profile: what it recorded in outputs/03_batching.json."""
+
+import math
+
+import pytest
+
+from helpers.batching import STAGE_COMPONENTS, sweep_sizes
+from helpers.profiles import parameters_for
+
+pytestmark = pytest.mark.notebook
+
+SMOKE = parameters_for("03", "smoke")
+TOLERANCE = 1e-4  # fp32 on the CPU: a batch may sum in another order than a single call
+
+
+@pytest.fixture(scope="module")
+def r(notebook_results):
+    return notebook_results("03")
+
+
+@pytest.fixture(scope="module")
+def params():
+    """The parameters the smoke run really used: the notebook's defaults, overridden by the smoke profile."""
+    import nbformat
+
+    from helpers.run import find_notebooks
+
+    nb = nbformat.read(find_notebooks(["03"])[0], 4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    values: dict = {}
+    exec(cell.source, {}, values)
+    return {**values, **SMOKE}
+
+
+def test_one_row_per_stage_single_against_batched(r, params):
+    n = params["N"]
+    rows = r["compare"]
+    assert [row["stage"] for row in rows] == params["STAGES"], "one row per stage, in order"
+    for row in rows:
+        assert row["N"] == n and row["single_calls"] == n, row
+        assert row["batched_calls"] == math.ceil(n / params["MAX_BATCH"]), row
+        assert max(row["chunk_sizes"]) <= params["MAX_BATCH"] and sum(row["chunk_sizes"]) == n
+        assert row["speedup"] == pytest.approx(row["single_s"] / row["batched_s"])
+        assert row["single_s_per_inference"] == pytest.approx(row["single_s"] / n)
+        assert row["batched_s_per_inference"] == pytest.approx(row["batched_s"] / n)
+        assert row["single_s"] > 0 and row["batched_s"] > 0
+        assert row["max_abs_diff"] <= TOLERANCE, f"batched must equal single calls for the same seeds: {row}"
+        assert row["single_peak_MB"] > 0 and row["batched_peak_MB"] > 0
+    assert r["grid_max_abs_diff"] <= TOLERANCE
+
+
+def test_method_is_recorded(r):
+    assert r["environment"]["cpu"], "the CPU model"
+    assert r["threads"]["torch_threads"] >= 1 and not r["threads"]["oversubscribed"]
+    assert r["compare"][0]["memory_method"].startswith("peak RSS")
+    assert r["model"] == "toy" and r["profile"] == "smoke"
+
+
+def test_sweep_per_stage_with_best_marked(r, params):
+    sizes = sweep_sizes(params["N"], params["SWEEP_MAX"] or params["N"])
+    assert set(r["sweep"]) == set(params["SWEEP_STAGES"])
+    for stage, rows in r["sweep"].items():
+        assert [row["batch_size"] for row in rows] == sizes
+        for row in rows:
+            assert row["throughput"] == pytest.approx(row["batch_size"] / row["call_s"])
+            assert row["peak_MB"] > 0
+        best = max(rows, key=lambda row: row["throughput"])
+        assert r["best_batch_size"][stage] == best["batch_size"] and best["vs_best"] == 1.0
+
+
+def test_auto_batch_size_is_within_tolerance_of_the_best(r, params):
+    for stage, auto in r["auto"].items():
+        rows = {row["batch_size"]: row for row in r["sweep"][stage]}
+        assert auto["batch_size"] in rows
+        assert auto["sweep_throughput"] >= (1 - params["AUTO_TOLERANCE"]) * auto["best_throughput"], auto
+        smaller = [b for b in rows if b < auto["batch_size"]]
+        assert all(rows[b]["throughput"] < (1 - params["AUTO_TOLERANCE"]) * auto["best_throughput"] for b in smaller), \
+            "auto is the smallest batch size within tolerance"
+        assert auto["measured_throughput"] > 0 and max(auto["chunk_sizes"]) <= auto["batch_size"]
+
+
+def test_chunking_honours_a_small_max_batch(r, params):
+    n, max_batch = params["N"], params["CHUNK_DEMO_MAX_BATCH"]
+    demo = r["chunk_demo"]
+    assert demo["chunk_sizes"] == [max_batch] * (n // max_batch) + ([n % max_batch] if n % max_batch else [])
+    assert demo["max_abs_diff"] <= TOLERANCE
+
+
+def test_fake_oom_halves_and_keeps_finished_results(r, params):
+    n, limit = params["N"], params["OOM_DEMO_LIMIT"]
+    demo = r["oom_demo"]
+    assert demo["oom_halvings"], "the simulated out-of-memory must have happened"
+    assert all(size > limit for size in demo["oom_halvings"])
+    assert all(size <= limit for size in demo["chunk_sizes"]) and sum(demo["chunk_sizes"]) == n
+    failed = len(demo["oom_halvings"])
+    assert len(demo["attempts"]) == failed + len(demo["chunk_sizes"]), "no finished chunk was run twice"
+    assert demo["max_abs_diff"] <= TOLERANCE
+
+
+def test_each_stage_runs_with_only_its_part(r):
+    rows = {row["stage"]: row for row in r["stage_only"]["rows"]}
+    whole = rows.pop("(whole pipeline)")
+    assert set(rows) == set(STAGE_COMPONENTS) and r["stage_only"]["single_file"]
+    for stage, row in rows.items():
+        assert row["max_abs_diff"] <= 1e-6, row
+        assert set(STAGE_COMPONENTS[stage]) <= set(row["loads"].split("+"))
+        assert row["weights_MB"] < whole["weights_MB"]
+    assert sum(row["weights_MB"] for row in rows.values()) == pytest.approx(whole["weights_MB"], rel=0.01), \
+        "the three parts together are the whole model"
+
+
+def test_partial_loading_table_moved_here_from_01(r):
+    components = {row["component"] for row in r["partial_loading"]["rows"]}
+    assert {"full file", "unet", "vae", "text_encoder"} <= components
+    text = next(row for row in r["partial_loading"]["rows"] if row["component"] == "text_encoder")
+    assert text["tensor_share"] < 0.2, "the text encoder is a small share of the toy file"
+    assert "te_read_share" in r["summary"]
