@@ -11,7 +11,6 @@ This module is imported by the setup cell before anything heavy: it imports no t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 REPO_URL = "https://github.com/sd-dissected/sd-dissected"  # the one place: setup cells and badges are made from it
@@ -172,8 +171,9 @@ def environment_lines() -> list[str]:
     else:
         hub = ("hub: not reachable (no internet, or HF_HUB_OFFLINE=1), so MODEL='auto' runs the toy model. "
                "Kaggle: Settings > Internet > on")
-    has_token = bool(os.environ.get("HF_TOKEN")) or Path("~/.cache/huggingface/token").expanduser().exists()
-    token = "hub token: found" if has_token else (
+    from huggingface_hub import get_token
+
+    token = "hub token: found" if get_token() else (
         "hub token: none (SD 1.5 needs none; for gated models run `huggingface_hub.login()` or set HF_TOKEN "
         "in Colab's Secrets / Kaggle's Add-ons > Secrets)")
     return [gpu, hub, token]
