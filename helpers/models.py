@@ -30,7 +30,12 @@ from diffusers import (
 )
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SD15_DEPTH_CONTROLNET_HUB_ID = "lllyasviel/control_v11f1p_sd15_depth"
+# ControlNets by name: the toy's ship in helpers/toy/weights/controlnet-<name>; SD 1.5's come from the hub.
+SD15_CONTROLNET_HUB_IDS = {
+    "depth": "lllyasviel/control_v11f1p_sd15_depth",
+    "normal": "lllyasviel/control_v11p_sd15_normalbae",
+    "canny": "lllyasviel/control_v11p_sd15_canny",
+}
 RANDOM_MODELS = ("tiny-random", "sd15-random")
 
 # Short names users type in a widget, mapped to diffusers' scheduler classes; "default" keeps the model's own.
@@ -136,12 +141,34 @@ def toy_paths() -> tuple[Path, Path]:
     return Path(TOY_SD_DIR), Path(TOY_CONTROLNET_DIR)
 
 
-def _resolve_controlnet(model: str, controlnet, dtype: torch.dtype):
+def controlnet_source(model: str, name: str) -> str:
+    """Where the ControlNet called `name` lives for `model`: the toy's folder, SD 1.5's hub id, or `name` itself
+    (a folder or hub id of your own)."""
+    if name not in SD15_CONTROLNET_HUB_IDS:
+        if not Path(name).expanduser().exists() and name.count("/") != 1:
+            raise ValueError(f"controlnet={name!r} is unknown: give a name {sorted(SD15_CONTROLNET_HUB_IDS)}, a "
+                             "ControlNet folder, or a hub id like 'lllyasviel/control_v11f1p_sd15_depth'")
+        return name
+    if model == "toy":
+        folder = toy_paths()[0].parent / f"controlnet-{name}"
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"the toy model has no {name!r} ControlNet at {folder}; build it with "
+                                    "`python -m helpers.toy.train`")
+        return str(folder)
+    return SD15_CONTROLNET_HUB_IDS[name]
+
+
+def load_controlnet(model: str, controlnet, dtype: torch.dtype) -> ControlNetModel | list[ControlNetModel] | None:
+    """A ControlNetModel (or a list, for several) from names ("depth", "normal", "canny"), folders or hub ids."""
     if controlnet is None or isinstance(controlnet, ControlNetModel):
         return controlnet
-    if controlnet == "depth":
-        controlnet = str(toy_paths()[1]) if model == "toy" else SD15_DEPTH_CONTROLNET_HUB_ID
-    return ControlNetModel.from_pretrained(controlnet, torch_dtype=dtype, local_files_only=hub_offline())
+    if isinstance(controlnet, (list, tuple)):
+        return [load_controlnet(model, c, dtype) for c in controlnet]
+    if not isinstance(controlnet, (str, Path)):
+        raise TypeError(f"controlnet must be a name {sorted(SD15_CONTROLNET_HUB_IDS)}, a folder, a hub id, a "
+                        f"ControlNetModel or a list of those; got {type(controlnet).__name__}")
+    source = controlnet_source(model, str(controlnet))
+    return ControlNetModel.from_pretrained(source, torch_dtype=dtype, local_files_only=hub_offline())
 
 
 def load_pipeline(
@@ -149,17 +176,21 @@ def load_pipeline(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    controlnet: str | ControlNetModel | None = None,
+    controlnet: str | ControlNetModel | list | None = None,
     scheduler: str | None = None,
     cpu_offload: bool = False,
     attention_slicing: bool = False,
     safety_checker: bool = True,
     single_file_config: str | Path | None = None,
 ) -> DiffusionPipeline:
-    """A ready-to-run pipeline (a ControlNet one if `controlnet` is given: a folder, hub id, or "depth").
+    """A ready-to-run pipeline: the ONE loader of the project (notebooks, benchmarks, the app and batch jobs).
 
+    `controlnet` makes it a StableDiffusionControlNetPipeline: a name ("depth", "normal", "canny": the toy's own
+    nets for "toy", lllyasviel's v1.1 nets for SD 1.5), a folder, a hub id, a ControlNetModel, or a list of these
+    (several nets, as diffusers' MultiControlNetModel).
     `cpu_offload` keeps each component on the CPU until it runs (fits SD 1.5 in ~3 GB of a T4's VRAM);
-    `attention_slicing` trades speed for lower peak memory; `safety_checker=False` drops SD 1.5's checker.
+    `attention_slicing` (True, or a slice size) trades speed for lower peak memory; `safety_checker=False` drops
+    SD 1.5's checker.
     """
     model = resolve_model(model)
     device = pick_device(device)
@@ -171,13 +202,13 @@ def load_pipeline(
         pipe = build(dtype=dtype)
     else:
         pipe = _load_weights(model, dtype, safety_checker, single_file_config)
-    controlnet = _resolve_controlnet(model, controlnet, dtype)
+    controlnet = load_controlnet(model, controlnet, dtype)
     if controlnet is not None:
         pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler)
     if attention_slicing:
-        pipe.enable_attention_slicing()
+        enable_attention_slicing(pipe, attention_slicing)
     if cpu_offload:
         if device.type != "cuda":
             raise ValueError(f"cpu_offload=True needs a CUDA device, but the device is {device.type!r}")
@@ -186,6 +217,16 @@ def load_pipeline(
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def enable_attention_slicing(pipe, slice_size: bool | int | str = True) -> None:
+    """Attention computed a few heads at a time. True picks diffusers' "auto" (half the heads) where every
+    attention layer has at least two heads, else "max" (one head at a time): "auto" on a one-head model (the toy)
+    would ask for slices of 0 heads and fail with ZeroDivisionError inside diffusers."""
+    if slice_size is True:
+        heads = [m.sliceable_head_dim for m in pipe.unet.modules() if hasattr(m, "sliceable_head_dim")]
+        slice_size = "auto" if heads and min(heads) >= 2 else "max"
+    pipe.enable_attention_slicing(slice_size)
 
 
 def _load_weights(model: str, dtype: torch.dtype, safety_checker: bool, single_file_config) -> DiffusionPipeline:

@@ -21,6 +21,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from helpers.limits import check_fits_in_memory, check_size_is_sane
 from helpers.models import make_scheduler
 from helpers.timing import timed
 
@@ -31,6 +32,8 @@ from helpers.timing import timed
 def _as_prompt_list(prompts: str | Sequence[str], name: str = "prompts") -> list[str]:
     if isinstance(prompts, str):
         return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(prompts).__name__}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError(f"{name} is empty: pass at least one prompt")
@@ -158,17 +161,31 @@ def denoise(
     latents: torch.Tensor | None = None,
     strength: float = 1.0,
     eta: float = 0.0,
+    cfg_cutoff: float | None = None,
+    controlnet=None,
+    image=None,
+    controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+    control_guidance_start: float | Sequence[float] = 0.0,
+    control_guidance_end: float | Sequence[float] = 1.0,
+    guess_mode: bool = False,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     callback_steps: int = 1,
     progress: bool = True,
 ) -> torch.Tensor:
-    """The UNet + scheduler loop with classifier-free guidance. Returns latents (batch, 4, height/8, width/8).
+    """The UNet + scheduler loop with classifier-free guidance (and ControlNets, when given).
+    Returns latents (batch, 4, height/8, width/8).
 
     - `seeds`: one per sample (default 0, 1, 2, ...), so a batch equals the same samples made one by one.
     - `scheduler`: a name from `helpers.models.SCHEDULERS`, a class or an instance; default: the pipeline's.
       A fresh copy is used, so calls never share scheduler state.
     - `latents`: the starting noise (default: drawn from the seeds); with `strength` < 1 (img2img) they are
       instead the clean latents of an image (`encode_image`), noised to `strength` and denoised from there.
+    - `cfg_cutoff` in [0, 1]: guidance only for steps i <= int(len(timesteps) * cfg_cutoff), then the prompt alone
+      (one UNet pass per step); diffusers' `SDCFGCutoffCallback` semantics, for any batch. None: every step.
+    - ControlNet, as `StableDiffusionControlNetPipeline`: `controlnet` (a model or a list; default
+      `pipe.controlnet` if the pipeline has one), control `image` (one per net: an image, or a list with one per
+      prompt), `controlnet_conditioning_scale`, `control_guidance_start`/`end` (the share of steps a net acts on;
+      a float, or one per net) and `guess_mode`. Lists of the wrong length are refused, not truncated.
     - `callback(step_index, t, latents)` runs every `callback_steps` steps, e.g. to keep intermediate latents.
     """
     # 0. Default height and width to unet
@@ -176,17 +193,95 @@ def denoise(
     height = default_height if height is None else height
     width = default_width if width is None else width
     # 1. Check inputs
+    do_classifier_free_guidance = guidance_scale > 1.0
+    _check_denoise_inputs(pipe, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps, strength,
+                          callback_steps, guidance_scale, cfg_cutoff)
+    batch_size = prompt_embeds.shape[0]
+    factor = _pipe_scale_factor(pipe)
+    unet_batch = batch_size * (2 if do_classifier_free_guidance else 1)
+    check_size_is_sane(pipe.unet, height // factor, width // factor, scale=factor)
+    check_fits_in_memory(pipe.unet, unet_batch, height // factor, width // factor, "unet", scale=factor)
+
+    # 2. Define call parameters
+    seeds = list(range(batch_size)) if seeds is None else list(seeds)
+    _check_same_length("seeds", seeds, batch_size)
+    generator = make_generators(seeds)
+    device = _execution_device(pipe)
+
+    # 3. Encode input prompt: done by encode_text. For guidance, stack [uncond; cond] into one UNet batch.
+    text_embeddings = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_classifier_free_guidance else None
+
+    # 4. Prepare the control image(s) (none without a ControlNet)
+    controlnet = getattr(pipe, "controlnet", None) if controlnet is None else controlnet
+    control = None
+    if controlnet is not None:
+        control = ControlNetInputs.prepare(pipe, controlnet, image, batch_size, height, width, device,
+                                           controlnet_conditioning_scale, guess_mode)
+    elif image is not None:
+        raise ValueError("image= (a control image) was given but there is no controlnet: pass controlnet=, or load "
+                         "the pipeline with load_pipeline(model, controlnet='depth')")
+
+    # 5. Prepare timesteps
+    scheduler, timesteps = prepare_timesteps(pipe, scheduler, num_inference_steps, strength, device)
+
+    # 6. Prepare latent variables
+    latents = prepare_latents(pipe, scheduler, timesteps, batch_size, height, width, generator, device,
+                              prompt_embeds.dtype, latents, strength)
+
+    # 7. Prepare extra step kwargs (only some schedulers take eta and a generator)
+    extra_step_kwargs = scheduler_step_kwargs(scheduler, generator, eta)
+
+    # 7.1 Which steps use guidance, and which ControlNets act at each step
+    guided_until = len(timesteps) if cfg_cutoff is None else int(len(timesteps) * cfg_cutoff)
+    if control is not None:
+        control.set_schedule(len(timesteps), control_guidance_start, control_guidance_end)
+
+    # 8. Denoising loop
+    for i, t in enumerate(tqdm(timesteps, desc="denoise", disable=not progress, leave=False)):
+        guided = do_classifier_free_guidance and i <= guided_until
+        # expand the latents if we are doing classifier free guidance
+        latent_model_input = torch.cat([latents] * 2) if guided else latents
+        latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+        encoder_hidden_states = text_embeddings if guided else prompt_embeds
+
+        # controlnet(s) inference: residuals added to the UNet's skip connections
+        residuals = {} if control is None else control.residuals(
+            i, t, latents, latent_model_input, encoder_hidden_states, scheduler, guided)
+
+        # predict the noise residual
+        noise_pred = pipe.unet(latent_model_input, t, encoder_hidden_states=encoder_hidden_states,
+                               return_dict=False, **residuals)[0]
+
+        # perform guidance: g = uncond + guidance_scale · (text − uncond)
+        if guided:
+            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+
+        # compute the previous noisy sample x_t -> x_t-1
+        latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+        if callback is not None and (i % callback_steps == 0 or i == len(timesteps) - 1):
+            callback(i, t, latents)
+    return latents
+
+
+def _check_denoise_inputs(pipe, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps, strength,
+                          callback_steps, guidance_scale, cfg_cutoff) -> None:
     factor = _pipe_scale_factor(pipe)
     _check_size("height", height, factor)
     _check_size("width", width, factor)
+    if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
+        raise TypeError("prompt_embeds must be a (batch, tokens, hidden) tensor from encode_text, got "
+                        f"{type(prompt_embeds).__name__}{tuple(getattr(prompt_embeds, 'shape', ()))}")
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps={num_inference_steps} must be at least 1")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength={strength} must be in (0, 1]: the share of the noise schedule to run")
     if callback_steps < 1:
         raise ValueError(f"callback_steps={callback_steps} must be at least 1")
-    do_classifier_free_guidance = guidance_scale > 1.0
-    if do_classifier_free_guidance and negative_prompt_embeds is None:
+    if cfg_cutoff is not None and not 0.0 <= cfg_cutoff <= 1.0:
+        raise ValueError(f"cfg_cutoff={cfg_cutoff} must be in [0, 1]: the share of steps that use guidance")
+    if guidance_scale > 1.0 and negative_prompt_embeds is None:
         raise ValueError(
             f"guidance_scale={guidance_scale} needs negative_prompt_embeds (encode_text returns them); "
             "or use guidance_scale=1.0 for no guidance"
@@ -197,19 +292,9 @@ def denoise(
             f"{tuple(prompt_embeds.shape)}: they must match"
         )
 
-    # 2. Define call parameters
-    batch_size = prompt_embeds.shape[0]
-    seeds = list(range(batch_size)) if seeds is None else list(seeds)
-    _check_same_length("seeds", seeds, batch_size)
-    generator = make_generators(seeds)
-    device = _execution_device(pipe)
-    shape = latent_shape(pipe, batch_size, height, width)
 
-    # 3. Encode input prompt: done by encode_text. For guidance, stack [uncond; cond] into one UNet batch.
-    if do_classifier_free_guidance:
-        prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])  # (2·batch, 77, hidden)
-
-    # 4. Prepare timesteps
+def prepare_timesteps(pipe, scheduler, num_inference_steps: int, strength: float, device):
+    """A fresh scheduler set to `num_inference_steps`, and the timesteps to run (the last `strength` of them)."""
     scheduler = make_scheduler(scheduler or pipe.scheduler, pipe.scheduler)
     scheduler = copy.deepcopy(scheduler)  # schedulers keep state (e.g. PNDM's past noise): never share it
     scheduler.set_timesteps(num_inference_steps, device=device)
@@ -221,9 +306,16 @@ def denoise(
         timesteps = timesteps[t_start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
+    return scheduler, timesteps
 
-    # 5. Prepare latent variables
+
+def prepare_latents(pipe, scheduler, timesteps, batch_size, height, width, generator, device, dtype, latents,
+                    strength) -> torch.Tensor:
+    """The starting latents (batch, 4, height/8, width/8): seeded noise scaled to the scheduler's first sigma, or
+    for img2img (`strength` < 1) the given clean latents noised to the first timestep."""
+    shape = latent_shape(pipe, batch_size, height, width)
     if latents is not None and tuple(latents.shape) != shape:
+        factor = _pipe_scale_factor(pipe)
         raise ValueError(
             f"latents have shape {tuple(latents.shape)} but {shape} is needed: (batch, unet.config.in_channels, "
             f"height/{factor}, width/{factor}) for {batch_size} prompts at {height}×{width}"
@@ -231,38 +323,125 @@ def denoise(
     if strength < 1.0:
         if latents is None:
             raise ValueError(f"strength={strength} (img2img) needs latents: the encoded image (see encode_image)")
-        noise = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         latent_timestep = timesteps[:1].repeat(batch_size)
-        latents = scheduler.add_noise(latents.to(device), noise, latent_timestep)
-    elif latents is None:
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-        latents = latents * scheduler.init_noise_sigma  # (batch, 4, height/8, width/8)
-    else:
-        latents = latents.to(device) * scheduler.init_noise_sigma
+        return scheduler.add_noise(latents.to(device), noise, latent_timestep)
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    return latents.to(device) * scheduler.init_noise_sigma
 
-    # 6. Prepare extra step kwargs (only some schedulers take eta and a generator)
-    extra_step_kwargs = scheduler_step_kwargs(scheduler, generator, eta)
 
-    # 7. Denoising loop
-    for i, t in enumerate(tqdm(timesteps, desc="denoise", disable=not progress, leave=False)):
-        # expand the latents if we are doing classifier free guidance
-        latent_model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
-        latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+# ---------------------------------------------------------------------------------------------------
+# The ControlNet path of denoise, as StableDiffusionControlNetPipeline runs it
 
-        # predict the noise residual
-        noise_pred = pipe.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
 
-        # perform guidance: g = uncond + guidance_scale · (text − uncond)
-        if do_classifier_free_guidance:
-            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+@dataclass
+class ControlNetInputs:
+    """One or more ControlNets with their prepared control images, scales and per-step schedule."""
 
-        # compute the previous noisy sample x_t -> x_t-1
-        latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+    controlnet: torch.nn.Module  # a ControlNetModel, or a MultiControlNetModel for several
+    image: torch.Tensor | list[torch.Tensor]  # (batch, 3, height, width) in [0, 1], one per net
+    conditioning_scale: float | list[float]
+    guess_mode: bool
+    keep: list = field(default_factory=list)  # per step: 1.0/0.0 (or one per net) = does the net act
 
-        if callback is not None and (i % callback_steps == 0 or i == len(timesteps) - 1):
-            callback(i, t, latents)
-    return latents
+    @property
+    def nets(self) -> list:
+        return list(getattr(self.controlnet, "nets", [self.controlnet]))
+
+    @classmethod
+    def prepare(cls, pipe, controlnet, image, batch_size, height, width, device, conditioning_scale, guess_mode):
+        """Wrap a list of nets as diffusers does, check every per-net list, and prepare the control images."""
+        from diffusers.models.controlnets import MultiControlNetModel
+
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = controlnet[0] if len(controlnet) == 1 else MultiControlNetModel(list(controlnet))
+        nets = list(getattr(controlnet, "nets", [controlnet]))
+        multi = len(nets) > 1
+        if image is None:
+            raise ValueError(f"a ControlNet needs image= (its control image{'s, one per net' if multi else ''})")
+        images = _per_net("image", image, len(nets)) if multi else [image]
+        scales = _per_net_values("controlnet_conditioning_scale", conditioning_scale, len(nets))
+        processor = getattr(pipe, "control_image_processor", None) or VaeImageProcessor(
+            vae_scale_factor=_pipe_scale_factor(pipe), do_convert_rgb=True, do_normalize=False)
+        dtype = nets[0].dtype
+        prepared = [_prepare_control_image(processor, im, batch_size, height, width, device, dtype, f"image[{k}]"
+                                           if multi else "image") for k, im in enumerate(images)]
+        guess_mode = guess_mode or bool(nets[0].config.global_pool_conditions)
+        return cls(controlnet, prepared if multi else prepared[0], scales if multi else scales[0], guess_mode)
+
+    def set_schedule(self, num_steps: int, control_guidance_start, control_guidance_end) -> None:
+        """keep[i]: 1.0 where step i lies within [start, end] of the schedule for a net, else 0.0 (the pipeline's
+        rule)."""
+        n = len(self.nets)
+        starts = _per_net_values("control_guidance_start", control_guidance_start, n)
+        ends = _per_net_values("control_guidance_end", control_guidance_end, n)
+        for start, end in zip(starts, ends):
+            if not 0.0 <= start < end <= 1.0:
+                raise ValueError(f"control_guidance_start={start} and control_guidance_end={end} must satisfy "
+                                 "0 <= start < end <= 1 (shares of the steps)")
+        self.keep = []
+        for i in range(num_steps):
+            keeps = [1.0 - float(i / num_steps < s or (i + 1) / num_steps > e) for s, e in zip(starts, ends)]
+            self.keep.append(keeps if n > 1 else keeps[0])
+
+    def residuals(self, i, t, latents, latent_model_input, encoder_hidden_states, scheduler, guided: bool) -> dict:
+        """The ControlNets' additions to the UNet's skip connections at step i, as UNet keyword arguments."""
+        if self.guess_mode and guided:
+            # Infer ControlNet only for the conditional batch (guess mode): the unconditional half gets zeros.
+            control_model_input = scheduler.scale_model_input(latents, t)
+            controlnet_prompt_embeds = encoder_hidden_states.chunk(2)[1]
+        else:
+            control_model_input = latent_model_input
+            controlnet_prompt_embeds = encoder_hidden_states
+        images = self.image if isinstance(self.image, list) else [self.image]
+        if guided and not self.guess_mode:
+            images = [torch.cat([im] * 2) for im in images]  # the same control for the uncond and cond halves
+        image = images if isinstance(self.image, list) else images[0]
+        if isinstance(self.keep[i], list):
+            cond_scale = [c * s for c, s in zip(self.conditioning_scale, self.keep[i])]
+        else:
+            cond_scale = self.conditioning_scale * self.keep[i]
+        down_block_res_samples, mid_block_res_sample = self.controlnet(
+            control_model_input, t, encoder_hidden_states=controlnet_prompt_embeds, controlnet_cond=image,
+            conditioning_scale=cond_scale, guess_mode=self.guess_mode, return_dict=False)
+        if self.guess_mode and guided:
+            down_block_res_samples = [torch.cat([torch.zeros_like(d), d]) for d in down_block_res_samples]
+            mid_block_res_sample = torch.cat([torch.zeros_like(mid_block_res_sample), mid_block_res_sample])
+        return {"down_block_additional_residuals": down_block_res_samples,
+                "mid_block_additional_residual": mid_block_res_sample}
+
+
+def _per_net(name: str, value, n_nets: int) -> list:
+    if not isinstance(value, (list, tuple)) or len(value) != n_nets:
+        got = f"{len(value)} entries" if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
+        raise ValueError(f"{name} must be a list with one entry per ControlNet ({n_nets}), got {got}")
+    return list(value)
+
+
+def _per_net_values(name: str, value, n_nets: int) -> list[float]:
+    """A float for every net, or a list with exactly one per net (diffusers silently drops nets on a short list)."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * n_nets
+    return [float(v) for v in _per_net(name, value, n_nets)]
+
+
+def _prepare_control_image(processor, image, batch_size, height, width, device, dtype, name) -> torch.Tensor:
+    """Control image(s) → (batch, 3, height, width) in [0, 1], stretched to height × width as the pipeline does;
+    one image serves every prompt, a list must have one per prompt."""
+    if isinstance(image, (list, tuple)) and len(image) not in (1, batch_size):
+        raise ValueError(f"{name} has {len(image)} control images but there are {batch_size} prompts: "
+                         "give one image for all, or one per prompt")
+    try:
+        image = processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{name} is not a usable control image ({error}); give PIL images, HWC arrays in [0, 1] "
+                         "or (batch, 3, H, W) tensors") from error
+    if image.shape[0] == 1:
+        image = image.repeat_interleave(batch_size, dim=0)
+    elif image.shape[0] != batch_size:
+        raise ValueError(f"{name} holds {image.shape[0]} control images but there are {batch_size} prompts")
+    return image.to(device=device, dtype=dtype)
 
 
 def scheduler_step_kwargs(scheduler, generator, eta: float = 0.0) -> dict:
@@ -296,6 +475,8 @@ def decode(pipe, latents: torch.Tensor, output_type: str = "pil"):
         raise ValueError(
             f"latents have shape {tuple(latents.shape)}; decode needs (batch, {vae.config.latent_channels}, h, w)"
         )
+    factor = vae_scale_factor(vae)
+    check_fits_in_memory(vae, len(latents), latents.shape[2] * factor, latents.shape[3] * factor, "decode")
     # The UNet works on latents scaled to unit variance; undo that before the VAE decoder.
     latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
     image = vae.decode(latents, return_dict=False)[0]  # (batch, 3, h·8, w·8) in [-1, 1]
@@ -343,7 +524,22 @@ def generate(
     output_type: str = "pil",
     **denoise_kwargs,
 ) -> Generation:
-    """encode_text → denoise → decode, each stage timed (on a GPU, after synchronizing)."""
+    """encode_text → denoise → decode, each stage timed (on a GPU, after synchronizing): the ONE way this project
+    generates. `denoise_kwargs` go to `denoise` (scheduler, cfg_cutoff, the ControlNet arguments, callback, ...).
+
+    Inputs are checked before any work: a size that cannot fit in memory is refused up front (MemoryError
+    with what would fit), not after minutes of denoising."""
+    if output_type not in ("pil", "np", "pt"):
+        raise ValueError(f"output_type={output_type!r} must be 'pil', 'np' or 'pt'")
+    n_prompts = len(_as_prompt_list(prompts))
+    default_height, default_width = default_size(pipe)
+    height = default_height if height is None else height
+    width = default_width if width is None else width
+    factor = _pipe_scale_factor(pipe)
+    _check_size("height", height, factor)
+    _check_size("width", width, factor)
+    check_size_is_sane(pipe.unet, height // factor, width // factor, scale=factor)
+    check_fits_in_memory(pipe.vae, n_prompts, height, width, "decode")
     device = _execution_device(pipe)
     timings: dict[str, float] = {}
     start = time.perf_counter()

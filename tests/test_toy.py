@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.models import load_pipeline
 from helpers.results import format_table
+from helpers.stages import generate
 from helpers.toy import (
     TOY_CONTROLNET_DIR,
     TOY_LDM_FILE,
     TOY_SD_DIR,
     control_adherence,
-    generate,
-    load_pipeline,
     parse_prompt,
     prompt_adherence,
     sample_scenes,
@@ -102,7 +102,13 @@ def test_oracle_reads_real_scenes():
 
 @pytest.fixture(scope="module")
 def pipe():
-    return load_pipeline()
+    return load_pipeline("toy")
+
+
+def toy_images(pipe, prompts: list[str], seed: int = 0, **kwargs) -> np.ndarray:
+    """(N, 64, 64, 3) uint8 through helpers.stages.generate, image i seeded seed + i."""
+    result = generate(pipe, prompts, seeds=range(seed, seed + len(prompts)), progress=False, **kwargs)
+    return np.stack([np.asarray(image) for image in result.images])
 
 
 def test_shipped_weights_are_present_and_small():
@@ -114,7 +120,7 @@ def test_shipped_weights_are_present_and_small():
     assert (TOY_CONTROLNET_DIR / "config.json").exists()
 
 
-# (prompt, pixel (y, x), expected RGB): generate(pipe, [prompt], seed=0), 20 steps, guidance 7.5, as shipped.
+# (prompt, pixel (y, x), expected RGB): toy_images(pipe, [prompt], seed=0), 20 steps, guidance 7.5, as shipped.
 # Rebuilding the weights changes these: record new ones from the same call.
 GOLDEN = [
     ("a red circle on the left", (32, 15), (221, 42, 45)),
@@ -126,7 +132,7 @@ GOLDEN = [
 
 def test_golden_pixels(pipe):
     for prompt, (y, x), rgb in GOLDEN:
-        image = generate(pipe, [prompt], seed=0)[0]
+        image = toy_images(pipe, [prompt], seed=0)[0]
         assert np.abs(image[y, x].astype(int) - rgb).max() <= 6, (prompt, image[y, x], rgb)
 
 
@@ -140,7 +146,7 @@ def test_prompt_adherence_floor_and_guidance_matters(pipe):
     oracle = load_oracle()
 
     def accuracy(sample, guidance_scale: float) -> dict[str, float]:
-        images = generate(pipe, sample.prompts, seed=0, num_inference_steps=20, guidance_scale=guidance_scale)
+        images = toy_images(pipe, sample.prompts, seed=0, num_inference_steps=20, guidance_scale=guidance_scale)
         assert images.shape == (len(sample.prompts), 64, 64, 3)
         readings, specs = read_images(oracle, images), [_as_spec(scene) for scene in sample.scenes]
         return {"all": adherence(readings, specs), **attribute_accuracy(readings, specs)}
@@ -161,7 +167,7 @@ def test_guidance_draws_every_shape(pipe):
     # guidance (which extrapolates away from the average) drew "a red circle" as a diamond for every seed.
     shapes = ("circle", "square", "triangle", "diamond")
     prompts = [f"a red {shape}" for shape in shapes for _ in range(4)]
-    readings = read_images(load_oracle(), generate(pipe, prompts, seed=0, guidance_scale=7.5))
+    readings = read_images(load_oracle(), toy_images(pipe, prompts, seed=0, guidance_scale=7.5))
     drawn = [reading.objects[0][0] if len(reading.objects) == 1 else None for reading in readings]
     for i, shape in enumerate(shapes):
         seeds_drawn = drawn[4 * i: 4 * i + 4]  # the 4 seeds of "a red {shape}"
@@ -170,22 +176,21 @@ def test_guidance_draws_every_shape(pipe):
 
 def test_cfg_cutoff_turns_guidance_off_per_image(pipe):
     prompts = ["a red circle on the left", "a large blue square on a white background"]
-    batch = generate(pipe, prompts, seed=0, num_inference_steps=4, cfg_cutoff=0.5)
-    alone = generate(pipe, prompts[1:], seed=1, num_inference_steps=4, cfg_cutoff=0.5)  # image i uses seed + i
+    batch = toy_images(pipe, prompts, seed=0, num_inference_steps=4, cfg_cutoff=0.5)
+    alone = toy_images(pipe, prompts[1:], seed=1, num_inference_steps=4, cfg_cutoff=0.5)  # image i uses seed + i
     assert np.abs(batch[1].astype(int) - alone[0]).max() <= 2  # diffusers' own callback fails on a batch
-    guided = generate(pipe, prompts, seed=0, num_inference_steps=4)
-    unguided = generate(pipe, prompts, seed=0, num_inference_steps=4, guidance_scale=1.0)
-    assert np.array_equal(generate(pipe, prompts, seed=0, num_inference_steps=4, cfg_cutoff=1.0), guided)
+    guided = toy_images(pipe, prompts, seed=0, num_inference_steps=4)
+    unguided = toy_images(pipe, prompts, seed=0, num_inference_steps=4, guidance_scale=1.0)
+    assert np.array_equal(toy_images(pipe, prompts, seed=0, num_inference_steps=4, cfg_cutoff=1.0), guided)
     assert np.abs(batch.astype(int) - guided).max() > 10 and np.abs(batch.astype(int) - unguided).max() > 10
     with pytest.raises(ValueError, match="cfg_cutoff=1.5 must be in"):
         generate(pipe, prompts, cfg_cutoff=1.5)
 
 
 def test_controlnet_follows_depth():
-    control_pipe = load_pipeline(controlnet=True)
+    control_pipe = load_pipeline("toy", controlnet="depth")
     sample = sample_scenes(8, seed=200, split="heldout", max_objects=2)
-    images = generate(control_pipe, sample.prompts, seed=0, num_inference_steps=20,
-                      control_images=sample.control_images())
+    images = toy_images(control_pipe, sample.prompts, seed=0, num_inference_steps=20, image=sample.control_images())
     assert control_adherence(images, sample.depth_maps) >= 0.7  # shipped weights: 0.78 on these 8 (bench: 0.84)
 
 
@@ -215,8 +220,8 @@ def test_folder_and_single_file_loads_are_identical(pipe):
     single.set_progress_bar_config(disable=True)
     for name in ("unet", "vae", "text_encoder"):
         assert getattr(single, name).dtype == torch.float32
-    a = generate(pipe, ["a green square on the right"], seed=5, num_inference_steps=4)
-    b = generate(single, ["a green square on the right"], seed=5, num_inference_steps=4)
+    a = toy_images(pipe, ["a green square on the right"], seed=5, num_inference_steps=4)
+    b = toy_images(single, ["a green square on the right"], seed=5, num_inference_steps=4)
     assert np.array_equal(a, b)
 
 

@@ -1,6 +1,7 @@
 """The toy model: a miniature Stable Diffusion trained by this project on a synthetic world of shapes.
 
-Shipped weights (diffusers layout, loadable with the same classes as SD 1.5):
+Shipped weights (diffusers layout, loadable with the same classes as SD 1.5; load them with
+`helpers.models.load_pipeline("toy", controlnet="depth")` and generate with `helpers.stages.generate`):
     TOY_SD_DIR          StableDiffusionPipeline folder (model_index.json, DDIM scheduler, no safety checker)
     TOY_CONTROLNET_DIR  ControlNetModel folder trained on the world's depth maps
     TOY_LDM_FILE        the same pipeline as one checkpoint in the original LDM key layout
@@ -51,82 +52,7 @@ def sample_scenes(
     return SceneSample([s.caption for s in scenes], images, depth_maps, scenes)
 
 
-def load_pipeline(controlnet: bool = False, sd_dir: Path = TOY_SD_DIR, controlnet_dir: Path = TOY_CONTROLNET_DIR):
-    """The shipped toy StableDiffusionPipeline (or StableDiffusionControlNetPipeline with the depth
-    ControlNet), float32 on CPU, progress bars off."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
-
-    if not (Path(sd_dir) / "model_index.json").exists():
-        raise FileNotFoundError(f"no toy pipeline in {sd_dir}; build it with `python -m helpers.toy.train`")
-    if controlnet:
-        pipe = StableDiffusionControlNetPipeline.from_pretrained(
-            sd_dir, controlnet=ControlNetModel.from_pretrained(controlnet_dir), local_files_only=True
-        )
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(sd_dir, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def cfg_cutoff_callback(cutoff_step_ratio: float):
-    """diffusers' `SDCFGCutoffCallback` (classifier-free guidance off after int(steps * ratio) steps) for a batch:
-    diffusers' own keeps `prompt_embeds[-1:]`, one prompt's embedding, so a batch of two fails in the UNet."""
-    from diffusers.callbacks import SDCFGCutoffCallback
-
-    class BatchCFGCutoffCallback(SDCFGCutoffCallback):
-        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
-            cutoff_step = int(pipeline.num_timesteps * self.config.cutoff_step_ratio)
-            if step_index == cutoff_step and pipeline.do_classifier_free_guidance:
-                prompt_embeds = callback_kwargs["prompt_embeds"]  # (2B, 77, hidden): negative half, then prompts
-                callback_kwargs["prompt_embeds"] = prompt_embeds.chunk(2)[1]  # -> (B, 77, hidden)
-                pipeline._guidance_scale = 0.0
-            return callback_kwargs
-
-    return BatchCFGCutoffCallback(cutoff_step_ratio=cutoff_step_ratio)
-
-
-def generate(
-    pipe,
-    prompts: list[str],
-    seed: int = 0,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 7.5,
-    control_images: list | None = None,
-    batch_size: int = 64,
-    cfg_cutoff: float | None = None,
-) -> np.ndarray:
-    """Images (N, H, W, 3) uint8 for `prompts`; image i uses torch.Generator seeded seed + i, so results
-    do not depend on batch_size. Pass `control_images` with a ControlNet pipeline. `cfg_cutoff` in [0, 1]:
-    guidance only for the first int(num_inference_steps * cfg_cutoff) + 1 steps (see `cfg_cutoff_callback`)."""
-    import torch
-
-    if control_images is not None and len(control_images) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(control_images)} control images")
-    if cfg_cutoff is not None and not 0.0 <= cfg_cutoff <= 1.0:
-        raise ValueError(f"cfg_cutoff={cfg_cutoff} must be in [0, 1]: the share of steps that use guidance")
-    if cfg_cutoff is not None and control_images is not None:
-        raise ValueError("cfg_cutoff works with the plain pipeline only: the ControlNet pipeline doubles its "
-                         "control images for guidance, and the callback cannot halve them")
-    callback = {} if cfg_cutoff is None else {"callback_on_step_end": cfg_cutoff_callback(cfg_cutoff)}
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        stop = min(start + batch_size, len(prompts))
-        kwargs = {} if control_images is None else {"image": list(control_images[start:stop])}
-        out = pipe(
-            list(prompts[start:stop]),
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=[torch.Generator().manual_seed(seed + i) for i in range(start, stop)],
-            output_type="np",
-            **kwargs,
-            **callback,
-        )
-        images.append(np.round(out.images * 255).astype(np.uint8))  # (b, H, W, 3) float [0, 1] -> uint8
-    return np.concatenate(images)
-
-
 __all__ = [
-    "cfg_cutoff_callback", "generate", "load_pipeline",
     "TOY_CONTROLNET_DIR", "TOY_LDM_FILE", "TOY_SD_DIR", "SceneSample", "control_adherence", "load_oracle",
     "parse_prompt", "prompt_adherence", "read_images", "sample_scenes", "world",
 ]
