@@ -127,7 +127,9 @@ def build_app(model: str = "toy", models=None, cache=None):
         prompt.submit(on_generate, inputs, [image, info], api_name=False)
         dice.click(random_seed, None, seed, api_name=False, queue=False)
         model_box.change(on_model_change, model_box, [height, width, status], api_name=False)
-    # one request at a time: a second one waits its turn instead of competing for the same model and cores
+    # one request at a time: a second one waits its turn instead of competing for the same model and cores. It must:
+    # the fast CLIP tokenizer keeps its padding setting between calls, so two requests tokenizing at once get
+    # mismatched lengths (tried with 3 at once: "negative_prompt_embeds has shape (1, 77, 64) but ... (1, 13, 64)")
     return demo.queue(default_concurrency_limit=1, max_size=64)
 
 

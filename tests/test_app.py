@@ -138,8 +138,13 @@ def test_concurrent_requests_each_get_their_own_image(server, toy_pipe):
         prompt, seed = prompt_seed
         return client.predict(prompt, "", STEPS, 7.5, seed, 64, 64, "toy", api_name="/generate")
 
+    start = time.perf_counter()
     with ThreadPoolExecutor(len(asks)) as pool:
         answers = list(pool.map(ask, asks))
+    wall = time.perf_counter() - start
+    # served in turn: one after the other, the answers took at least their generation times added up (had they run
+    # side by side, each one's time would span the others' and their sum would exceed the wall time)
+    assert wall >= sum(info["timings"]["total"] for _, info in answers)
 
     images = [read_pixels(path) for path, _ in answers]
     for (prompt, seed), (_, info), image in zip(asks, answers, images):
