@@ -1,13 +1,15 @@
 """Batching per stage: N calls of batch 1 against one call of N, for encode_text, denoise, decode (and the chain).
 
-    python -m helpers bench batching [--model sd15-random] [--n 4] [--steps 20] [--height 256] [--width 256]
+    python -m helpers bench batching [--model sd15-random] [--n 4] [--steps 20] [--height 128] [--width 128]
                                      [--max-batch N] [--stages encode_text denoise decode] [--repeats 3]
 
 The default `sd15-random` has SD 1.5's real architecture with random weights (fp32 on the CPU, fp16 on CUDA), so
-its times are SD 1.5's times on this machine. Its defaults (N=4 at 256×256, 20 steps) take about 10 minutes on
-2 CPU cores; on a GPU try `--n 16 --height 512 --width 512`. `--model toy` runs the shipped toy model. The same
-code as notebook 03 (`helpers.batching.compare`): the same seeds both ways, and the outputs' largest difference
-is reported. Prints the table and its rows as JSON, and writes outputs/bench_batching.json.
+its times are SD 1.5's times on this machine. Its CPU defaults (N=4 at 128×128, 20 steps) take about 10 minutes
+with 2 threads on this project's 2-core machines: one UNet call (batch 2, 16×16 latents) took 5.1 s of one core
+here and a VAE decode 4.6 s (at 256×256: 13.5 s and 20 s). On a GPU the default is 512×512: try `--n 16`.
+`--model toy` runs the shipped toy model. The same code as notebook 03 (`helpers.batching.compare`): the same
+seeds both ways, and the outputs' largest difference is reported. Prints the table and its rows as JSON, and
+writes outputs/bench_batching.json.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from helpers.batching import COMPARE_COLUMNS, STAGES, StageJob, check_count, com
 from helpers.models import load_pipeline
 from helpers.results import format_table, record_results
 
-CPU_SD15_SIZE = 256  # pixels: SD 1.5-shaped compute at a size that fits ~10 minutes on 2 CPU cores
+CPU_SD15_SIZE = 128  # pixels: SD 1.5-shaped compute at a size that fits ~10 minutes on 2 CPU cores
 
 
 def parse_args(argv: list[str] | None):
@@ -45,7 +47,7 @@ def parse_args(argv: list[str] | None):
     for name in ("max_batch", "height", "width"):
         if getattr(args, name) is not None:
             check_count(f"--{name.replace('_', '-')}", getattr(args, name))
-    if args.model == "sd15-random" and not torch.cuda.is_available():  # 512×512 would take an hour here
+    if args.model == "sd15-random" and not torch.cuda.is_available():  # 512×512 would take hours here
         args.height, args.width = args.height or CPU_SD15_SIZE, args.width or args.height or CPU_SD15_SIZE
     return args
 
