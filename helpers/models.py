@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -168,7 +169,8 @@ def load_controlnet(model: str, controlnet, dtype: torch.dtype) -> ControlNetMod
         raise TypeError(f"controlnet must be a name {sorted(SD15_CONTROLNET_HUB_IDS)}, a folder, a hub id, a "
                         f"ControlNetModel or a list of those; got {type(controlnet).__name__}")
     source = controlnet_source(model, str(controlnet))
-    return ControlNetModel.from_pretrained(source, torch_dtype=dtype, local_files_only=hub_offline())
+    with explained_hub_errors(source):
+        return ControlNetModel.from_pretrained(source, torch_dtype=dtype, local_files_only=hub_offline())
 
 
 def load_pipeline(
@@ -249,9 +251,46 @@ def _load_weights(model: str, dtype: torch.dtype, safety_checker: bool, single_f
         raise FileNotFoundError(
             f"MODEL={model!r} is neither 'toy', {RANDOM_MODELS}, an existing path, nor a hub id like {SD15_HUB_ID!r}"
         )
-    return StableDiffusionPipeline.from_pretrained(
-        model, torch_dtype=dtype, local_files_only=hub_offline(), low_cpu_mem_usage=True, **extra
-    )
+    return _from_hub(model, dtype, extra)
+
+
+class ModelNotAvailableError(FileNotFoundError):
+    """A hub model that cannot be had here: offline and not in the local cache, or refused by the hub."""
+
+
+def _from_hub(model: str, dtype: torch.dtype, extra: dict) -> DiffusionPipeline:
+    with explained_hub_errors(model):
+        return StableDiffusionPipeline.from_pretrained(
+            model, torch_dtype=dtype, local_files_only=hub_offline(), low_cpu_mem_usage=True, **extra
+        )
+
+
+@contextmanager
+def explained_hub_errors(model: str):
+    """Turn the hub's errors for a model that cannot be had into one that says why and what to do."""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        yield
+    except LocalEntryNotFoundError as error:
+        why = "HF_HUB_OFFLINE=1 is set" if hub_offline() else "the hub cannot be reached"
+        raise ModelNotAvailableError(
+            f"{model!r} is a hub model, but {why} and it is not in the local cache. Connect to the internet "
+            "(on Kaggle: Settings → Internet on) and unset HF_HUB_OFFLINE, or use MODEL='toy' offline."
+        ) from error
+    except (GatedRepoError, RepositoryNotFoundError) as error:
+        raise ModelNotAvailableError(
+            f"the hub refused {model!r} ({type(error).__name__}): check the id, and for a gated model accept "
+            "its licence on the hub and log in (huggingface_hub.login() or the HF_TOKEN secret)."
+        ) from error
+    except OSError as error:  # diffusers' models re-raise the hub's errors as a plain OSError
+        if Path(model).expanduser().exists() or isinstance(error, ModelNotAvailableError):
+            raise
+        why = "HF_HUB_OFFLINE=1 is set and it is not in the local cache" if hub_offline() else str(error)
+        raise ModelNotAvailableError(
+            f"{model!r} is a hub model, but {why}. Connect to the internet and unset HF_HUB_OFFLINE, or use the "
+            "toy model's nets offline (MODEL='toy')."
+        ) from error
 
 
 COMPONENT_CLASSES = {
