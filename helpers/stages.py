@@ -187,6 +187,9 @@ def denoise(
       prompt), `controlnet_conditioning_scale`, `control_guidance_start`/`end` (the share of steps a net acts on;
       a float, or one per net) and `guess_mode`. Lists of the wrong length are refused, not truncated.
     - `callback(step_index, t, latents)` runs every `callback_steps` steps, e.g. to keep intermediate latents.
+
+    The body is the pipeline's numbered steps as an outline (longer than most functions here for that reason:
+    one step, one line or two); each step's detail lives in the functions below it.
     """
     # 0. Default height and width to unet
     default_height, default_width = default_size(pipe)
