@@ -153,6 +153,7 @@ class GenerationPanel:
             display(self.widget())
             return
         print(f"No frontend to click in ({reason}): the panel is not drawn; here is one result with its settings.")
+        self.preview_every.value = 0  # nobody would see the previews: do not spend time decoding them
         self.button.click()
         if self.error:
             print(self.error)

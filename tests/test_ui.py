@@ -200,7 +200,7 @@ def test_show_under_papermill_draws_a_static_result(tmp_path):
     outputs = ran.cells[1].outputs
     text = "".join(out.get("text", "") for out in outputs)
     assert "No frontend to click in (run by papermill/nbclient)" in text
-    assert "denoise" in text and "(2 images)" in text
+    assert "denoise" in text and "(2 images)" in text and "previews" not in text  # no previews nobody sees
     pictures = [out for out in outputs if "image/png" in out.get("data", {})]
     assert len(pictures) == 1, "one static grid of the two images"
     widget_views = [out["data"]["text/plain"] for out in outputs
