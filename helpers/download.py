@@ -440,20 +440,80 @@ def _file_error(alert, dest: Path) -> DownloadError:
     return DownloadError(f"libtorrent storage error in {dest}: {message}")
 
 
-class _Torrent:
-    """One libtorrent session with one torrent; all the polling, alerts and resume data in one place."""
+_CHECKING = (lt.torrent_status.checking_files, lt.torrent_status.checking_resume_data)
 
-    def __init__(self, params: lt.add_torrent_params, settings: dict, dest: Path, extra_peers: Iterable):
-        self.dest = dest
+
+@dataclass
+class _Target:
+    """What download_torrent was asked for, resolved before any network: the torrent, the folder, the file."""
+
+    magnet: MagnetLink | None
+    info: lt.torrent_info | None  # the metadata, when a .torrent (or resume data) gave it
+    dest: Path
+    name: str | None  # the magnet's dn or the torrent's name; None until the metadata tells
+    expected_size: int | None  # the magnet's xl or the torrent's size
+    info_hash: str
+    t0: float
+    started: str
+    resume_file: Path | None = None
+    stored: lt.add_torrent_params | None = None  # this torrent's resume data found next to the file
+
+    @property
+    def path(self) -> Path | None:
+        return self.dest / self.name if self.name else None
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """When the wait gives up or stops (seconds), and how often it saves resume data."""
+
+    metadata_timeout: float
+    stall_timeout: float
+    timeout: float | None
+    resume_interval: float
+    stop_when: Callable[[lt.torrent_status], bool] | None
+
+
+class _Torrent:
+    """One libtorrent session with one torrent: the polling, alerts, progress and resume data in one place."""
+
+    def __init__(
+        self,
+        target: _Target,
+        params: lt.add_torrent_params,
+        settings: dict,
+        extra_peers: list,
+        *,
+        dht: bool,
+        progress: bool,
+    ):
+        self.target = target
+        self.dest = target.dest
         self.session = lt.session(settings)
-        params.save_path = str(dest)
+        params.save_path = str(self.dest)
         self.handle = self.session.add_torrent(params)
         for peer in extra_peers:
             self.handle.connect_peer(tuple(peer))
+        trackers = len(target.magnet.trackers) if target.magnet else 0
+        self.tried = f"tried {len(extra_peers)} listed peer(s), {trackers} tracker(s), DHT {'on' if dht else 'off'}"
+        self.progress = progress
+        # what the alerts said
         self.hash_failures = 0
         self.banned_peers = 0
         self.resume_data: bytes | None = None
         self.error: DownloadError | None = None
+        # the file (its name comes from the metadata when the magnet has no dn)
+        self.name = target.name
+        self.resume_file = target.resume_file
+        self.file_path: Path | None = None
+        # progress of the wait
+        self.bar = None  # the tqdm bar, made when the metadata arrives
+        self.peers_max = 0
+        self.resumed_bytes: int | None = None  # verified bytes on disk before any payload of this run
+        self.last_done, self.last_change = 0, time.monotonic()
+        self.last_resume_save = time.monotonic()
+
+    # --- libtorrent: alerts and resume data ------------------------------------------------------------
 
     def poll(self, wait_ms: int = 200) -> lt.torrent_status:
         self.session.wait_for_alert(wait_ms)
@@ -497,6 +557,159 @@ class _Torrent:
             finally:
                 self.session.pause()
                 self.session = None
+        if self.bar is not None:
+            self.bar.close()
+
+    # --- the wait ----------------------------------------------------------------------------------------
+
+    def wait_until_complete(self, limits: _Limits) -> lt.torrent_status:
+        """Poll until every piece is in and verified; keep the resume data whatever happens; close the session."""
+        try:
+            st = self._poll_until_complete(limits)
+        except BaseException:
+            # keep what was verified so the next call resumes (also on Ctrl-C)
+            if self.handle.is_valid() and self.handle.status().has_metadata and self.resume_file is not None:
+                self.save_resume(self.resume_file)
+            raise
+        else:
+            self.save_resume(self.resume_file)  # complete resume data = the metadata, kept for later cache checks
+            self.handle.flush_cache()
+        finally:
+            self.close()
+        return st
+
+    def _poll_until_complete(self, limits: _Limits) -> lt.torrent_status:
+        while True:
+            st = self.poll()
+            now = time.monotonic()
+            if self.error is not None:
+                raise self.error
+            self.peers_max = max(self.peers_max, st.num_peers)
+            if not st.has_metadata:
+                self._check_metadata_timeout(st, now, limits.metadata_timeout)
+                self.last_change = now
+                continue
+            if self.bar is None:
+                self._on_metadata(st.total_wanted)
+            if st.state in _CHECKING:
+                self.bar.set_postfix_str("checking pieces on disk")
+                self.last_change = now
+                continue
+            self._show_progress(st)
+            if st.total_done >= st.total_wanted and st.is_finished:
+                return st
+            self._check_stall(st, now, limits.stall_timeout)
+            self._check_timeout_and_stop(st, now, limits)
+            if now - self.last_resume_save > limits.resume_interval and st.need_save_resume:
+                self.save_resume(self.resume_file)
+                self.last_resume_save = now
+
+    def _check_metadata_timeout(self, st: lt.torrent_status, now: float, metadata_timeout: float) -> None:
+        if now - self.target.t0 > metadata_timeout:
+            who = f"{st.num_peers} peer(s) connected but none sent it" if st.num_peers else "no peer connected"
+            raise NoPeersError(
+                f"no metadata for {self.target.info_hash} after {metadata_timeout:.0f} s ({who}; "
+                f"{self.tried}). Check the magnet link and the network."
+            )
+
+    def _on_metadata(self, total: int) -> None:
+        """The metadata arrived: check it against the link, name the file, check the space, start the bar."""
+        magnet = self.target.magnet
+        if magnet and magnet.size is not None and total != magnet.size:
+            raise MagnetError(
+                f"the magnet says xl={magnet.size:,} bytes but the torrent's metadata says {total:,}: "
+                "wrong or malformed magnet link"
+            )
+        files = self.handle.torrent_file().files()
+        if files.num_files() != 1:
+            raise MagnetError(
+                f"the torrent holds {files.num_files()} files; download_torrent fetches single-file torrents"
+            )
+        self.file_path = self.dest / files.file_path(0)  # the name inside the torrent (the magnet's dn is a hint)
+        if self.name is None:
+            self.name = self.file_path.name
+            self.resume_file = resume_path(self.dest, self.name)
+        elif self.file_path.name != self.name:
+            print(f"note: the magnet calls the file {self.name!r}, the torrent calls it {self.file_path.name!r}")
+        check_disk_space(self.dest, total, self.file_path)
+        self.bar = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1000,
+            desc=self.name,
+            disable=not self.progress,
+            mininterval=0.5,
+        )
+
+    def _show_progress(self, st: lt.torrent_status) -> None:
+        if self.resumed_bytes is None:  # pieces that passed their hash before any payload of this run
+            self.resumed_bytes = max(0, _verified_bytes(st, self.handle) - st.total_payload_download)
+        self.bar.update(st.total_done - self.bar.n)
+        self.bar.set_postfix(
+            peers=st.num_peers,
+            seeds=st.num_seeds,
+            rate=f"{format_bytes(st.download_payload_rate)}/s",
+            refresh=False,
+        )
+
+    def _check_stall(self, st: lt.torrent_status, now: float, stall_timeout: float) -> None:
+        """No new byte for `stall_timeout` s: the peers send corrupt data (if pieces failed) or nothing."""
+        if st.total_done > self.last_done:
+            self.last_done, self.last_change = st.total_done, now
+        elif now - self.last_change > stall_timeout:
+            if self.hash_failures or st.total_failed_bytes:
+                raise CorruptDataError(
+                    f"{self.hash_failures} piece(s) ({format_bytes(st.total_failed_bytes)}) failed their SHA-1 "
+                    f"hash and no good data arrived for {stall_timeout:.0f} s: the peers send corrupt data "
+                    f"({self.banned_peers} peer(s) banned for it)"
+                )
+            raise NoPeersError(
+                f"no data for {stall_timeout:.0f} s at {st.progress:.1%} ({st.num_peers} peers connected)"
+            )
+
+    def _check_timeout_and_stop(self, st: lt.torrent_status, now: float, limits: _Limits) -> None:
+        if limits.timeout is not None and now - self.target.t0 > limits.timeout:
+            raise DownloadTimeoutError(f"download not finished after {limits.timeout:.0f} s ({st.progress:.1%} done)")
+        if limits.stop_when is not None and limits.stop_when(st):
+            kept = _verified_bytes(st, self.handle)
+            raise DownloadInterrupted(
+                f"stopped at {st.progress:.1%} ({format_bytes(kept)} in verified pieces kept); call again to resume",
+                kept,
+                st.total_wanted,
+            )
+
+    # --- the result --------------------------------------------------------------------------------------
+
+    def report(self, st: lt.torrent_status, sha256: str | None) -> DownloadReport:
+        """The final check and report, from the status that completed the download."""
+        t1, finished = _now()
+        total = st.total_wanted
+        # libtorrent verified every piece on arrival; re-check size, header (and optionally SHA-256) on disk
+        verified = verify_file(self.file_path, total, sha256=sha256)
+        verified["pieces"] = f"ok ({st.num_pieces} SHA-1, checked by libtorrent on arrival)"
+        resumed = self.resumed_bytes or 0
+        downloaded = total - resumed
+        return DownloadReport(
+            "torrent",
+            str(self.file_path),
+            total,
+            self.target.started,
+            finished,
+            t1 - self.target.t0,
+            downloaded,
+            resumed_bytes=resumed,
+            cached=downloaded == 0,
+            peers_max=self.peers_max,
+            verified=verified,
+            detail={
+                "info_hash": self.target.info_hash,
+                "payload_downloaded": st.total_payload_download,
+                "failed_bytes": st.total_failed_bytes,
+                "redundant_bytes": st.total_redundant_bytes,
+                "hash_failures": self.hash_failures,
+            },
+        )
 
 
 def _has_all_pieces(params: lt.add_torrent_params) -> bool:
@@ -531,6 +744,81 @@ def _torrent_source(source: str | Path | lt.torrent_info) -> tuple[MagnetLink | 
     raise MagnetError(f"expected a magnet link or a .torrent file, got {str(source)[:80]!r}")
 
 
+def _resolve_target(source: str | Path | lt.torrent_info, dest_dir: str | Path) -> _Target:
+    """Parse the source (before touching the folder), make the folder, find this torrent's resume data."""
+    magnet, info = _torrent_source(source)
+    info_hash = magnet.info_hash if magnet else str(info.info_hashes().v1)
+    name = magnet.name if magnet and magnet.name else (info.name() if info else None)
+    dest = ensure_writable_dir(dest_dir)
+    t0, started = _now()
+    resume_file = resume_path(dest, name) if name else None
+    stored = _read_resume(resume_file) if resume_file and resume_file.is_file() else None
+    if stored is not None and str(stored.info_hashes.v1) != info_hash:
+        stored = None  # resume data of another torrent with the same name: ignore it
+    expected_size = magnet.size if magnet else info.total_size()
+    return _Target(magnet, info, dest, name, expected_size, info_hash, t0, started, resume_file, stored)
+
+
+def _cached_report(target: _Target, verify_cached_pieces: bool, sha256: str | None) -> DownloadReport | None:
+    """The report of a file already complete on disk that verifies; None (to download) otherwise.
+
+    Only with the metadata at hand (stored resume data or a .torrent) can a file be checked offline; a file of
+    the right size without it may be an interrupted download with holes, so libtorrent checks it piece by
+    piece once the metadata arrives (and the report says cached if nothing had to be fetched). Bad pieces are
+    marked missing in the stored resume data so that only those are fetched again.
+    """
+    stored, path = target.stored, target.path
+    partial = stored is not None and not _has_all_pieces(stored)  # an interrupted download
+    known = stored.ti if stored is not None and stored.ti is not None else target.info
+    present = path is not None and path.is_file() and target.expected_size == path.stat().st_size
+    if not present or partial or known is None:
+        return None
+    bad = check_pieces(path, known) if verify_cached_pieces else []
+    if bad:
+        print(
+            f"{target.name} is on disk but {len(bad)} of {known.num_pieces()} pieces fail their hash; "
+            "fetching just those again"
+        )
+        if stored is not None:  # tell libtorrent which pieces it no longer has
+            have = list(stored.have_pieces)
+            for i in bad:
+                have[i] = False
+            stored.have_pieces = have
+        return None
+    try:
+        verified = verify_file(path, target.expected_size, sha256=sha256)
+    except VerificationError as exc:
+        print(f"{target.name} is on disk but does not verify ({exc}); libtorrent will check it piece by piece")
+        target.stored, target.info = None, known  # no resume data: libtorrent hashes the file and keeps good pieces
+        return None
+    verified["pieces"] = f"ok ({known.num_pieces()} SHA-1)" if verify_cached_pieces else "not checked"
+    t1, finished = _now()
+    return DownloadReport(
+        "torrent",
+        str(path),
+        target.expected_size,
+        target.started,
+        finished,
+        t1 - target.t0,
+        0,
+        resumed_bytes=target.expected_size,
+        cached=True,
+        verified=verified,
+        detail={"info_hash": target.info_hash},
+    )
+
+
+def _start_params(target: _Target) -> lt.add_torrent_params:
+    """Resume from the stored resume data, else start from the .torrent's metadata, else from the magnet."""
+    if target.stored is not None:
+        return target.stored
+    if target.info is not None:
+        params = lt.add_torrent_params()
+        params.ti = target.info
+        return params
+    return lt.parse_magnet_uri(target.magnet.to_uri())
+
+
 def download_torrent(
     source: str | Path | lt.torrent_info,
     dest_dir: str | Path,
@@ -561,202 +849,21 @@ def download_torrent(
 
     Returns a DownloadReport; `cached=True` when the file was already complete.
     """
-    magnet, info = _torrent_source(source)
-    name = magnet.name if magnet and magnet.name else (info.name() if info else None)
-    expected_size = magnet.size if magnet else info.total_size()
-    info_hash = magnet.info_hash if magnet else str(info.info_hashes().v1)
-    dest = ensure_writable_dir(dest_dir)
-    t0, started = _now()
-
-    # 1. already there? (the file, plus the metadata to check its pieces against)
-    resume_file = resume_path(dest, name) if name else None
-    stored = _read_resume(resume_file) if resume_file and resume_file.is_file() else None
-    if stored is not None and str(stored.info_hashes.v1) != info_hash:
-        stored = None  # resume data of another torrent with the same name: ignore it
-    partial = stored is not None and not _has_all_pieces(stored)  # an interrupted download
-    # Only with the metadata at hand (stored resume data or a .torrent) can a file be checked offline; a file
-    # of the right size without it may be an interrupted download with holes, so libtorrent checks it
-    # piece by piece once the metadata arrives (and the report says cached if nothing had to be fetched).
-    known = stored.ti if stored is not None and stored.ti is not None else info
-    present = name and (dest / name).is_file() and expected_size == (dest / name).stat().st_size
-    if present and not partial and known is not None:
-        bad = check_pieces(dest / name, known) if verify_cached_pieces else []
-        if bad:
-            print(
-                f"{name} is on disk but {len(bad)} of {known.num_pieces()} pieces fail their hash; "
-                "fetching just those again"
-            )
-            if stored is not None:  # tell libtorrent which pieces it no longer has
-                have = list(stored.have_pieces)
-                for i in bad:
-                    have[i] = False
-                stored.have_pieces = have
-        else:
-            try:
-                verified = verify_file(dest / name, expected_size, sha256=sha256)
-            except VerificationError as exc:
-                print(f"{name} is on disk but does not verify ({exc}); libtorrent will check it piece by piece")
-                stored, info = None, known  # no resume data: libtorrent hashes the file and keeps good pieces
-            else:
-                verified["pieces"] = f"ok ({known.num_pieces()} SHA-1)" if verify_cached_pieces else "not checked"
-                t1, finished = _now()
-                return DownloadReport(
-                    "torrent",
-                    str(dest / name),
-                    expected_size,
-                    started,
-                    finished,
-                    t1 - t0,
-                    0,
-                    resumed_bytes=expected_size,
-                    cached=True,
-                    verified=verified,
-                    detail={"info_hash": info_hash},
-                )
-    if expected_size:
-        check_disk_space(dest, expected_size, dest / name if name else None)
-
-    # 2. start (or resume) the torrent
-    if stored is not None:
-        params = stored
-    elif info is not None:
-        params = lt.add_torrent_params()
-        params.ti = info
-    else:
-        params = lt.parse_magnet_uri(magnet.to_uri())
-    extra_peers = list(peers) + (list(magnet.peers) if magnet else [])
-    run = _Torrent(params, _session_settings(listen_interfaces, dht, settings), dest, extra_peers)
-    bar = None
-    complete = False
-    peers_max = 0
-    resumed_bytes = None
-    last_done, last_change = 0, time.monotonic()
-    last_resume_save = time.monotonic()
-    try:
-        while True:
-            st = run.poll()
-            now = time.monotonic()
-            if run.error is not None:
-                raise run.error
-            peers_max = max(peers_max, st.num_peers)
-            if not st.has_metadata:
-                if now - t0 > metadata_timeout:
-                    who = f"{st.num_peers} peer(s) connected but none sent it" if st.num_peers else "no peer connected"
-                    raise NoPeersError(
-                        f"no metadata for {info_hash} after {metadata_timeout:.0f} s ({who}; "
-                        f"tried {len(extra_peers)} listed peer(s), {len(magnet.trackers) if magnet else 0} "
-                        f"tracker(s), DHT {'on' if dht else 'off'}). Check the magnet link and the network."
-                    )
-                last_change = now
-                continue
-            total = st.total_wanted
-            if bar is None:
-                if magnet and magnet.size is not None and total != magnet.size:
-                    raise MagnetError(
-                        f"the magnet says xl={magnet.size:,} bytes but the torrent's metadata says {total:,}: "
-                        "wrong or malformed magnet link"
-                    )
-                files = run.handle.torrent_file().files()
-                if files.num_files() != 1:
-                    raise MagnetError(
-                        f"the torrent holds {files.num_files()} files; download_torrent fetches single-file torrents"
-                    )
-                file_path = dest / files.file_path(0)  # the name inside the torrent (the magnet's dn is a hint)
-                if name is None:
-                    name = file_path.name
-                    resume_file = resume_path(dest, name)
-                elif file_path.name != name:
-                    print(f"note: the magnet calls the file {name!r}, the torrent calls it {file_path.name!r}")
-                check_disk_space(dest, total, file_path)
-                bar = tqdm(
-                    total=total,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1000,
-                    desc=name,
-                    disable=not progress,
-                    mininterval=0.5,
-                )
-            if st.state in (lt.torrent_status.checking_files, lt.torrent_status.checking_resume_data):
-                bar.set_postfix_str("checking pieces on disk")
-                last_change = now
-                continue
-            if resumed_bytes is None:  # pieces that passed their hash before any payload of this run
-                resumed_bytes = max(0, _verified_bytes(st, run.handle) - st.total_payload_download)
-            bar.update(st.total_done - bar.n)
-            bar.set_postfix(
-                peers=st.num_peers,
-                seeds=st.num_seeds,
-                rate=f"{format_bytes(st.download_payload_rate)}/s",
-                refresh=False,
-            )
-            if st.total_done >= total and st.is_finished:
-                complete = True
-                break
-            if st.total_done > last_done:
-                last_done, last_change = st.total_done, now
-            elif now - last_change > stall_timeout:
-                if run.hash_failures or st.total_failed_bytes:
-                    raise CorruptDataError(
-                        f"{run.hash_failures} piece(s) ({format_bytes(st.total_failed_bytes)}) failed their SHA-1 "
-                        f"hash and no good data arrived for {stall_timeout:.0f} s: the peers send corrupt data "
-                        f"({run.banned_peers} peer(s) banned for it)"
-                    )
-                raise NoPeersError(
-                    f"no data for {stall_timeout:.0f} s at {st.progress:.1%} ({st.num_peers} peers connected)"
-                )
-            if timeout is not None and now - t0 > timeout:
-                raise DownloadTimeoutError(f"download not finished after {timeout:.0f} s ({st.progress:.1%} done)")
-            if stop_when is not None and stop_when(st):
-                kept = _verified_bytes(st, run.handle)
-                raise DownloadInterrupted(
-                    f"stopped at {st.progress:.1%} ({format_bytes(kept)} in verified pieces kept); "
-                    "call again to resume",
-                    kept,
-                    total,
-                )
-            if now - last_resume_save > resume_interval and st.need_save_resume:
-                run.save_resume(resume_file)
-                last_resume_save = now
-    except BaseException:
-        # keep what was verified so the next call resumes (also on Ctrl-C)
-        if run.handle.is_valid() and run.handle.status().has_metadata and resume_file is not None:
-            run.save_resume(resume_file)
-        raise
-    finally:
-        if complete:
-            run.save_resume(resume_file)  # complete resume data = the metadata, kept for later cache checks
-            run.handle.flush_cache()
-        run.close()
-        if bar is not None:
-            bar.close()
-
-    t1, finished = _now()
-    path = file_path
-    # libtorrent verified every piece on arrival; re-check size, header (and optionally SHA-256) on disk
-    verified = verify_file(path, total, sha256=sha256)
-    verified["pieces"] = f"ok ({st.num_pieces} SHA-1, checked by libtorrent on arrival)"
-    downloaded = total - (resumed_bytes or 0)
-    return DownloadReport(
-        "torrent",
-        str(path),
-        total,
-        started,
-        finished,
-        t1 - t0,
-        downloaded,
-        resumed_bytes=resumed_bytes or 0,
-        cached=downloaded == 0,
-        peers_max=peers_max,
-        verified=verified,
-        detail={
-            "info_hash": info_hash,
-            "payload_downloaded": st.total_payload_download,
-            "failed_bytes": st.total_failed_bytes,
-            "redundant_bytes": st.total_redundant_bytes,
-            "hash_failures": run.hash_failures,
-        },
-    )
+    # 1. resolve the source; 2. already there? (the file, plus the metadata to check its pieces against)
+    target = _resolve_target(source, dest_dir)
+    cached = _cached_report(target, verify_cached_pieces, sha256)
+    if cached is not None:
+        return cached
+    if target.expected_size:
+        check_disk_space(target.dest, target.expected_size, target.path)
+    # 3. start (or resume) the torrent
+    extra_peers = list(peers) + (list(target.magnet.peers) if target.magnet else [])
+    session_settings = _session_settings(listen_interfaces, dht, settings)
+    run = _Torrent(target, _start_params(target), session_settings, extra_peers, dht=dht, progress=progress)
+    # 4. wait until every piece is in and verified; 5. check the file on disk and report
+    limits = _Limits(metadata_timeout, stall_timeout, timeout, resume_interval, stop_when)
+    st = run.wait_until_complete(limits)
+    return run.report(st, sha256)
 
 
 # ---------------------------------------------------------------------------------------------------------------
