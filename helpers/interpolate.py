@@ -6,6 +6,8 @@ clean the midpoints are on the toy model.
   vector, so slerp measures the angle per sample, never across the batch.
 - `interpolation_alphas(num_divisions)`: 0, 1/N, ..., 1. `interpolate(v0, v1, num_divisions, method)`: the list of
   interpolated tensors at those alphas.
+- `morph_midpoints` / `midpoint_quality`: generations A and B and their midpoints by noise slerp, noise lerp and
+  final-latent lerp, and on the toy model how the oracle reads them (with `colour_purity`: flat shape or blend).
 - Why slerp: a Gaussian sample in many dimensions lies near the sphere of radius sqrt(D). The straight line between
   two independent samples cuts through the inside of that sphere: at alpha 0.5 its norm is about 1/sqrt(2) of the
   ends' (`expected_lerp_norm_ratio`), a latent the UNet never saw as noise. Slerp walks along the sphere instead.
@@ -50,9 +52,10 @@ def _check_endpoints(v0: torch.Tensor, v1: torch.Tensor) -> None:
         raise ValueError(f"v0 and v1 are {v0.dtype}: interpolation needs floating-point tensors")
 
 
-def _as_t(t, device: torch.device) -> torch.Tensor:
-    """`t` as a float64 tensor (a 0-dim scalar or a 1-dim vector), every value checked to lie in [0, 1]."""
-    t_tensor = torch.as_tensor(t, dtype=torch.float64).to(device)
+def _as_t(t) -> torch.Tensor:
+    """`t` as a float64 CPU tensor (a 0-dim scalar or a 1-dim vector), every value checked to lie in [0, 1]
+    (checked on the CPU in float64: MPS has no float64, and a GPU check would wait for the device anyway)."""
+    t_tensor = torch.as_tensor(t).detach().to("cpu", torch.float64)
     if t_tensor.ndim > 1:
         raise ValueError(f"t has shape {tuple(t_tensor.shape)}: give a scalar or a vector (1-D) of values in [0, 1]")
     if t_tensor.numel() == 0:
@@ -77,9 +80,9 @@ def _broadcast_t(t: torch.Tensor, v0: torch.Tensor) -> torch.Tensor:
 def lerp(t, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """(1 - t) · v0 + t · v1, exact at t = 0 and 1 (torch.lerp). t a scalar, or K values: then (K, *v0.shape)."""
     _check_endpoints(v0, v1)
-    t = _broadcast_t(_as_t(t, v0.device), v0)
     compute_dtype = torch.promote_types(v0.dtype, torch.float32)  # fp16/bf16 inputs: weights in fp32
-    result = torch.lerp(v0.to(compute_dtype), v1.to(compute_dtype), t.to(compute_dtype))
+    t = _broadcast_t(_as_t(t), v0).to(v0.device, compute_dtype)
+    result = torch.lerp(v0.to(compute_dtype), v1.to(compute_dtype), t)
     return result.to(v0.dtype)
 
 
@@ -94,13 +97,12 @@ def slerp(t, v0: torch.Tensor, v1: torch.Tensor, parallel_threshold: float = PAR
     _check_endpoints(v0, v1)
     if not 0.0 < parallel_threshold <= 1.0:
         raise ValueError(f"parallel_threshold={parallel_threshold} must be in (0, 1]: a bound on |cos θ|")
-    t = _broadcast_t(_as_t(t, v0.device), v0)
     compute_dtype = torch.promote_types(v0.dtype, torch.float32)
+    t = _broadcast_t(_as_t(t), v0).to(v0.device, compute_dtype)
     a, b = v0.to(compute_dtype), v1.to(compute_dtype)
     dot = _per_sample_cosine(a, b)  # (batch, 1, ..., 1), or 0-dim for 1-D vectors
     theta = torch.arccos(dot.clamp(-1.0, 1.0))
     sin_theta = torch.sin(theta)
-    t = t.to(compute_dtype)
     # (1 - t) θ is exactly 0 at t = 1 and t θ is exactly θ, so the weights are exactly (1, 0) and (0, 1) at the ends
     weight0 = torch.sin((1 - t) * theta) / sin_theta
     weight1 = torch.sin(t * theta) / sin_theta
@@ -175,6 +177,9 @@ def noise_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torch.
 # ---------------------------------------------------------------------------------------------------
 # Midpoint quality on the toy model
 
+MIDPOINT_METHODS = ("noise slerp", "noise lerp", "final-latent lerp")
+SEED_OFFSET = 1000  # endpoint B of a morph uses seed s + SEED_OFFSET when endpoint A uses seed s
+
 
 @dataclass
 class MidpointQuality:
@@ -209,13 +214,9 @@ class MidpointQuality:
                 "contrast_ratio": self.contrast_ratio, "endpoint_adherence": self.endpoint_adherence}
 
 
-MIDPOINT_METHODS = ("noise slerp", "noise lerp", "final-latent lerp")
-SEED_OFFSET = 1000  # endpoint B of a morph uses seed s + SEED_OFFSET when endpoint A uses seed s
-
-
 def pixel_contrast(images) -> np.ndarray:
-    """Each image's standard deviation over pixels and channels, in [0, 1] units: (N,). A cross-fade of two
-    different pictures, or a washed-out one, has less of it than a clean picture."""
+    """Each image's standard deviation over pixels and channels, in [0, 1] units: (N,). A washed-out (grey, faded)
+    picture has less of it than a clean one."""
     arrays = np.stack([np.asarray(to_pil(im).convert("RGB"), np.float32) / 255 for im in images])  # (N, H, W, 3)
     return arrays.std(axis=(1, 2, 3))
 
@@ -253,6 +254,10 @@ def morph_midpoints(pipe, prompt_a: str, prompt_b: str, seeds_a: Sequence[int], 
     from helpers.stages import denoise, encode_text
 
     n = len(seeds_a)
+    if n == 0 or len(seeds_b) != n:
+        raise ValueError(f"seeds_a has {n} seeds and seeds_b {len(seeds_b)}: give one seed of B per seed of A (>= 1)")
+    if "height" not in denoise_kwargs or "width" not in denoise_kwargs:
+        raise ValueError("morph_midpoints needs height= and width= (e.g. from helpers.stages.default_size(pipe))")
     height, width = denoise_kwargs.pop("height"), denoise_kwargs.pop("width")
     denoise_kwargs.setdefault("progress", False)
     prompt_embeds, negative_prompt_embeds = encode_text(pipe, [prompt_a, prompt_b])  # (2, 77, hidden) each
@@ -285,7 +290,7 @@ def midpoint_quality(pipe, prompt_pairs: Sequence[Sequence[str]], seeds: Sequenc
     seeds = [int(s) for s in seeds]
     if not pairs or not seeds:
         raise ValueError(f"need at least one prompt pair and one seed, got {len(pairs)} pairs and {len(seeds)} seeds")
-    quality = MidpointQuality(_as_t(alpha, torch.device("cpu")).item(), pairs, seeds)
+    quality = MidpointQuality(_as_t(alpha).item(), pairs, seeds)
     readings = {key: [] for key in ("A", "B", *MIDPOINT_METHODS)}
     specs = {"A": [], "B": []}
     images = {key: [] for key in readings}

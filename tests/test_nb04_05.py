@@ -137,6 +137,14 @@ def test_morph_midpoints_at_the_ends_are_the_generations(tiny_pipe, alpha, endpo
     assert not torch.allclose(latents["A"], latents["B"])
 
 
+def test_morph_midpoints_refuses_unpaired_seeds_and_missing_size(tiny_pipe):
+    height, width = default_size(tiny_pipe)
+    with pytest.raises(ValueError, match="seeds_b"):
+        morph_midpoints(tiny_pipe, "a", "b", [0, 1], [5], 0.5, height=height, width=width)
+    with pytest.raises(ValueError, match="height= and width="):
+        morph_midpoints(tiny_pipe, "a", "b", [0], [5], 0.5)
+
+
 def test_save_gif_bounces_and_refuses_one_frame(tmp_path):
     frames = [np.full((8, 8, 3), value, np.uint8) for value in (0, 80, 160, 240)]
     path = save_gif(frames, tmp_path / "walk.gif", fps=5, zoom=2)
