@@ -35,9 +35,9 @@ import time
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import libtorrent as lt
 from tqdm.auto import tqdm
@@ -187,7 +187,7 @@ def parse_magnet(uri: str) -> MagnetLink:
         if not raw.isdigit() or int(raw) <= 0:
             raise MagnetError(f"magnet 'xl' (exact length) must be a positive integer, got {raw!r}")
         size = int(raw)
-    name = unquote(query["dn"][0]) if query.get("dn") and query["dn"][0] else None
+    name = query["dn"][0] if query.get("dn") and query["dn"][0] else None
     if name is not None and (name in (".", "..") or "/" in name or "\\" in name):
         raise MagnetError(f"magnet 'dn' {name!r} is not a plain file name")
     return MagnetLink(
@@ -265,7 +265,7 @@ class DownloadReport:
 
 
 def _now() -> tuple[float, str]:
-    return time.monotonic(), datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return time.monotonic(), datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -55,7 +55,7 @@ def record_results(name: str, data: dict, out_dir: str | Path | None = None) -> 
     """Write `data` (plus when and where) to `<outputs>/<name>.json`; tests and the run summary read it."""
     path = Path(out_dir or outputs_dir()) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"name": name, "recorded_at": datetime.now(timezone.utc).isoformat(), "environment": environment()}
+    payload = {"name": name, "recorded_at": datetime.now(UTC).isoformat(), "environment": environment()}
     payload.update(data)
     path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
     return path

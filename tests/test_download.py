@@ -87,6 +87,9 @@ def test_magnet_to_uri_is_the_expected_link():
     assert dataclasses.replace(D.parse_magnet(uri), uri="") == link
     # optional fields are left out, not written empty
     assert D.MagnetLink("cd" * 20).to_uri() == "magnet:?xt=urn:btih:" + "cd" * 20
+    # a name is decoded once: "%2541" in the link is the text "%41", not "A"
+    odd = D.MagnetLink("ab" * 20, "100%41.bin")
+    assert D.parse_magnet(odd.to_uri()).name == "100%41.bin" == D.lt.parse_magnet_uri(odd.to_uri()).name
 
 
 @pytest.mark.parametrize(
