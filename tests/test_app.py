@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -29,6 +30,12 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 START_TIMEOUT_S = 240  # importing gradio and diffusers and loading the toy on 2 busy cores
 STEPS = 8  # fewer steps than the page's default, to keep the tests short
+
+
+@dataclass
+class Server:
+    url: str
+    network_log: Path  # what the server tried to reach beyond this machine (absent: nothing)
 
 
 def free_port() -> int:
@@ -51,13 +58,54 @@ def wait_until_serving(url: str, process: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"the app did not answer on {url} within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
+# Loaded into the server process (through PYTHONPATH): every name look-up or connection that would leave this
+# machine is refused and written down, so a test can say the server made none.
+NETWORK_GUARD = """
+import os, socket
+
+LOG = os.environ["SD_NETWORK_LOG"]
+open(LOG + ".guarded", "w").close()  # proof that the guard was loaded
+
+
+def _local(host):
+    return host in (None, "", "localhost", "0.0.0.0", "::1") or str(host).startswith("127.")
+
+
+def _refuse(what):
+    with open(LOG, "a") as log:
+        log.write(what + "\\n")
+    raise OSError(f"offline test: {what} refused")
+
+
+_getaddrinfo = socket.getaddrinfo
+_connect = socket.socket.connect
+
+
+def getaddrinfo(host, *args, **kwargs):
+    return _getaddrinfo(host, *args, **kwargs) if _local(host) else _refuse(f"look-up of {host}")
+
+
+def connect(self, address):
+    if isinstance(address, tuple) and not _local(address[0]):
+        _refuse(f"connection to {address}")
+    return _connect(self, address)
+
+
+socket.getaddrinfo, socket.socket.connect = getaddrinfo, connect
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The app, started as a user would, with the test process's thread count (so its images match ours)."""
     folder = tmp_path_factory.mktemp("app")
     port = free_port()
+    (folder / "guard").mkdir()
+    (folder / "guard" / "sitecustomize.py").write_text(NETWORK_GUARD)
+    python_path = os.pathsep.join(filter(None, [str(folder / "guard"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_TEMP_DIR": str(folder / "gradio"), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+           "GRADIO_TEMP_DIR": str(folder / "gradio"), "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PYTHONPATH": python_path, "SD_NETWORK_LOG": str(folder / "network.log")}
     log = folder / "server.log"
     with open(log, "w") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "helpers", "app", "--port", str(port), "--model", "toy"],
@@ -65,7 +113,7 @@ def server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_serving(url, process, log)
-        yield url
+        yield Server(url, folder / "network.log")
     finally:
         process.terminate()
         try:
@@ -98,7 +146,7 @@ def test_page_in_a_headless_browser(server, toy_pipe):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.on("request", lambda request: requested.append(request.url))
-        page.goto(server)
+        page.goto(server.url)
         page.locator("#prompt textarea").fill(prompt)
         for field, value in (("#steps", 20), ("#seed", seed)):
             number = page.locator(f"{field} input[type=number]")
@@ -116,7 +164,7 @@ def test_page_in_a_headless_browser(server, toy_pipe):
         browser.close()
 
     assert screenshot.stat().st_size > 10_000
-    with urllib.request.urlopen(source if source.startswith("http") else server.rstrip("/") + source) as response:
+    with urllib.request.urlopen(source if source.startswith("http") else server.url.rstrip("/") + source) as response:
         shown = read_pixels(response.read())
     assert np.abs(shown - expected_pixels(toy_pipe, prompt, seed, steps=20)).max() <= 1
     for stage in ("encode_text", "denoise", "decode", "total"):
@@ -129,7 +177,7 @@ def test_concurrent_requests_each_get_their_own_image(server, toy_pipe):
     """Requests sent at once queue up; each answer is its own prompt's and seed's image, as generate() makes it."""
     from gradio_client import Client
 
-    client = Client(server, verbose=False)
+    client = Client(server.url, verbose=False)
     asks = [("a large red circle on the left on a white background", 1),
             ("a large red circle on the left on a white background", 2),
             ("a small green triangle on the right on a gray background", 3)]
@@ -171,7 +219,7 @@ def test_bad_input_is_answered_with_a_message(server, change, message):
 
     request = {"prompt": "a red circle", "negative": "", "steps": 2, "guidance": 7.5, "seed": 0, "height": 64,
                "width": 64, "model": "toy"} | change
-    client = Client(server, verbose=False)
+    client = Client(server.url, verbose=False)
     with pytest.raises(AppError, match=re.escape(message)):
         client.predict(*request.values(), api_name="/generate")
     path, info = client.predict(*(request | {"prompt": "a red circle", "model": "toy", "steps": 2, "guidance": 7.5,
@@ -185,3 +233,11 @@ def test_form_fields_must_be_whole_numbers():
     with pytest.raises(ValueError, match="seed='x' must be a whole number"):
         make_request("a red circle", "", 3, 7.5, "x", 64, 64)
     assert make_request("a red circle", "", 3.0, 7, 5.0, 64, 64).seed == 5
+
+
+def test_the_server_reached_nothing_beyond_this_machine(server):
+    """Runs after the others (pytest keeps file order): starting, serving the page and every request above made no
+    name look-up or connection outside 127.0.0.1 (no analytics, no version check, no hub, no share link)."""
+    log = server.network_log
+    assert Path(f"{log}.guarded").exists(), "the network guard was not loaded into the server"
+    assert not log.exists(), f"the server tried to reach out: {log.read_text()}"
