@@ -181,3 +181,22 @@ def environment_lines() -> list[str]:
 
 def print_environment() -> None:
     print("\n".join(environment_lines()))
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m helpers.colab [FOLDER]`: update every notebook of FOLDER (default: notebooks/), then print the
+    README's badge lines."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m helpers.colab", description=main.__doc__.splitlines()[0])
+    parser.add_argument("folder", nargs="?", default=NOTEBOOKS_FOLDER)
+    folder = parser.parse_args(argv).folder
+    changed = update_notebooks(folder)
+    print(f"updated {len(changed)} notebook(s): {[path.name for path in changed]}")
+    print("README badge lines:", readme_badges(folder), sep="\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

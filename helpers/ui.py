@@ -231,6 +231,7 @@ class GenerationPanel:
 
     def _on_progress(self, done: int, total: int) -> None:
         self.progress.max, self.progress.value = total, done
+        self.progress.description = f"{done}/{total}"
 
     def _on_preview(self, step: int, images: list) -> None:
         self.previews.append((step, images))
