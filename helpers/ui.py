@@ -152,7 +152,8 @@ class GenerationPanel:
         if interactive:
             display(self.widget())
             return
-        print(f"No frontend to click in ({reason}): the panel is not drawn; here is one result with its settings.")
+        print(f"No frontend to click in ({reason}): the panel is not drawn; here is one result with its settings. "
+              "(SD_HEADLESS=0 draws it anyway.)")
         self.preview_every.value = 0  # nobody would see the previews: do not spend time decoding them
         self.button.click()
         if self.error:

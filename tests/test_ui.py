@@ -58,7 +58,7 @@ def test_click_makes_what_generate_makes_with_progress_and_previews(toy_pipe, ca
         assert zoom >= 2 and np.array_equal(big[::zoom, ::zoom], pixels(image))
     # progress followed every step; previews came every 2 steps (not at the end, where the image is)
     total = count_timesteps(toy_pipe, "default", 6)
-    assert (panel.progress.value, panel.progress.max) == (total, total)
+    assert (panel.progress.value, panel.progress.max, panel.progress.description) == (total, total, f"{total}/{total}")
     assert [step for step, _ in panel.previews] == [2, 4]
     assert all(len(images) == 2 for _, images in panel.previews)
     assert len(panel.preview_box.children) == 2
