@@ -79,9 +79,6 @@ class PipelineCache:
     def put(self, model: str, pipe, controlnet: str | None = None) -> None:
         self._pipelines[(model, controlnet)] = pipe
 
-    def __contains__(self, model: str) -> bool:
-        return any(key[0] == model for key in self._pipelines)
-
     def get(self, model: str, controlnet: str | None = None):
         key = (model, controlnet)
         with self._lock:
@@ -145,11 +142,6 @@ def check_request(request: Request, pipe) -> tuple[int, int]:
 def _check_range(name: str, value, low, high) -> None:
     if not low <= value <= high:  # also refuses NaN
         raise ValueError(f"{name}={value} is out of range: choose {low} to {high}")
-
-
-def snap(value: int, factor: int) -> int:
-    """The nearest positive multiple of `factor` (a slider's position to a size the VAE can decode)."""
-    return max(factor, round(value / factor) * factor)
 
 
 # ---------------------------------------------------------------------------------------------------
