@@ -4,7 +4,7 @@ A Gradio page on 127.0.0.1: prompt, negative prompt, steps, guidance, seed, size
 stage's time out, through the same three stages as everything else (`helpers.interactive.run_generation`, which
 calls `helpers.stages.generate`). A progress bar follows the denoising loop; requests queue and are served one at
 a time (one model, one device); bad input is answered with a message, not a crash (ours name the field; values
-past a slider's ends or a model typed wrongly get Gradio's own "Value 300 is greater than maximum value 150").
+past a slider's ends get Gradio's own "Value 300 is greater than maximum value 150").
 
 Offline by default: no share link, no analytics, `HF_HUB_OFFLINE=1` unless `--online` (then hub models download on
 first use), and the page uses system fonts instead of Google's, so neither the server nor the browser reaches out.
