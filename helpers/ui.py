@@ -4,9 +4,9 @@ Prompt, negative prompt, model (loaded once, then cached), scheduler, steps, gui
 height/width in steps of the VAE's scale factor, batch size; Generate shows the images, each stage's time, a progress
 bar while denoising and a preview every k steps. Errors are shown in the panel, which stays usable.
 
-Notebooks add their own knobs: `controls={"controlnet_conditioning_scale": widgets.FloatSlider(...)}` passes each
-widget's value to `generate` under that name; `extra_kwargs=lambda panel, pipe: {...}` adds computed arguments
-(control images, start latents for an interpolation slider).
+Notebooks add their own knobs: `controls={"eta": widgets.FloatSlider(...)}` passes each widget's value to `generate`
+under that name; `extra_kwargs=lambda panel, pipe: {...}` adds computed arguments (start latents, control images).
+`GenerationPanel.with_control(pipe, control_image)` is the ControlNet panel: a control-scale slider (notebook 06).
 
 Under papermill or nbconvert (no frontend to click in) `show()` draws one static result made with the panel's
 current settings and says so, instead of waiting for a click that never comes.
@@ -105,6 +105,15 @@ class GenerationPanel:
                             batch_size, preview_every)
         self.pipe = None
         self._load(model)
+
+    @classmethod
+    def with_control(cls, pipe, control_image, *, scale: float = 1.0, controlnet: str = "depth", **kwargs):
+        """A panel for a ControlNet pipeline (notebook 06): the control image stays, a slider sets
+        `controlnet_conditioning_scale`; other models chosen in the dropdown load with the same `controlnet`."""
+        slider = widgets.FloatSlider(value=scale, min=0.0, max=2.0, step=0.05, description="control scale")
+        controls = {"controlnet_conditioning_scale": slider, **kwargs.pop("controls", {})}
+        return cls(pipe, controlnet=controlnet, controls=controls,
+                   extra_kwargs=lambda panel, pipe: {"image": control_image}, **kwargs)
 
     # -- layout --------------------------------------------------------------------------------------
 

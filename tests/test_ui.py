@@ -166,6 +166,28 @@ def test_controls_and_extra_kwargs_reach_generate(toy_pipe, cache):
     assert np.array_equal(pixels(computed.last_result.images[0]), pixels(with_eta.images[0]))
 
 
+def test_controlnet_panel_has_a_control_scale_slider():
+    """Notebook 06's panel: a depth map stays, the slider sets controlnet_conditioning_scale."""
+    from helpers.toy import sample_scenes
+
+    pipe = load_pipeline("toy", controlnet="depth", device="cpu")
+    scenes = sample_scenes(1, seed=3)
+    control_image = scenes.control_images()[0]
+    panel = GenerationPanel.with_control(pipe, control_image, prompt=scenes.prompts[0], steps=6, preview_every=0,
+                                         cache=PipelineCache())
+    made = {}
+    for scale in (1.0, 0.0):
+        panel.controls["controlnet_conditioning_scale"].value = scale
+        panel.button.click()
+        assert panel.error is None, panel.error
+        made[scale] = pixels(panel.last_result.images[0])
+        expected = generate(pipe, scenes.prompts[:1], seeds=[42], num_inference_steps=6, image=control_image,
+                            controlnet_conditioning_scale=scale)
+        assert np.array_equal(made[scale], pixels(expected.images[0]))
+    assert np.abs(made[1.0] - made[0.0]).mean() > 5, "the control scale changes the picture"
+    assert panel.controlnet == "depth"
+
+
 def test_a_given_pipeline_is_used_as_it_is(toy_pipe):
     panel = GenerationPanel(toy_pipe, steps=2, cache=PipelineCache())
     assert panel.pipe is toy_pipe and panel.model.value == "pipe"
