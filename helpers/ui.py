@@ -52,8 +52,10 @@ def frontend_status() -> tuple[bool, str]:
     shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
     if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
         return False, "not in a notebook kernel"
+    if "google.colab" in sys.modules:  # Colab's own kernel (papermill's kernels do not import it)
+        return True, "Colab"
     # nbclient (papermill, nbconvert --execute) starts its kernels with an in-memory history; a Jupyter server,
-    # VS Code, Colab and Kaggle's editor do not.
+    # VS Code and Kaggle's editor do not.
     if str(getattr(shell.history_manager, "hist_file", "")) == ":memory:":
         return False, "run by papermill/nbclient"
     return True, "a notebook frontend"
