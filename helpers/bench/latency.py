@@ -1,0 +1,145 @@
+"""The per-step latency ladder: `python -m helpers bench latency [--model sd15-random] [--latent-size 32]`.
+
+One UNet step (batch 2 at 32×32 latents by default: 343 GFLOP on SD 1.5's shapes) under each rung of the ladder
+(fp32, attention variants, fused QKV, channels_last, bf16, token merging, DeepCache, torch.compile, OpenVINO),
+warm-up excluded, median of repeats. FLOPs come from torch.utils.flop_counter; each rung's rate is set against the
+matmul roofline of its dtype, measured in the same run with the same threads. A rung this machine cannot run
+(bf16 without bf16 units, no compiler, a package missing) is listed as skipped with the reason. Published anchors
+are printed beside the table for context; compare ratios, not absolute times, across machines.
+Prints a table and writes outputs/bench_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from helpers import latency
+from helpers.models import load_component
+from helpers.results import cpu_model, format_table, record_results
+
+DEFAULT_RUNGS = ["baseline", "classic_attention", "attention_slicing", "fused_qkv", "channels_last",
+                 "fused_qkv + channels_last", "bf16", "bf16 + channels_last", "bf16 + channels_last + fused_qkv",
+                 "tome", "deepcache", "openvino", "openvino + bf16"]
+ANCHORS = [  # published numbers, for context only: other machines, other shapes
+    {"source": "diffusers docs (A100, SD 1.5, 512×512, 30 steps)", "config": "fp32", "seconds": 1.53},
+    {"source": "diffusers docs (A100, SD 1.5, 512×512, 30 steps)", "config": "bf16 + SDPA + fused QKV + compile",
+     "seconds": 0.49},
+    {"source": "Intel (Sapphire Rapids, SD 1.5, 20 steps)", "config": "PyTorch", "seconds": 32.3},
+    {"source": "Intel (Sapphire Rapids, SD 1.5, 20 steps)", "config": "OpenVINO, static shapes", "seconds": 4.7},
+    {"source": "this project (2-core Xeon with AMX, batch 2, 32×32)", "config": "PyTorch fp32 per step",
+     "seconds": 2.04},
+    {"source": "this project (2-core Xeon with AMX, batch 2, 32×32)", "config": "bf16 + channels_last per step",
+     "seconds": 0.61},
+    {"source": "this project (2-core Xeon with AMX, batch 2, 32×32)", "config": "OpenVINO bf16 per step",
+     "seconds": 0.405},
+]
+
+
+def rung_dtype(config: latency.Config) -> torch.dtype:
+    return latency.HALF_DTYPES[config.half] if config.half else torch.float32
+
+
+def bench_rung(base: latency.UNetOnly, name: str, args, flops: int, rooflines: dict) -> dict:
+    config = latency.parse_rung(name, latency.Knobs(deepcache_interval=args.deepcache_interval,
+                                                    tome_ratio=args.tome_ratio))
+    row = {"rung": name}
+    try:
+        start = time.perf_counter()
+        holder = latency.configure(base, config)
+        row["setup s"] = time.perf_counter() - start
+        timing = latency.time_unet_steps(holder, config, args.batch_size, args.latent_size, repeats=args.repeats)
+    except (latency.RungSkipped, ImportError, RuntimeError, NotImplementedError) as error:
+        return {**row, "status": "skipped", "reason": latency._reason(error)}
+    dtype = rung_dtype(config)
+    precision = getattr(holder.unet, "inference_precision", None)  # OpenVINO's actual one
+    if precision is not None:
+        dtype = torch.bfloat16 if "bf16" in precision else torch.float32
+    rate = flops / timing["step_s"]  # full-step FLOPs: cached or merged rungs show an effective rate
+    del holder
+    gc.collect()
+    return {**row, "status": "ok", "s per step": timing["step_s"], "first call s": timing["first_call_s"],
+            "GFLOP/s": rate / 1e9, "roofline share": rate / rooflines[dtype], "dtype": str(dtype).removeprefix(
+                "torch."), "repeats": timing["repeats"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers bench latency", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd15-random", help="whose UNet: sd15-random (real shapes), toy, ...")
+    parser.add_argument("--batch-size", type=int, default=2, help="UNet batch (2 = one image with guidance)")
+    parser.add_argument("--latent-size", type=int, default=32, help="latent side (SD 1.5 at 512 px: 64)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rungs", nargs="+", default=DEFAULT_RUNGS, help=f"ladder names, e.g. {DEFAULT_RUNGS[:3]}")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rungs (first call: minutes on CPU)")
+    parser.add_argument("--deepcache-interval", type=int, default=3)
+    parser.add_argument("--tome-ratio", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "latent_size", "repeats", "deepcache_interval"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    rungs = args.rungs + (["compile", "bf16 + channels_last + compile"] if args.compile else [])
+
+    unet = load_component(args.model, "unet", dtype=torch.float32).eval()
+    scheduler = _scheduler(args.model)
+    base = latency.UNetOnly(unet, scheduler)
+    sample, encoder_hidden_states = latency.unet_step_inputs(unet, args.batch_size, args.latent_size)
+    scheduler.set_timesteps(20)
+    t = scheduler.timesteps[0]
+    flops = latency.count_flops(lambda: unet(sample, t, encoder_hidden_states=encoder_hidden_states))
+    rooflines = {dtype: latency.matmul_roofline(dtype, unet.device) for dtype in (torch.float32, torch.bfloat16)}
+    print(f"{args.model} UNet, batch {args.batch_size} at {args.latent_size}×{args.latent_size} latents: "
+          f"{flops / 1e9:.0f} GFLOP per step; {cpu_model()}, {torch.get_num_threads()} threads; matmul roofline "
+          + ", ".join(f"{str(d).removeprefix('torch.')} {r / 1e9:.0f} GFLOP/s" for d, r in rooflines.items()),
+          flush=True)
+
+    rows = []
+    for name in rungs:
+        rows.append(bench_rung(base, name, args, flops, rooflines))
+        print(format_table(rows[-1:]), flush=True)
+    baseline = next((r for r in rows if r["rung"] == "baseline" and r["status"] == "ok"), None)
+    for row in rows:
+        if baseline and row["status"] == "ok":
+            row["speed-up"] = baseline["s per step"] / row["s per step"]
+    columns = ["rung", "status", "dtype", "s per step", "speed-up", "GFLOP/s", "roofline share", "first call s",
+               "setup s", "reason"]
+    print(format_table(rows, columns))
+    print("\nPublished anchors (other machines and shapes: context, not targets):")
+    print(format_table(ANCHORS))
+    summary = _summary(rows)
+    print(format_table([summary]))
+    path = record_results("bench_latency", {
+        "rows": rows, "anchors": ANCHORS, "summary": summary, "args": vars(args), "gflop_per_step": flops / 1e9,
+        "roofline_gflops": {str(d).removeprefix("torch."): r / 1e9 for d, r in rooflines.items()}})
+    print(f"wrote {path}")
+    return 0
+
+
+def _scheduler(model: str):
+    """The model's scheduler (its timesteps feed DeepCache); random models have SD 1.5's."""
+    from diffusers import PNDMScheduler
+
+    from helpers.models import RANDOM_MODELS
+    from helpers.testing import SD15_SCHEDULER_CONFIG
+
+    return PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG) if model in RANDOM_MODELS else load_component(
+        model, "scheduler")
+
+
+def _summary(rows: list[dict]) -> dict:
+    """The best PyTorch rung against OpenVINO's best, and the baseline."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    torch_rows = [r for r in ok if not r["rung"].startswith("openvino")]
+    openvino_rows = [r for r in ok if r["rung"].startswith("openvino")]
+    best = min(torch_rows, key=lambda r: r["s per step"]) if torch_rows else None
+    best_ov = min(openvino_rows, key=lambda r: r["s per step"]) if openvino_rows else None
+    return {"best torch rung": best and best["rung"], "best torch s": best and best["s per step"],
+            "its roofline share": best and best["roofline share"],
+            "best OpenVINO rung": best_ov and best_ov["rung"], "OpenVINO s": best_ov and best_ov["s per step"],
+            "torch vs OpenVINO": (best_ov["s per step"] / best["s per step"]) if best and best_ov else None}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""OpenVINO as a peer engine: a pipeline's UNet and ControlNet converted offline from the loaded PyTorch modules
+(`openvino.convert_model`) and run by OpenVINO's CPU plugin, behind modules that `helpers.stages.denoise` calls
+exactly like the originals.
+
+Shapes are static, as OpenVINO runs fastest: one compiled model per set of input shapes (a guidance cut-off halves
+the UNet batch, so that run converts twice). `precision` is OpenVINO's inference precision hint ("f32" or "bf16").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class _OpenVINOModule(torch.nn.Module):
+    """Shared part: converts on first use per input shapes, runs, and exposes what the loop reads (config, dtype,
+    device) like a diffusers model."""
+
+    def __init__(self, module: torch.nn.Module, precision: str):
+        super().__init__()
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f"precision={precision!r} must be 'f32' or 'bf16'")
+        self.config = module.config
+        self.precision = precision
+        self._source = [module.float().eval()]  # a list: not registered as a submodule, not moved or copied twice
+        self._compiled: dict = {}
+        self.convert_seconds = 0.0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # inputs and outputs; the precision inside is OpenVINO's hint
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def inference_precision(self) -> str | None:
+        """The precision OpenVINO actually runs in (a bf16 hint falls back to f32 on CPUs without bf16 units)."""
+        for compiled in self._compiled.values():
+            return str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        return None
+
+    def flat_module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def run(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        import time
+
+        import openvino
+
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        if key not in self._compiled:
+            start = time.perf_counter()
+            with torch.no_grad():
+                model = openvino.convert_model(self.flat_module(), example_input=inputs)
+            self._compiled[key] = openvino.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": self.precision})
+            self.convert_seconds += time.perf_counter() - start
+        compiled = self._compiled[key]
+        outputs = compiled([x.detach().numpy() for x in inputs])
+        return [torch.from_numpy(np.asarray(outputs[out])) for out in compiled.outputs]
+
+
+class _FlatUNet(torch.nn.Module):
+    """The UNet with positional inputs only (what convert_model traces): residuals last, mid block's at the end."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        extra = {}
+        if residuals:
+            extra = {"down_block_additional_residuals": list(residuals[:-1]),
+                     "mid_block_additional_residual": residuals[-1]}
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **extra)[0]
+
+
+class OpenVINOUNet(_OpenVINOModule):
+    def flat_module(self) -> torch.nn.Module:
+        return _FlatUNet(self._source[0])
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, down_block_additional_residuals=None,
+                mid_block_additional_residual=None, return_dict=False, **kwargs):
+        if kwargs:
+            raise ValueError(f"the OpenVINO UNet does not take {sorted(kwargs)}")
+        residuals = ()
+        if down_block_additional_residuals is not None:
+            residuals = (*down_block_additional_residuals, mid_block_additional_residual)
+        timestep = torch.as_tensor(timestep)
+        (noise_pred,) = self.run((sample.float(), timestep, encoder_hidden_states.float(),
+                                  *(r.float() for r in residuals)))
+        return (noise_pred,)
+
+
+class _FlatControlNet(torch.nn.Module):
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                                    controlnet_cond=controlnet_cond, conditioning_scale=conditioning_scale,
+                                    return_dict=False)
+        return (*down, mid)
+
+
+class OpenVINOControlNet(_OpenVINOModule):
+    def flat_module(self) -> torch.nn.Module:
+        return _FlatControlNet(self._source[0])
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, controlnet_cond=None, conditioning_scale=1.0,
+                guess_mode=False, return_dict=False, **kwargs):
+        if guess_mode or kwargs:
+            raise ValueError("the OpenVINO ControlNet runs without guess_mode and extra arguments")
+        scale = torch.tensor(float(conditioning_scale))
+        outputs = self.run((sample.float(), torch.as_tensor(timestep), encoder_hidden_states.float(),
+                            controlnet_cond.float(), scale))
+        return outputs[:-1], outputs[-1]
