@@ -829,6 +829,7 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1, k
 
     name = "controlnet" if kind == "depth" else f"controlnet-{kind}"
     losses = train_loop(name, steps, step_fn, checkpointer, budget.max_minutes)
+    controlnet.register_to_config(_name_or_path=None)  # from_pretrained stamped the depth folder in: ship none
     controlnet.to(torch.float16).save_pretrained(target, safe_serialization=True)  # upcast on load
     log(f"controlnet saved -> {target}")
     return losses
