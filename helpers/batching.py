@@ -42,7 +42,8 @@ STAGE_COMPONENTS = {  # what each stage reads of the model
     "denoise": ("unet", "scheduler"),
     "decode": ("vae",),
 }
-SHORT_RUN_S = 2.0  # a run shorter than this is repeated and the median kept; a longer one is timed once
+MIN_RUN_S = 2.0  # a shorter run is repeated until this much time is spent (median kept); a longer one runs once
+MAX_RUNS = 200  # repeats of a very short run stop here
 MB = 1e6
 OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)  # errors that a smaller chunk may avoid
 
@@ -356,9 +357,10 @@ class Run:
 
 
 def time_chunked(call: Callable[[int, int], object], n: int, max_batch: int, *, device, repeats: int = 3,
-                 short_s: float = SHORT_RUN_S, warmup: Callable[[int, int], object] | bool = True) -> Run:
-    """`run_in_chunks(call, n, max_batch)` timed: warm-up excluded, synchronised, under inference_mode; runs
-    shorter than `short_s` are repeated (up to `repeats`, the median kept). Peak memory of the first run.
+                 min_time_s: float = MIN_RUN_S, warmup: Callable[[int, int], object] | bool = True) -> Run:
+    """`run_in_chunks(call, n, max_batch)` timed: warm-up excluded, synchronised, under inference_mode. A run
+    shorter than `min_time_s` is repeated, at least `repeats` times and until `min_time_s` is spent (at most
+    MAX_RUNS), and the median is kept: a few milliseconds are noise on a busy machine. Peak memory of the first run.
 
     The warm-up is one untimed call at the chunk size (first calls pay for lazy set-up and allocations), made
     with `warmup` when it is a callable (e.g. one denoising step instead of twenty), skipped when False."""
@@ -367,7 +369,7 @@ def time_chunked(call: Callable[[int, int], object], n: int, max_batch: int, *, 
     with torch.inference_mode():
         if warmup:
             (warmup if callable(warmup) else call)(0, min(max_batch, n))
-        while not seconds or (len(seconds) < repeats and seconds[-1] < short_s):
+        while _more_runs(seconds, repeats, min_time_s):
             with peak_memory(device) if first is None else _no_memory() as memory:
                 synchronize(device)
                 start = time.perf_counter()
@@ -379,23 +381,34 @@ def time_chunked(call: Callable[[int, int], object], n: int, max_batch: int, *, 
     return Run(first, seconds, first_memory)
 
 
+def _more_runs(seconds: list[float], repeats: int, min_time_s: float) -> bool:
+    if not seconds:
+        return True
+    if seconds[0] >= min_time_s or len(seconds) >= MAX_RUNS:  # a long run is timed once
+        return False
+    return len(seconds) < repeats or sum(seconds) < min_time_s
+
+
 @contextmanager
 def _no_memory():
     yield {}
 
 
-def time_stage(job: StageJob, stage: str, n: int, max_batch: int, *, repeats: int = 3) -> Run:
+def time_stage(job: StageJob, stage: str, n: int, max_batch: int, *, repeats: int = 3,
+               min_time_s: float = MIN_RUN_S) -> Run:
     """`stage` on the job's first `n` inputs in chunks of `max_batch`, timed by `time_chunked`; the warm-up
     call runs at the chunk size with one denoising step."""
     return time_chunked(lambda start, stop: job.call(stage, start, stop), n, max_batch, device=job.device,
-                        repeats=repeats, warmup=lambda start, stop: job.call(stage, start, stop, warmup=True))
+                        repeats=repeats, min_time_s=min_time_s,
+                        warmup=lambda start, stop: job.call(stage, start, stop, warmup=True))
 
 
 # ---------------------------------------------------------------------------------------------------
 # N calls of one against one call of N
 
 
-def compare(job: StageJob, stage: str, max_batch: int, *, repeats: int = 3, keep_output: bool = True) -> dict:
+def compare(job: StageJob, stage: str, max_batch: int, *, repeats: int = 3, min_time_s: float = MIN_RUN_S,
+            keep_output: bool = True) -> dict:
     """One table row: `stage` as N calls of batch 1, then as one call of all N in chunks of `max_batch`.
 
     Both see the same inputs and seeds, so the outputs must agree (`max_abs_diff`); the batched output becomes
@@ -403,8 +416,8 @@ def compare(job: StageJob, stage: str, max_batch: int, *, repeats: int = 3, keep
     """
     max_batch = check_count("max_batch", max_batch)
     job.ensure_inputs(stage, max_batch)
-    single = time_stage(job, stage, job.n, 1, repeats=repeats)
-    batched = time_stage(job, stage, job.n, max_batch, repeats=repeats)
+    single = time_stage(job, stage, job.n, 1, repeats=repeats, min_time_s=min_time_s)
+    batched = time_stage(job, stage, job.n, max_batch, repeats=repeats, min_time_s=min_time_s)
     if keep_output:
         job.set_output(stage, batched.chunked.output)
     return {
@@ -436,7 +449,8 @@ COMPARE_COLUMNS = ["stage", "N", "single_calls", "single_s", "single_s_per_infer
 # The sweep over batch sizes, and the "auto" batch size
 
 
-def sweep(job: StageJob, stage: str, batch_sizes: Sequence[int], *, repeats: int = 3) -> list[dict]:
+def sweep(job: StageJob, stage: str, batch_sizes: Sequence[int], *, repeats: int = 3,
+          min_time_s: float = MIN_RUN_S) -> list[dict]:
     """For each batch size b: one call of the first b inputs, timed (median while short), its throughput
     (inferences/s) and peak memory. Each point has its own warm-up call (of one denoising step)."""
     sizes = [check_count("batch size", b) for b in batch_sizes]
@@ -445,7 +459,7 @@ def sweep(job: StageJob, stage: str, batch_sizes: Sequence[int], *, repeats: int
     job.ensure_inputs(stage, max(sizes))
     rows = []
     for b in sizes:
-        run = time_stage(job, stage, b, b, repeats=repeats)
+        run = time_stage(job, stage, b, b, repeats=repeats, min_time_s=min_time_s)
         rows.append({"stage": stage, "batch_size": b, "call_s": run.median_s, "throughput": b / run.median_s,
                      "peak_MB": run.memory["peak_MB"], "added_MB": run.memory["added_MB"], "repeats": len(run.seconds)})
     best = max(rows, key=lambda r: r["throughput"])
@@ -471,14 +485,17 @@ def auto_batch_size(rows: Sequence[dict], tolerance: float = 0.10, memory_limit_
 
 
 def call_overhead(rows: Sequence[dict]) -> dict:
-    """A straight line through the sweep, call_s = fixed_s + b · per_inference_s: the fixed cost of a call (what
-    batching can share out) against the cost of each inference (what it cannot)."""
-    sizes = np.array([r["batch_size"] for r in rows], dtype=float)
-    seconds = np.array([r["call_s"] for r in rows])
-    per_inference, fixed = np.polyfit(sizes, seconds, 1) if len(rows) > 1 else (seconds[0], 0.0)
-    one = next(r["call_s"] for r in rows if r["batch_size"] == min(sizes))
-    return {"fixed_s": float(fixed), "per_inference_s": float(per_inference),
-            "fixed_share_at_batch_1": float(fixed / one)}
+    """What a call of one pays beyond the work of its one inference: `per_inference_s` is the marginal cost of
+    one more inference between the two largest swept batches (the machine is as busy as it gets there), and
+    `fixed_s` = (time of a call of one) - per_inference_s is the part of it that batching can share out."""
+    rows = sorted(rows, key=lambda r: r["batch_size"])
+    one = rows[0]["call_s"] / rows[0]["batch_size"]
+    if len(rows) == 1:
+        return {"fixed_s": 0.0, "per_inference_s": one, "fixed_share_at_batch_1": 0.0}
+    (b0, t0), (b1, t1) = ((r["batch_size"], r["call_s"]) for r in rows[-2:])
+    per_inference = (t1 - t0) / (b1 - b0)
+    fixed = rows[0]["call_s"] - rows[0]["batch_size"] * per_inference
+    return {"fixed_s": fixed, "per_inference_s": per_inference, "fixed_share_at_batch_1": fixed / rows[0]["call_s"]}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """helpers.batching: chunked calls, the out-of-memory fallback, the sweep and "auto", stage-only loading, bad input."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -159,6 +160,24 @@ def test_call_overhead_recovers_a_straight_line():
     assert fit["fixed_share_at_batch_1"] == pytest.approx(0.5 / 0.75)
 
 
+def test_call_overhead_of_a_gpu_like_sweep_uses_the_full_machine_slope():
+    # flat until the chip is full, then linear: a call of one is mostly fixed cost
+    rows = [{"batch_size": b, "call_s": t} for b, t in [(1, 1.0), (2, 1.0), (4, 1.2), (8, 2.4)]]
+    fit = batching.call_overhead(rows)
+    assert fit["per_inference_s"] == pytest.approx(0.3) and fit["fixed_share_at_batch_1"] == pytest.approx(0.7)
+    assert batching.call_overhead(rows[:1])["fixed_s"] == 0.0
+
+
+def test_short_runs_are_repeated_until_the_minimum_time_is_spent():
+    calls = []
+    run = batching.time_chunked(lambda a, b: calls.append((a, b)), 2, 2, device="cpu", repeats=3, min_time_s=0.05,
+                                warmup=False)
+    assert len(run.seconds) >= 3 and (sum(run.seconds) >= 0.05 or len(run.seconds) == batching.MAX_RUNS)
+    assert len(calls) == len(run.seconds)
+    slow = batching.time_chunked(lambda a, b: time.sleep(0.06), 2, 2, device="cpu", repeats=3, min_time_s=0.05)
+    assert len(slow.seconds) == 1, "a run longer than min_time_s is timed once"
+
+
 def test_peak_memory_sees_an_allocation_of_200_MB():
     with batching.peak_memory("cpu") as memory:
         block = torch.ones(50_000_000)  # 200 MB, every page written
@@ -174,7 +193,7 @@ def test_peak_memory_sees_an_allocation_of_200_MB():
 def test_batched_equals_single_calls_on_the_tiny_model(tiny_pipe, stage):
     job = StageJob(tiny_pipe, ["a red circle", "a blue square", "a green triangle"], [7, 8, 9],
                    num_inference_steps=STEPS)
-    row = batching.compare(job, stage, max_batch=2, repeats=1)
+    row = batching.compare(job, stage, max_batch=2, repeats=1, min_time_s=0)
     assert row["stage"] == stage and row["N"] == 3
     assert row["single_calls"] == 3 and row["batched_calls"] == 2 and row["chunk_sizes"] == [2, 1]
     assert row["max_abs_diff"] <= 1e-5, "the same seeds must give the same outputs, batched or not"
@@ -185,10 +204,10 @@ def test_batched_equals_single_calls_on_the_tiny_model(tiny_pipe, stage):
 
 def test_compare_hands_each_stage_output_to_the_next(tiny_pipe):
     job = StageJob(tiny_pipe, ["a red circle", "a blue square"], [1, 2], num_inference_steps=STEPS)
-    batching.compare(job, "encode_text", 2, repeats=1)
-    batching.compare(job, "denoise", 2, repeats=1)
+    batching.compare(job, "encode_text", 2, repeats=1, min_time_s=0)
+    batching.compare(job, "denoise", 2, repeats=1, min_time_s=0)
     latents = job.latents.clone()
-    decoded = batching.compare(job, "decode", 2, repeats=1)
+    decoded = batching.compare(job, "decode", 2, repeats=1, min_time_s=0)
     chain = job.call("generate", 0, 2)
     assert torch.equal(latents, job.latents) and decoded["max_abs_diff"] <= 1e-5
     assert batching.max_abs_diff(chain, job.call("decode", 0, 2)) <= 1e-5, "decode(denoise(encode)) == generate"
@@ -196,7 +215,7 @@ def test_compare_hands_each_stage_output_to_the_next(tiny_pipe):
 
 def test_sweep_rows_are_consistent(tiny_pipe):
     job = StageJob(tiny_pipe, ["a red circle"] * 4, range(4), num_inference_steps=STEPS)
-    rows = batching.sweep(job, "decode", [1, 2, 4], repeats=1)
+    rows = batching.sweep(job, "decode", [1, 2, 4], repeats=1, min_time_s=0)
     assert [r["batch_size"] for r in rows] == [1, 2, 4]
     for row in rows:
         assert row["throughput"] == pytest.approx(row["batch_size"] / row["call_s"])
@@ -232,7 +251,7 @@ def test_bench_prints_and_records_the_table(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("SD_OUTPUTS", str(tmp_path))
     assert bench.main(["--model", "tiny-random", "--n", "3", "--steps", "1", "--max-batch", "2", "--repeats", "1",
-                       "--stages", "encode_text", "denoise", "decode"]) == 0
+                       "--min-time", "0", "--stages", "encode_text", "denoise", "decode"]) == 0
     printed = capsys.readouterr().out
     assert "speedup" in printed and "max_abs_diff" in printed
     recorded = json.loads((tmp_path / "bench_batching.json").read_text())

@@ -20,7 +20,16 @@ import time
 
 import torch
 
-from helpers.batching import COMPARE_COLUMNS, STAGES, StageJob, check_count, compare, load_prompts, threads_report
+from helpers.batching import (
+    COMPARE_COLUMNS,
+    MIN_RUN_S,
+    STAGES,
+    StageJob,
+    check_count,
+    compare,
+    load_prompts,
+    threads_report,
+)
 from helpers.models import load_pipeline
 from helpers.results import format_table, record_results
 
@@ -39,7 +48,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--max-batch", type=int, default=None, help="largest chunk of the batched call (default N)")
     parser.add_argument("--stages", nargs="+", default=["encode_text", "denoise", "decode"], choices=STAGES,
                         help="stages to time; 'generate' adds the whole chain (doubles the time)")
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of a run shorter than 2 s (median kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="least repeats of a short run (median kept)")
+    parser.add_argument("--min-time", type=float, default=MIN_RUN_S,
+                        help="a run shorter than this many seconds is repeated until it is spent")
     parser.add_argument("--seed", type=int, default=0, help="seeds are seed, seed+1, ..., one per prompt")
     args = parser.parse_args(argv)
     for name in ("n", "steps", "repeats"):
@@ -65,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
           f"of {threads['cores_available']} cores", flush=True)
     rows = []
     for stage in args.stages:  # in order, so each stage's batched output feeds the next
-        rows.append(compare(job, stage, args.max_batch or args.n, repeats=args.repeats))
+        rows.append(compare(job, stage, args.max_batch or args.n, repeats=args.repeats, min_time_s=args.min_time))
         print(f"  {stage}: speed-up {rows[-1]['speedup']:.2f}x, max diff {rows[-1]['max_abs_diff']:.1e}", flush=True)
     print(format_table(rows, COMPARE_COLUMNS))
     print(json.dumps(rows))
