@@ -47,6 +47,12 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
         "cpu": {},
         "gpu": {"NUM_DIVISIONS": 6},
     },
+    "06": {  # smoke: 4 steps, 2 entries, 2 scales, 1 window, 1 seed per aspect (cpu: 20 steps, all of them)
+        "smoke": {"STEPS": 4, "N_ENTRIES": 2, "CONDITIONING_SCALES": [0.0, 1.0], "GUIDANCE_WINDOWS": [[0.0, 0.5]],
+                  "ASPECT_SEEDS": 1},
+        "cpu": {},
+        "gpu": {"ASPECT_SEEDS": 2},  # SD 1.5 at up to 1024×512 with three ControlNets loaded (fp16)
+    },
 }
 
 
