@@ -53,6 +53,28 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
         "cpu": {},
         "gpu": {"ASPECT_SEEDS": 2},  # SD 1.5 at up to 1024×512 with three ControlNets loaded (fp16)
     },
+    "07": {  # smoke: 8-step baseline, 2 prompts, 1 repeat, a few rungs (no compile, no OpenVINO export)
+        "smoke": {"N_PROMPTS": 2, "BASELINE_STEPS": 8, "REPEATS": 1, "QUALITY_BATCH": 2, "SCHEDULER_RUNGS": ["dpm++"],
+                  "STEP_RUNGS": [4], "OPTIMISATION_RUNGS": ["fp16", "cfg_cutoff", "deepcache"],
+                  "COMBINED_RUNGS": ["dpm++ 4 + cfg_cutoff + deepcache"], "SHOW_RUNGS": 2},
+        "cpu": {},
+        "gpu": {"N_PROMPTS": 8, "OPTIMISATION_RUNGS": ["half", "channels_last", "attention_slicing", "fused_qkv",
+                                                        "compile", "cfg_cutoff", "deepcache", "tome", "control_end",
+                                                        "tiny_vae"]},
+    },
+    "08": {  # smoke: 3 star pictures, 4 class pictures, 8 LoRA steps, 4-step sampling (cpu: 400 steps, N=128)
+        "smoke": {"N_INSTANCE": 3, "N_CLASS_IMAGES": 4, "TRAIN_STEPS": 8, "LEARNING_RATE": 0.005, "BATCH_SIZE": 2,
+                  "STEPS": 4, "SEEDS": [100, 101], "N_CONTEXT_SEEDS": 1, "N_HELDOUT": 4, "N_VALIDATION": 8,
+                  "CONTEXT_PROMPTS": ["a {} on the right on a brown background", "a green {}"]},
+        "cpu": {},
+        "gpu": {  # SD 1.5 on your photos in fp16 on a T4: upload 3-5 photos of one subject to my_subject/
+            "IDENTIFIER": "sks", "CLASS_NOUN": "dog", "PROMPT_TEMPLATE": "a photo of {}", "INSTANCE_DIR": "my_subject",
+            "CLASS_PROMPTS": "class noun", "N_CLASS_IMAGES": 100, "CLASS_BATCH_SIZE": 4, "TRAIN_STEPS": 400,
+            "LEARNING_RATE": 0.0001, "BATCH_SIZE": 1, "GRADIENT_CHECKPOINTING": True, "OBJECT_WEIGHT": 1.0, "STEPS": 25,
+            "UNRELATED_PROMPT": "a photo of a mountain lake", "N_CONTEXT_SEEDS": 2,
+            "CONTEXT_PROMPTS": ["a {} on the beach", "a {} in the snow", "a watercolor painting of {}",
+                                "a {} wearing a red hat"]},
+    },
 }
 
 
