@@ -1,0 +1,181 @@
+"""helpers.dreambooth: the rare token, the star subject and its fidelity check, input checks, and a short LoRA
+fine-tune on the toy (loss down, subject prompt changed, unrelated prompt nearly unchanged, save/load reproduces it,
+an adapter of another model refused)."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import dreambooth
+from helpers.models import load_pipeline
+from helpers.stages import default_size, generate
+from helpers.toy import sample_scenes, world
+from helpers.toy.train import tokenize
+
+SUBJECT = "xt shape"
+SETTINGS = dict(num_inference_steps=4, guidance_scale=7.5, output_type="np", progress=False)
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    torch.set_num_threads(1)
+    return load_pipeline("toy")
+
+
+def test_identifier_one_unused_token_else_a_clear_error(toy_pipe):
+    tokenizer, known = toy_pipe.tokenizer, dreambooth.toy_known_words()
+    token_id = dreambooth.check_identifier(tokenizer, "xt", known)
+    captions = sample_scenes(200, split="train", max_objects=2).prompts
+    assert token_id not in set(tokenize(tokenizer, captions).flatten().tolist()), "no training caption uses it"
+    with pytest.raises(ValueError, match="'circle' is already in the model's vocabulary"):
+        dreambooth.check_identifier(tokenizer, "circle", known)
+    with pytest.raises(ValueError, match=r"'sks' splits into 3 tokens .*pick one such as \['"):
+        dreambooth.check_identifier(tokenizer, "sks", known)
+    with pytest.raises(ValueError, match="one lower-case word"):
+        dreambooth.check_identifier(tokenizer, "X T", known)
+    suggestions = dreambooth.rare_tokens(tokenizer, set(known))
+    assert suggestions and not set(suggestions) & set(known)
+    assert all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in suggestions)
+
+
+def test_star_is_outside_the_world_and_rendered_like_it():
+    assert dreambooth.SUBJECT_SHAPE not in world.SHAPES
+    instance = dreambooth.subject_images(6, "orange", SUBJECT, seed=0)
+    assert instance.images.shape == (6, world.IMAGE_SIZE, world.IMAGE_SIZE, 3) and instance.images.dtype == np.uint8
+    assert len({lay.position for lay in instance.layouts}) == 3
+    assert len({lay.background for lay in instance.layouts}) > 2
+    for image, layout, prompt in zip(instance.images, instance.layouts, instance.prompts):
+        assert prompt.startswith(f"a {SUBJECT}") and layout.background in prompt
+        assert (layout.position in prompt) == (layout.position != "center"), "the world's caption convention"
+        centre = image[int(layout.cy), int(layout.cx)].astype(int)
+        assert np.abs(centre - world.COLOURS["orange"]).max() <= world.COLOUR_JITTER + 1
+    ys, xs = np.nonzero(dreambooth.star_mask(32, 32, 13, *np.meshgrid(np.arange(64) + 0.5, np.arange(64) + 0.5)))
+    assert abs(len(ys) - dreambooth.star_area(13)) < 0.05 * dreambooth.star_area(13), "polygon area formula"
+    assert ys.min() < 32 - 12 and ys.max() < 32 + 13, "upright: a point straight up"
+    with pytest.raises(ValueError, match="not a toy-world colour"):
+        dreambooth.subject_images(3, "pink", SUBJECT)
+
+
+def test_fidelity_check_tells_stars_from_the_worlds_shapes(toy_pipe):
+    report = dreambooth.validate_fidelity_check(toy_pipe.vae, n=24, seed=3)
+    for name in ("raw", "vae"):
+        assert report[name]["star_recall"] >= 0.95, report
+        assert report[name]["false_positive_rate"] <= 0.05, report
+    assert report["raw"]["star_iou_min"] > report["raw"]["other_iou_max"], "raw renders separate fully"
+    # a circle of the star's area is far from it; an empty picture shows nothing
+    flat = np.full((64, 64, 3), 128, np.uint8)
+    circle = flat.copy()
+    y, x = np.mgrid[:64, :64]
+    circle[(x - 32) ** 2 + (y - 32) ** 2 <= 9**2] = (250, 140, 30)
+    assert dreambooth.subject_silhouette_iou(flat) == 0.0
+    assert dreambooth.subject_silhouette_iou(circle) < 0.75
+    assert dreambooth.shows_subject([circle, dreambooth.subject_images(3, "blue", SUBJECT).images[0]]) == [False, True]
+
+
+def test_context_scores_read_position_background_and_colour():
+    instance = dreambooth.subject_images(3, "orange", SUBJECT, seed=1)
+    rows = dreambooth.context_scores(instance.images, instance.prompts, SUBJECT, "orange")
+    assert rows[-1]["prompt"] == "all prompts" and rows[-1]["n"] == 3
+    assert rows[-1]["fidelity"] == 1.0 and rows[-1]["position"] == 1.0 and rows[-1]["background"] == 1.0
+    wrong = [p.replace("on a", "on the left on a") if "left" not in p else p.replace("left", "right")
+             for p in instance.prompts]
+    assert dreambooth.context_scores(instance.images, wrong, SUBJECT, "orange")[-1]["position"] < 1.0
+    green = dreambooth.context_scores(instance.images, [f"a green {SUBJECT}"] * 3, SUBJECT, "orange")
+    assert green[-1]["colour"] == 0.0, "an orange star does not pass for a green one"
+    with pytest.raises(ValueError, match="does not contain the subject"):
+        dreambooth.subject_spec("a red circle", SUBJECT, "orange")
+
+
+def test_instance_pictures_too_few_or_wrongly_sized_are_refused(tmp_path, toy_pipe):
+    size = default_size(toy_pipe)
+    images = dreambooth.subject_images(3, "orange", SUBJECT).images
+    dreambooth.check_instance_images(images, size)
+    with pytest.raises(ValueError, match="2 instance images are too few: DreamBooth needs at least 3"):
+        dreambooth.check_instance_images(images[:2], size)
+    with pytest.raises(ValueError, match=r"are 32×32 but the model trains at 64×64 .*fit_images"):
+        dreambooth.check_instance_images(images[:, ::2, ::2], size)
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(np.zeros((48, 80, 3), np.uint8) + 40 * i).save(tmp_path / f"photo{i}.png")
+    with pytest.raises(ValueError, match=r"3 pictures in .* are not 64×64: \['photo0.png \(48×80\)'.*fit=True"):
+        dreambooth.load_instance_folder(tmp_path, "a photo of sks dog", size)
+    fitted = dreambooth.load_instance_folder(tmp_path, "a photo of sks dog", size, fit=True)
+    assert fitted.images.shape == (3, 64, 64, 3) and fitted.prompts == ["a photo of sks dog"] * 3
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dreambooth.load_instance_folder(tmp_path / "missing", "x", size)
+
+
+@pytest.fixture(scope="module")
+def tuned(toy_pipe, tmp_path_factory):
+    """A short fine-tune on the toy: 3 star pictures, 4 class pictures, 12 steps; outputs before and after."""
+    pipe = load_pipeline("toy")
+    subject_prompt, unrelated = f"a {SUBJECT}", "a blue square on the left on a white background"
+    prompts, seeds = [subject_prompt, subject_prompt, unrelated], [100, 101, 100]
+    before = generate(pipe, prompts, seeds=seeds, **SETTINGS).images
+    instance = dreambooth.subject_images(3, "orange", SUBJECT)
+    class_prompts = sample_scenes(4, seed=0, split="train").prompts
+    data = dreambooth.training_data(pipe, instance, class_prompts, num_inference_steps=4)
+    log = dreambooth.train_lora(pipe, data, steps=12, learning_rate=5e-3, batch_size=2, rank=4, progress=False)
+    after = generate(pipe, prompts, seeds=seeds, **SETTINGS).images
+    lora_file = dreambooth.save_lora(pipe, tmp_path_factory.mktemp("lora"))
+    return {"pipe": pipe, "data": data, "log": log, "before": before, "after": after, "prompts": prompts,
+            "seeds": seeds, "lora_file": lora_file}
+
+
+def test_training_data_holds_subject_and_class_pictures(tuned):
+    data = tuned["data"]
+    assert data.is_instance.tolist() == [True] * 3 + [False] * 4
+    assert data.latents.shape == (7, 4, 16, 16) and data.prompt_embeds.shape[:2] == (7, 77)
+    assert len(data.class_images) == 4
+    # class latents are the model's own denoised latents, unscaled like the VAE's means
+    assert 0.2 < data.latents[data.class_index].std() / data.latents[data.instance_index].std() < 5
+
+
+def test_short_finetune_lowers_the_loss_and_changes_only_the_subject_prompt(tuned):
+    log = tuned["log"]
+    assert log.steps == 12 and len(log.losses) == 12 and log.seconds > 0
+    assert log.eval_loss_after < 0.95 * log.eval_loss_before, (log.eval_loss_before, log.eval_loss_after)
+    unet_parameters = sum(p.numel() for p in tuned["pipe"].unet.parameters())
+    assert 0 < log.trainable_parameters < 0.05 * unet_parameters, "only the adapter trains"
+    change = np.abs(tuned["after"] - tuned["before"]).mean(axis=(1, 2, 3))  # per image
+    subject_change, unrelated_change = change[:2].mean(), change[2]
+    assert subject_change > 0.02, change
+    assert unrelated_change < 0.5 * subject_change, f"the unrelated prompt moved as much as the subject's: {change}"
+
+
+def test_saved_adapter_reloads_to_the_same_pictures(tuned):
+    lora_file = tuned["lora_file"]
+    assert lora_file.name == dreambooth.LORA_WEIGHT_NAME and lora_file.stat().st_size < 1_000_000
+    from safetensors.torch import load_file
+
+    keys = list(load_file(str(lora_file)))
+    assert keys and all(k.startswith("unet.") and ".lora_" in k for k in keys), keys[:3]
+    fresh = load_pipeline("toy")
+    base = generate(fresh, tuned["prompts"][:1], seeds=tuned["seeds"][:1], **SETTINGS).images
+    dreambooth.load_lora(fresh, lora_file)
+    reloaded = generate(fresh, tuned["prompts"], seeds=tuned["seeds"], **SETTINGS).images
+    assert np.abs(reloaded - tuned["after"]).max() < 1e-4
+    assert np.abs(base - tuned["after"][:1]).max() > 0.05, "the base model alone does not make them"
+
+
+def test_adapter_of_another_model_is_refused(tmp_path, toy_pipe):
+    other = load_pipeline("tiny-random")
+    dreambooth.add_lora(other.unet, rank=2)
+    lora_file = dreambooth.save_lora(other, tmp_path)
+    with pytest.raises(ValueError, match="was made for another model"):
+        dreambooth.load_lora(load_pipeline("toy"), lora_file)
+    with pytest.raises(FileNotFoundError, match="no LoRA file"):
+        dreambooth.check_lora_file(toy_pipe.unet, tmp_path / "missing.safetensors")
+
+
+def test_training_settings_are_checked(tuned):
+    data = tuned["data"]
+    with pytest.raises(ValueError, match="steps=0 must be at least 1"):
+        dreambooth.check_training_settings(data, 0, 2, 1.0)
+    with pytest.raises(ValueError, match="prior_loss_weight=-1"):
+        dreambooth.check_training_settings(data, 1, 2, -1.0)
+    no_class = dreambooth.DreamBoothData(data.latents[:3], data.prompt_embeds[:3], data.is_instance[:3])
+    with pytest.raises(ValueError, match="needs class pictures"):
+        dreambooth.check_training_settings(no_class, 1, 2, 1.0)
+    dreambooth.check_training_settings(no_class, 1, 2, 0.0)  # no prior preservation: allowed
