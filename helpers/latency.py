@@ -551,7 +551,7 @@ def run_rung(base_pipe, name: str, config: Config, inputs: Inputs, *, request_si
             start = time.perf_counter()
             generate_config(pipe, config, request)
             result.first_call_s = time.perf_counter() - start
-    except (RungSkipped, ImportError, RuntimeError, NotImplementedError) as error:
+    except Exception as error:  # noqa: BLE001 - whatever this platform cannot do is recorded, never a crash
         result.status, result.reason = "skipped", _reason(error)
         return result
     with torch.inference_mode():
@@ -579,6 +579,51 @@ def quality_images(pipe, config: Config, inputs: Inputs, batch_size: int) -> lis
             control_images=None if inputs.control_images is None else inputs.control_images[start:start + batch_size])
         images += generate_config(pipe, config, chunk).images
     return images
+
+
+@dataclass
+class Ladder:
+    """The rungs of one run, side by side with the baseline: `ladder.run("dpm++ 10 + deepcache")` times a rung,
+    scores its images against the prompt, the control map and the baseline's image of the same seed."""
+
+    pipe: object
+    inputs: Inputs
+    baseline: Config
+    knobs: Knobs
+    on_toy: bool
+    request_size: int = 1
+    repeats: int = 3
+    quality_batch: int = 8
+    results: dict[str, RungResult] = field(default_factory=dict)
+
+    def run(self, name: str) -> RungResult:
+        if name in self.results:
+            return self.results[name]
+        if "baseline" not in self.results and name != "baseline":
+            self.run("baseline")
+        config = parse_rung(name, self.knobs, self.baseline)
+        result = run_rung(self.pipe, name, config, self.inputs, request_size=self.request_size,
+                          repeats=self.repeats, quality_batch=self.quality_batch)
+        if result.status == "ok":
+            reference = self.results["baseline"].images if name != "baseline" else result.images
+            result.quality = quality(result.images, self.inputs, reference, self.on_toy)
+        self.results[name] = result
+        return result
+
+    def rows(self) -> list[dict]:
+        base = self.results["baseline"].median_s
+        rows = []
+        for result in self.results.values():
+            row = result.row()
+            if result.median_s:
+                row["speed-up"] = base / result.median_s
+            rows.append(row)
+        return rows
+
+    def points(self, quality_key: str) -> dict[str, tuple[float, float]]:
+        """(latency, quality) of every rung that ran, for the Pareto front."""
+        return {r.name: (r.median_s, r.quality[quality_key]) for r in self.results.values()
+                if r.status == "ok" and r.quality.get(quality_key) is not None}
 
 
 # ---------------------------------------------------------------------------------------------------
