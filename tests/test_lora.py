@@ -51,7 +51,7 @@ def test_star_is_outside_the_world_and_rendered_like_it():
         assert np.abs(centre - world.COLOURS["orange"]).max() <= world.COLOUR_JITTER + 1
     ys, xs = np.nonzero(dreambooth.star_mask(32, 32, 13, *np.meshgrid(np.arange(64) + 0.5, np.arange(64) + 0.5)))
     assert abs(len(ys) - dreambooth.star_area(13)) < 0.05 * dreambooth.star_area(13), "polygon area formula"
-    assert ys.min() < 32 - 12 and ys.max() < 32 + 13, "upright: a point straight up"
+    assert ys.min() <= 32 - 12 and ys.max() < 32 + 13, "upright: a point straight up (tip at row 19.5)"
     with pytest.raises(ValueError, match="not a toy-world colour"):
         dreambooth.subject_images(3, "pink", SUBJECT)
 
@@ -150,7 +150,7 @@ def test_saved_adapter_reloads_to_the_same_pictures(tuned):
     from safetensors.torch import load_file
 
     keys = list(load_file(str(lora_file)))
-    assert keys and all(k.startswith("unet.") and ".lora_" in k for k in keys), keys[:3]
+    assert keys and all(k.startswith("unet.") and ".lora." in k for k in keys), keys[:3]  # diffusers names
     fresh = load_pipeline("toy")
     base = generate(fresh, tuned["prompts"][:1], seeds=tuned["seeds"][:1], **SETTINGS).images
     dreambooth.load_lora(fresh, lora_file)
