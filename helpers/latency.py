@@ -382,11 +382,11 @@ def part_timers(pipe, device: torch.device | str | None = None) -> Iterator[dict
             module = getattr(pipe, part, None)
             if isinstance(module, torch.nn.Module):
                 undo += _hook_module(module, calls[part], device)
-        undo.append(_wrap_attribute(pipe.vae, "decode", calls["vae_decode"], device))
-        undo.append(_wrap_attribute(_image_processor(pipe), "postprocess", calls["postprocess"], device))
+        undo.append(_wrap_method(pipe.vae, "decode", calls["vae_decode"], device))
+        undo.append(_wrap_method(_image_processor(pipe), "postprocess", calls["postprocess"], device))
         if getattr(pipe, "control_image_processor", None) is not None:
-            undo.append(_wrap_attribute(pipe.control_image_processor, "preprocess", calls["preprocess"], device))
-        undo.append(_wrap_class_method(type(pipe.scheduler), "step", calls["scheduler"], device))
+            undo.append(_wrap_method(pipe.control_image_processor, "preprocess", calls["preprocess"], device))
+        undo.append(_wrap_method(type(pipe.scheduler), "step", calls["scheduler"], device))
         yield calls
     finally:
         for restore in reversed(undo):
@@ -426,32 +426,18 @@ def _timed_call(fn: Callable, seconds: list[float], device) -> Callable:
     return call
 
 
-def _wrap_attribute(obj, name: str, seconds: list[float], device) -> Callable[[], None]:
-    """Time `obj.name(...)` through an instance attribute that shadows the method; undo deletes it."""
-    had_own = name in vars(obj)
-    original = getattr(obj, name)
-    setattr(obj, name, _timed_call(original, seconds, device))
+def _wrap_method(owner, name: str, seconds: list[float], device) -> Callable[[], None]:
+    """Time `owner.name(...)` by shadowing it on `owner`: an instance, or a class (denoise steps a deep copy of
+    the pipeline's scheduler, so its `step` is timed on the class). Undo puts back what `owner` itself held."""
+    had_own = name in vars(owner)
+    original = vars(owner)[name] if had_own else getattr(owner, name)
+    setattr(owner, name, _timed_call(original, seconds, device))
 
     def restore():
         if had_own:
-            setattr(obj, name, original)
+            setattr(owner, name, original)
         else:
-            delattr(obj, name)
-
-    return restore
-
-
-def _wrap_class_method(cls: type, name: str, seconds: list[float], device) -> Callable[[], None]:
-    """Time a method on the class itself: denoise steps a deep copy of the pipeline's scheduler."""
-    had_own = name in vars(cls)
-    original = vars(cls)[name] if had_own else getattr(cls, name)
-    setattr(cls, name, _timed_call(original, seconds, device))
-
-    def restore():
-        if had_own:
-            setattr(cls, name, original)
-        else:
-            delattr(cls, name)
+            delattr(owner, name)
 
     return restore
 
