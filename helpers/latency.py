@@ -243,19 +243,17 @@ def _refresh_deepcache_on_batch_change(pipe, helper) -> None:
     pipe.unet.forward = forward
 
 
-def _tiny_vae_why_not(config: Config, device: torch.device) -> str | None:
-    from helpers.models import hub_reachable
-
-    if not hub_reachable():
-        return ("no tiny decoder here: TAESD (madebyollin/taesd) comes from the hub, which is not reachable, and "
-                "no AutoencoderTiny has been distilled for the toy model")
-    return None
-
-
 def _apply_tiny_vae(pipe, config: Config) -> None:
     from diffusers import AutoencoderTiny
 
-    pipe.vae = AutoencoderTiny.from_pretrained("madebyollin/taesd", torch_dtype=pipe.vae.dtype).to(pipe.vae.device)
+    from helpers.models import hub_offline, tiny_vae_source
+
+    source = tiny_vae_source(pipe.vae)
+    if source is None:
+        raise RungSkipped("no tiny decoder for this VAE here: TAESD (madebyollin/taesd) comes from the hub, which "
+                          "is not reachable (the toy's own is built by `python -m helpers.toy.train --stage tiny-vae`)")
+    tiny = AutoencoderTiny.from_pretrained(source, torch_dtype=pipe.vae.dtype, local_files_only=hub_offline())
+    pipe.vae = tiny.to(pipe.vae.device)
 
 
 def _compile_why_not(config: Config, device: torch.device) -> str | None:
@@ -306,7 +304,7 @@ FEATURES: tuple[Feature, ...] = (  # in the order they are applied
     Feature("tome", lambda c: c.tome_ratio > 0, lambda c, d: _missing("tomesd", "tomesd"), _apply_tome),
     Feature("deepcache", lambda c: c.deepcache_interval > 1, lambda c, d: _missing("DeepCache", "DeepCache"),
             _apply_deepcache),
-    Feature("tiny_vae", lambda c: c.tiny_vae, _tiny_vae_why_not, _apply_tiny_vae),
+    Feature("tiny_vae", lambda c: c.tiny_vae, _never, _apply_tiny_vae),  # the source depends on the VAE: apply
     Feature("openvino", lambda c: c.engine == "openvino", _openvino_why_not, _apply_openvino),
     Feature("compile", lambda c: c.compile, _compile_why_not, _apply_compile),
 )

@@ -37,6 +37,7 @@ SD15_CONTROLNET_HUB_IDS = {
     "normal": "lllyasviel/control_v11p_sd15_normalbae",
     "canny": "lllyasviel/control_v11p_sd15_canny",
 }
+TAESD_HUB_ID = "madebyollin/taesd"  # SD 1.5's tiny decoder (AutoencoderTiny), notebook 07's tiny_vae rung
 RANDOM_MODELS = ("tiny-random", "sd15-random")
 
 # Short names users type in a widget, mapped to diffusers' scheduler classes; "default" keeps the model's own.
@@ -140,6 +141,16 @@ def toy_paths() -> tuple[Path, Path]:
             "`python -m helpers.toy.train`, or use MODEL='tiny-random' for a random-weight stand-in."
         )
     return Path(TOY_SD_DIR), Path(TOY_CONTROLNET_DIR)
+
+
+def tiny_vae_source(vae) -> str | None:
+    """Where the tiny decoder (an AutoencoderTiny) for `vae` lives: the one distilled for the toy (shipped), TAESD
+    for SD 1.5's VAE when the hub is reachable, else None."""
+    sd_dir = toy_paths()[0]
+    if Path(vae.config.get("_name_or_path") or "").resolve() == (sd_dir / "vae").resolve():
+        folder = sd_dir.parent / "tiny-vae"
+        return str(folder) if (folder / "config.json").exists() else None
+    return TAESD_HUB_ID if hub_reachable() else None
 
 
 def controlnet_source(model: str, name: str) -> str:

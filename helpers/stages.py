@@ -66,8 +66,12 @@ def _pipe_scale_factor(pipe) -> int:
 
 
 def vae_scale_factor(vae) -> int:
-    """How many pixels one latent covers along each side (8 for SD 1.5): 2 ** (number of VAE levels - 1)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """How many pixels one latent covers along each side (8 for SD 1.5): 2 ** (number of VAE levels - 1), or for
+    an AutoencoderTiny (TAESD) its upsampling factor between decoder levels to that power."""
+    config = vae.config
+    if "block_out_channels" in config:
+        return 2 ** (len(config.block_out_channels) - 1)
+    return config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -435,6 +439,7 @@ def _prepare_control_image(processor, image, batch_size, height, width, device, 
     if isinstance(image, (list, tuple)) and len(image) not in (1, batch_size):
         raise ValueError(f"{name} has {len(image)} control images but there are {batch_size} prompts: "
                          "give one image for all, or one per prompt")
+    _warn_if_stretched(image, height, width, name)
     try:
         image = processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
     except (ValueError, TypeError) as error:
@@ -445,6 +450,23 @@ def _prepare_control_image(processor, image, batch_size, height, width, device, 
     elif image.shape[0] != batch_size:
         raise ValueError(f"{name} holds {image.shape[0]} control images but there are {batch_size} prompts")
     return image.to(device=device, dtype=dtype)
+
+
+def _warn_if_stretched(image, height: int, width: int, name: str) -> None:
+    """Say so when a control image is not height × width: it is stretched, as the pipeline does (a changed aspect
+    distorts what the ControlNet follows; helpers.control.fit_control_image crops or pads instead)."""
+    sizes = set()
+    for im in image if isinstance(image, (list, tuple)) else [image]:
+        if hasattr(im, "size") and not callable(im.size):  # PIL: (W, H)
+            sizes.add(tuple(im.size))
+        elif hasattr(im, "shape") and len(im.shape) >= 2:  # HWC array, or (B, C, H, W) / (C, H, W) tensor
+            shape = tuple(im.shape)
+            sizes.add((shape[-1], shape[-2]) if isinstance(im, torch.Tensor) else (shape[1], shape[0]))
+    wrong = sorted(f"{w}×{h}" for w, h in sizes if (w, h) != (width, height))
+    if wrong:
+        warnings.warn(f"{name}: a control image of {', '.join(wrong)} (W×H) is stretched to the target {width}×{height} "
+                      "as StableDiffusionControlNetPipeline does; fit it first (helpers.control.fit_control_image: "
+                      "resize, crop or pad) to keep its aspect", stacklevel=4)
 
 
 def scheduler_step_kwargs(scheduler, generator, eta: float = 0.0) -> dict:
@@ -465,7 +487,7 @@ def scheduler_step_kwargs(scheduler, generator, eta: float = 0.0) -> dict:
 
 
 def _image_processor(pipe) -> VaeImageProcessor:
-    return getattr(pipe, "image_processor", None) or VaeImageProcessor(vae_scale_factor=vae_scale_factor(pipe.vae))
+    return getattr(pipe, "image_processor", None) or VaeImageProcessor(vae_scale_factor=_pipe_scale_factor(pipe))
 
 
 @torch.inference_mode()
@@ -478,7 +500,7 @@ def decode(pipe, latents: torch.Tensor, output_type: str = "pil"):
         raise ValueError(
             f"latents have shape {tuple(latents.shape)}; decode needs (batch, {vae.config.latent_channels}, h, w)"
         )
-    factor = vae_scale_factor(vae)
+    factor = _pipe_scale_factor(pipe)
     check_fits_in_memory(vae, len(latents), latents.shape[2] * factor, latents.shape[3] * factor, "decode")
     # The UNet works on latents scaled to unit variance; undo that before the VAE decoder.
     latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor

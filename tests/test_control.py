@@ -267,3 +267,19 @@ def test_generation_has_the_requested_size_at_every_aspect(depth_pipe, aspect):
     result = generate(pipe, ["a red circle"], seeds=[0], num_inference_steps=1, height=size.height, width=size.width,
                       image=checked[0], output_type="np", progress=False)
     assert result.images.shape == (1, size.height, size.width, 3)
+
+
+def test_generate_says_when_it_stretches_a_control_image(depth_pipe):
+    import warnings
+
+    from helpers.stages import generate
+
+    wide = PIL.Image.new("RGB", (128, 64))
+    with pytest.warns(UserWarning, match=r"image: a control image of 128×64 \(W×H\) is stretched to the target 64×64"):
+        result = generate(depth_pipe, ["a red circle"], seeds=[0], num_inference_steps=1, image=wide,
+                          output_type="np", progress=False)
+    assert result.images.shape == (1, 64, 64, 3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*stretched")  # the target size is used as it is: no warning
+        generate(depth_pipe, ["a red circle"], seeds=[0], num_inference_steps=1, image=PIL.Image.new("RGB", (64, 64)),
+                 output_type="np", progress=False)

@@ -61,3 +61,7 @@ def test_06_bad_control_images_get_clear_errors(r):
     assert "mode 'RGBA'" in errors["wrong mode"]
     assert "not a positive multiple of the VAE factor" in errors["not a multiple of the factor"]
     assert "stretched to" in errors["resize=True"]
+
+
+def test_06_the_control_scale_panel_draws_a_result_under_papermill(r):
+    assert r["panel"] == {"error": None, "control_scale": 1.0, "images": 1}

@@ -3,7 +3,8 @@
 Prints a table and writes outputs/bench_toy.json:
   oracle accuracy on rendered held-out scenes,
   prompt adherence on held-out single- and two-object prompts at guidance 7.5 and 1.0 (20 steps),
-  ControlNet control adherence (mask IoU) on held-out depth maps,
+  ControlNet control adherence (mask IoU) on held-out depth maps, for the depth, normal and Canny nets (the normal
+  map and the edges derived from the same depth maps, as notebook 06 derives them),
   seconds per 20-step guided image (batch 1, median of repeats, warm-up excluded).
 """
 

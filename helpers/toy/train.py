@@ -17,6 +17,9 @@ Stages (each resumable from its checkpoint in --work-dir, each skipped when its 
               fine-tuned from the depth net on normal maps / Canny edges derived from the depth maps
               (helpers.control, as notebook 06 derives them)
                                                                           -> weights/controlnet-normal/, -canny/
+  tiny-vae    an AutoencoderTiny (TAESD's architecture) distilled from the shipped VAE: its encoder learns the
+              VAE's scaled latents, its decoder the pictures from (noisy) latents; notebook 07's tiny decoder
+                                                                          -> weights/tiny-vae/
   ldm         single-file export in the original LDM key layout (helpers.ldm)      -> weights/toy-sd-ldm.safetensors
 
 Examples:
@@ -50,7 +53,7 @@ from helpers.toy.oracle import Oracle, oracle_loss, save_oracle, scene_labels
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WORK_DIR = Path(__file__).resolve().parents[2] / "scratch" / "toy"
 STAGES = ("data", "oracle", "vae", "latents", "clip", "unet", "decoder", "pipeline", "controlnet",
-          "controlnet-normal", "controlnet-canny", "ldm")
+          "controlnet-normal", "controlnet-canny", "tiny-vae", "ldm")
 CONTROL_KINDS = ("depth", "normal", "canny")  # what each ControlNet is conditioned on, all derived from depth
 
 # SD 1.5's training noise schedule (scheduler_config.json of stable-diffusion-v1-5), with two changes from
@@ -106,6 +109,7 @@ class Budget:
     # changes), so they need fewer, smaller steps: a shared machine ran 8 s a step of batch 32 that day.
     derived_controlnet_steps: int = 600
     derived_controlnet_batch_size: int = 16
+    tiny_vae_steps: int = 1500
     n_scenes: int = 20000
 
 
@@ -835,6 +839,59 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1, k
     return losses
 
 
+TINY_VAE_CHANNELS = 32  # TAESD has 64 channels and 3 blocks a level; the toy's VAE is 16/32/64 wide, 1 block a level
+
+
+def make_tiny_vae():
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny(  # the toy VAE's 4x downsampling: 3 levels, upsampling by 2 between them
+        encoder_block_out_channels=(TINY_VAE_CHANNELS,) * 3, decoder_block_out_channels=(TINY_VAE_CHANNELS,) * 3,
+        num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1), latent_channels=4, upsampling_scaling_factor=2,
+        scaling_factor=1.0,  # like TAESD: it reads and writes the UNet's scaled latents directly
+    )
+
+
+def stage_tiny_vae(work: Path, budget: Budget) -> list[float]:
+    """Distil an AutoencoderTiny from the shipped VAE. Its encoder matches the VAE's scaled latent means; its decoder
+    turns those latents, with noise of up to 0.2 like stage_decoder's, into the training pictures (loss weighted on
+    and around objects). One loss, both halves: the decoder never sees the tiny encoder's latents."""
+    target = WEIGHTS_DIR / "tiny-vae"
+    if (target / "config.json").exists():
+        return []
+    from diffusers import AutoencoderKL
+
+    stage_data(work, budget)
+    stage_latents(work, budget)
+    torch.manual_seed(0)
+    data = torch.load(work / "data.pt", weights_only=False)
+    latents = torch.load(work / "latents.pt")["mean"]  # (N, 4, 16, 16), unscaled posterior means
+    latents = latents * AutoencoderKL.load_config(WEIGHTS_DIR / "sd" / "vae")["scaling_factor"]  # the UNet's units
+    tiny = make_tiny_vae()
+    optimizer = torch.optim.AdamW(tiny.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(7)
+    checkpointer = Checkpointer(work / "tiny-vae.ckpt", optimizer, generator, model=tiny)
+    index_batches = batches(len(latents), budget.batch_size // 2, generator)
+
+    def step_fn(step: int, progress: float) -> float:
+        set_lr(optimizer, 2e-3 * cosine_lr(progress, warmup=0.02))
+        idx = next(index_batches)
+        images = to_model_range(data["images"][idx])  # (B, 3, 64, 64)
+        masks = (data["depths"][idx].float() > world.OBJECT_DEPTH_THRESHOLD).float()[:, None]  # (B, 1, 64, 64)
+        weight = 1.0 + 9.0 * torch.nn.functional.max_pool2d(masks, 5, stride=1, padding=2)  # objects + 2 px rim
+        noise_level = 0.2 * torch.rand(len(idx), 1, 1, 1, generator=generator)
+        noisy = latents[idx] + noise_level * torch.randn(latents[idx].shape, generator=generator)
+        error = tiny.decode(noisy).sample - images
+        decoder_loss = (weight * (error.abs() + error.pow(2))).sum() / (weight.sum() * 3)
+        encoder_loss = torch.nn.functional.mse_loss(tiny.encode(images).latents, latents[idx])
+        return optimizer_step(optimizer, decoder_loss + encoder_loss)
+
+    losses = train_loop("tiny-vae", budget.tiny_vae_steps, step_fn, checkpointer, budget.max_minutes)
+    tiny.save_pretrained(target, safe_serialization=True)
+    log(f"tiny VAE saved -> {target}")
+    return losses
+
+
 def stage_ldm(work: Path, budget: Budget) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -858,6 +915,7 @@ STAGE_FUNCTIONS = {
     "controlnet": stage_controlnet,
     "controlnet-normal": lambda work, budget: stage_controlnet(work, budget, kind="normal"),
     "controlnet-canny": lambda work, budget: stage_controlnet(work, budget, kind="canny"),
+    "tiny-vae": stage_tiny_vae,
     "ldm": stage_ldm,
 }
 
@@ -871,7 +929,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="checkpoints and caches")
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="where shipped weights go")
     for name in ("oracle_steps", "clip_steps", "vae_steps", "unet_steps", "decoder_steps", "controlnet_steps",
-                 "derived_controlnet_steps", "batch_size", "clip_batch_size", "controlnet_batch_size",
+                 "derived_controlnet_steps", "tiny_vae_steps", "batch_size", "clip_batch_size", "controlnet_batch_size",
                  "derived_controlnet_batch_size", "n_scenes"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
