@@ -464,9 +464,9 @@ def _warn_if_stretched(image, height: int, width: int, name: str) -> None:
             sizes.add((shape[-1], shape[-2]) if isinstance(im, torch.Tensor) else (shape[1], shape[0]))
     wrong = sorted(f"{w}×{h}" for w, h in sizes if (w, h) != (width, height))
     if wrong:
-        warnings.warn(f"{name}: a control image of {', '.join(wrong)} (W×H) is stretched to the target {width}×{height} "
-                      "as StableDiffusionControlNetPipeline does; fit it first (helpers.control.fit_control_image: "
-                      "resize, crop or pad) to keep its aspect", stacklevel=4)
+        warnings.warn(f"{name}: a control image of {', '.join(wrong)} (W×H) is stretched to the target "
+                      f"{width}×{height} as StableDiffusionControlNetPipeline does; fit it first "
+                      "(helpers.control.fit_control_image: resize, crop or pad) to keep its aspect", stacklevel=4)
 
 
 def scheduler_step_kwargs(scheduler, generator, eta: float = 0.0) -> dict:
