@@ -38,7 +38,7 @@ class _OpenVINOModule(torch.nn.Module):
     def inference_precision(self) -> str | None:
         """The precision OpenVINO actually runs in (a bf16 hint falls back to f32 on CPUs without bf16 units)."""
         for compiled in self._compiled.values():
-            return str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+            return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32" or "bf16"
         return None
 
     def flat_module(self) -> torch.nn.Module:

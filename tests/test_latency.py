@@ -241,3 +241,22 @@ def test_unet_step_timing_on_a_unet_alone():
     timing = latency.time_unet_steps(latency.configure(holder, latency.parse_rung("channels_last")),
                                      latency.parse_rung("channels_last"), batch_size=2, latent_size=8, repeats=2)
     assert timing["step_s"] > 0 and timing["repeats"] == 2 and timing["first_call_s"] > 0
+
+
+def test_bench_latency_tables_every_rung_with_its_rate(tmp_path, monkeypatch):
+    import json
+
+    from helpers.bench import latency as bench
+
+    monkeypatch.setenv("SD_OUTPUTS", str(tmp_path))
+    assert bench.main(["--model", "tiny-random", "--rungs", "baseline", "deepcache", "fp16", "channels_last",
+                       "--repeats", "1", "--latent-size", "8"]) == 0
+    recorded = json.loads((tmp_path / "bench_latency.json").read_text())
+    rows = {row["rung"]: row for row in recorded["rows"]}
+    assert rows["fp16"]["status"] == "skipped" and "fp16 on a CPU" in rows["fp16"]["reason"]
+    assert rows["baseline"]["rate"] == "measured" and rows["deepcache"]["rate"] == "effective"
+    assert rows["baseline"]["speed-up"] == 1.0 and rows["baseline"]["roofline share"] > 0
+    summary = recorded["summary"]
+    assert summary["best full-step torch rung"] in ("baseline", "channels_last"), "a cached step is not a full step"
+    assert summary["best OpenVINO rung"] is None and summary["full-step torch vs OpenVINO"] is None
+    assert recorded["gflop_per_step"] > 0 and recorded["roofline_gflops"]["float32"] > 0

@@ -887,7 +887,8 @@ def stage_tiny_vae(work: Path, budget: Budget) -> list[float]:
         return optimizer_step(optimizer, decoder_loss + encoder_loss)
 
     losses = train_loop("tiny-vae", budget.tiny_vae_steps, step_fn, checkpointer, budget.max_minutes)
-    tiny.save_pretrained(target, safe_serialization=True)
+    tiny.register_to_config(_name_or_path=None)
+    tiny.to(torch.float16).save_pretrained(target, safe_serialization=True)  # as the other weights; upcast on load
     log(f"tiny VAE saved -> {target}")
     return losses
 
