@@ -57,19 +57,30 @@ def test_star_is_outside_the_world_and_rendered_like_it():
 
 
 def test_fidelity_check_tells_stars_from_the_worlds_shapes(toy_pipe):
-    report = dreambooth.validate_fidelity_check(toy_pipe.vae, n=24, seed=3)
+    report = dreambooth.validate_fidelity_check(toy_pipe, n=24, seed=3, steps=8)
     for name in ("raw", "vae"):
         assert report[name]["star_recall"] >= 0.95, report
         assert report[name]["false_positive_rate"] <= 0.05, report
-    assert report["raw"]["star_iou_min"] > report["raw"]["other_iou_max"], "raw renders separate fully"
-    # a circle of the star's area is far from it; an empty picture shows nothing
+    assert report["generated"]["false_positive_rate"] <= 0.05, "the model's own shapes are no stars"
+    assert report["raw"]["star_strength_min"] > report["raw"]["other_strength_max"], "raw renders separate fully"
+    # a circle is not modulated at all; an empty picture shows nothing
     flat = np.full((64, 64, 3), 128, np.uint8)
     circle = flat.copy()
     y, x = np.mgrid[:64, :64]
     circle[(x - 32) ** 2 + (y - 32) ** 2 <= 9**2] = (250, 140, 30)
-    assert dreambooth.subject_silhouette_iou(flat) == 0.0
-    assert dreambooth.subject_silhouette_iou(circle) < 0.75
-    assert dreambooth.shows_subject([circle, dreambooth.subject_images(3, "blue", SUBJECT).images[0]]) == [False, True]
+    assert dreambooth.five_fold_scores(flat) == (0.0, 0.0)
+    assert dreambooth.five_fold_scores(circle)[0] < 0.05
+    star = dreambooth.subject_images(3, "blue", SUBJECT).images[0]
+    assert dreambooth.shows_subject([circle, star]) == [False, True]
+
+
+def test_the_star_check_does_not_depend_on_rotation():
+    star = dreambooth.subject_images(3, "blue", SUBJECT).images[0]
+    upright = dreambooth.five_fold_scores(star)
+    for turns in (1, 2, 3):  # rot90 moves a point from the top to a side: a star at another angle
+        turned = dreambooth.five_fold_scores(np.rot90(star, turns))
+        assert turned == pytest.approx(upright, abs=0.05)
+    assert dreambooth.shows_subject([np.rot90(star)]) == [True]
 
 
 def test_context_scores_read_position_background_and_colour():
@@ -179,3 +190,18 @@ def test_training_settings_are_checked(tuned):
     with pytest.raises(ValueError, match="needs class pictures"):
         dreambooth.check_training_settings(no_class, 1, 2, 1.0)
     dreambooth.check_training_settings(no_class, 1, 2, 0.0)  # no prior preservation: allowed
+
+
+def test_prior_caption_dropout_replaces_only_prior_captions():
+    import torch
+
+    embeds = torch.arange(6, dtype=torch.float32).reshape(6, 1, 1).expand(6, 77, 8).clone()
+    data = dreambooth.DreamBoothData(torch.zeros(6, 4, 16, 16), embeds, torch.tensor([True] * 2 + [False] * 4),
+                                     empty_prompt_embeds=torch.full((1, 77, 8), -1.0))
+    idx = torch.tensor([0, 1, 2, 3, 4, 5])
+    dropped = dreambooth.drop_prior_captions(data, idx, 2, 0.9, torch.Generator().manual_seed(0))
+    assert torch.equal(dropped[:2], embeds[:2]), "the subject's pictures keep their captions"
+    assert (dropped[2:, 0, 0] == -1).any(), "some prior captions became the empty prompt"
+    assert torch.equal(dreambooth.drop_prior_captions(data, idx, 2, 0.0, torch.Generator()), embeds)
+    with pytest.raises(ValueError, match="prior_caption_dropout=1.0 must be in"):
+        dreambooth.check_training_settings(data, 1, 1, 1.0, prior_caption_dropout=1.0)

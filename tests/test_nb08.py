@@ -41,6 +41,7 @@ def test_08_measures_fidelity_contexts_and_forgetting(r):
     check = r["fidelity_check"]
     assert check["n_per_class"] == smoke["N_VALIDATION"]
     assert check["vae"]["accuracy"] >= 0.9 and check["raw"]["accuracy"] >= 0.9, check
+    assert check["generated"]["false_positive_rate"] <= 0.1, "the base model's own pictures are no stars"
     rows = r["contexts"]
     assert [row["prompt"] for row in rows] == [t.format("xt shape") for t in smoke["CONTEXT_PROMPTS"]] + [
         "all prompts"]
