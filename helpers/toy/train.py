@@ -23,7 +23,7 @@ Stages (each resumable from its checkpoint in --work-dir, each skipped when its 
   ldm         single-file export in the original LDM key layout (helpers.ldm)      -> weights/toy-sd-ldm.safetensors
 
 Examples:
-  python -m helpers.toy.train                          # everything, default budget (~62 min on 2 cores)
+  python -m helpers.toy.train                          # everything, default budget (~62 min on 2 cores + ControlNets)
   python -m helpers.toy.train --stage unet --unet-steps 100 --work-dir scratch/try
   python -m helpers.toy.train --stage controlnet-canny   # one ControlNet alone, on the shipped pipeline
 
