@@ -49,10 +49,7 @@ def _bytes_per_pixel(module, stage: str) -> int:
     """Estimated peak bytes per pixel (of the stage's input: latent pixels for the UNet, image pixels for the
     decoder) per sample."""
     live = UNET_LIVE_TENSORS if stage == "unet" else DECODER_LIVE_TENSORS
-    config = module.config  # the channels at full resolution: the first level's, or a tiny decoder's last
-    channels = config["block_out_channels"][0] if "block_out_channels" in config else config[
-        "decoder_block_out_channels"][-1]
-    return channels * module.dtype.itemsize * live
+    return module.config.block_out_channels[0] * module.dtype.itemsize * live
 
 
 def estimate_bytes(module, batch_size: int, height: int, width: int, stage: str) -> int:

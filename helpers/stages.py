@@ -66,12 +66,9 @@ def _pipe_scale_factor(pipe) -> int:
 
 
 def vae_scale_factor(vae) -> int:
-    """How many pixels one latent covers along each side (8 for SD 1.5): 2 ** (number of VAE levels - 1), or for
-    an AutoencoderTiny (TAESD) its upsampling factor between decoder levels to that power."""
-    config = vae.config
-    if "block_out_channels" in config:
-        return 2 ** (len(config.block_out_channels) - 1)
-    return config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1)
+    """How many pixels one latent covers along each side (8 for SD 1.5): 2 ** (number of VAE levels - 1). An
+    AutoencoderTiny's config names its levels `block_out_channels` too."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -457,8 +454,8 @@ def _warn_if_stretched(image, height: int, width: int, name: str) -> None:
     distorts what the ControlNet follows; helpers.control.fit_control_image crops or pads instead)."""
     sizes = set()
     for im in image if isinstance(image, (list, tuple)) else [image]:
-        if hasattr(im, "size") and not callable(im.size):  # PIL: (W, H)
-            sizes.add(tuple(im.size))
+        if isinstance(im, PIL.Image.Image):  # (W, H)
+            sizes.add(im.size)
         elif hasattr(im, "shape") and len(im.shape) >= 2:  # HWC array, or (B, C, H, W) / (C, H, W) tensor
             shape = tuple(im.shape)
             sizes.add((shape[-1], shape[-2]) if isinstance(im, torch.Tensor) else (shape[1], shape[0]))

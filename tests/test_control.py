@@ -279,6 +279,9 @@ def test_generate_says_when_it_stretches_a_control_image(depth_pipe):
         result = generate(depth_pipe, ["a red circle"], seeds=[0], num_inference_steps=1, image=wide,
                           output_type="np", progress=False)
     assert result.images.shape == (1, 64, 64, 3)
+    with pytest.warns(UserWarning, match=r"of 128×64 \(W×H\) is stretched"):  # an HWC array in [0, 1] too
+        generate(depth_pipe, ["a red circle"], seeds=[0], num_inference_steps=1, image=np.zeros((64, 128, 3)),
+                 output_type="np", progress=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*stretched")  # the target size is used as it is: no warning
         generate(depth_pipe, ["a red circle"], seeds=[0], num_inference_steps=1, image=PIL.Image.new("RGB", (64, 64)),
