@@ -62,15 +62,17 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
                                                         "compile", "cfg_cutoff", "deepcache", "tome", "control_end",
                                                         "tiny_vae"]},
     },
-    "08": {  # smoke: 3 star pictures, 4 class pictures, 8 LoRA steps, 4-step sampling (cpu: 400 steps, N=128)
+    "08": {  # smoke: 3 star pictures, 4 class pictures, 8 LoRA steps, 4-step sampling (cpu: 800 steps, N=128)
         "smoke": {"N_INSTANCE": 3, "N_CLASS_IMAGES": 4, "TRAIN_STEPS": 8, "LEARNING_RATE": 0.005, "BATCH_SIZE": 2,
                   "STEPS": 4, "SEEDS": [100, 101], "N_CONTEXT_SEEDS": 1, "N_HELDOUT": 4, "N_VALIDATION": 8,
                   "CONTEXT_PROMPTS": ["a {} on the right on a brown background", "a green {}"]},
         "cpu": {},
         "gpu": {  # SD 1.5 on your photos in fp16 on a T4: upload 3-5 photos of one subject to my_subject/
             "IDENTIFIER": "sks", "CLASS_NOUN": "dog", "PROMPT_TEMPLATE": "a photo of {}", "INSTANCE_DIR": "my_subject",
-            "CLASS_PROMPTS": "class noun", "N_CLASS_IMAGES": 100, "CLASS_BATCH_SIZE": 4, "TRAIN_STEPS": 400,
-            "LEARNING_RATE": 0.0001, "BATCH_SIZE": 1, "GRADIENT_CHECKPOINTING": True, "OBJECT_WEIGHT": 1.0, "STEPS": 25,
+            "CLASS_PROMPTS": "class noun", "CLASS_PICTURES": "generated", "N_CLASS_IMAGES": 100, "CLASS_BATCH_SIZE": 4,
+            "TRAIN_STEPS": 400, "LEARNING_RATE": 0.0001, "LORA_RANK": 4, "LORA_TARGETS": "attention", "BATCH_SIZE": 1,
+            "PRIOR_LOSS_WEIGHT": 1.0, "PRIOR_TARGET": "picture", "PRIOR_CAPTION_DROPOUT": 0.0,
+            "GRADIENT_CHECKPOINTING": True, "OBJECT_WEIGHT": 1.0, "STEPS": 25,
             "UNRELATED_PROMPT": "a photo of a mountain lake", "N_CONTEXT_SEEDS": 2,
             "CONTEXT_PROMPTS": ["a {} on the beach", "a {} in the snow", "a watercolor painting of {}",
                                 "a {} wearing a red hat"]},

@@ -83,6 +83,16 @@ def test_the_star_check_does_not_depend_on_rotation():
     assert dreambooth.shows_subject([np.rot90(star)]) == [True]
 
 
+def test_the_star_check_reads_float_pictures_as_generate_returns_them():
+    """generate(..., output_type="np") gives floats in [0, 1]: read as 0..255 they hold no object at all."""
+    star = dreambooth.subject_images(3, "orange", SUBJECT).images[0]
+    as_float = star.astype(np.float32) / 255
+    assert dreambooth.five_fold_scores(as_float) == pytest.approx(dreambooth.five_fold_scores(star), abs=1e-6)
+    assert dreambooth.shows_subject([as_float]) == [True]
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        dreambooth.five_fold_scores(as_float * 255)
+
+
 def test_context_scores_read_position_background_and_colour():
     instance = dreambooth.subject_images(3, "orange", SUBJECT, seed=1)
     rows = dreambooth.context_scores(instance.images, instance.prompts, SUBJECT, "orange")
@@ -205,3 +215,53 @@ def test_prior_caption_dropout_replaces_only_prior_captions():
     assert torch.equal(dreambooth.drop_prior_captions(data, idx, 2, 0.0, torch.Generator()), embeds)
     with pytest.raises(ValueError, match="prior_caption_dropout=1.0 must be in"):
         dreambooth.check_training_settings(data, 1, 1, 1.0, prior_caption_dropout=1.0)
+
+
+def test_given_class_pictures_are_encoded_not_generated(toy_pipe):
+    instance = dreambooth.subject_images(3, "orange", SUBJECT)
+    scenes = sample_scenes(4, seed=0, split="train", max_objects=2)
+    data = dreambooth.training_data(toy_pipe, instance, scenes.prompts, class_pictures=scenes.images)
+    assert data.is_instance.tolist() == [True] * 3 + [False] * 4 and len(data.class_images) == 4
+    expected = dreambooth.instance_latents(toy_pipe, scenes.images)
+    assert torch.allclose(data.latents[data.class_index], expected), "the renders' own VAE latents"
+    assert np.array_equal(np.asarray(data.class_images[0]), scenes.images[0])
+    with pytest.raises(ValueError, match="3 class pictures for 4 class prompts"):
+        dreambooth.training_data(toy_pipe, instance, scenes.prompts, class_pictures=scenes.images[:3])
+    with pytest.raises(ValueError, match="class images are 32×32"):
+        dreambooth.training_data(toy_pipe, instance, scenes.prompts, class_pictures=scenes.images[:, ::2, ::2])
+
+
+def test_base_model_prior_target_is_the_prediction_without_the_adapter(toy_pipe):
+    pipe = load_pipeline("toy")
+    noisy, timesteps = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
+    embeds = dreambooth.caption_embeddings(pipe, ["a red circle", ""])
+    dreambooth.add_lora(pipe.unet, rank=2)  # B = 0: the base model still
+    with torch.no_grad():
+        base = dreambooth.unet_prediction(pipe.unet, noisy, timesteps, embeds)
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # an adapter that changes the model
+        adapted = dreambooth.unet_prediction(pipe.unet, noisy, timesteps, embeds)
+        assert (adapted - base).abs().max() > 1e-2, "the adapter changes the prediction"
+        assert torch.allclose(dreambooth.base_prediction(pipe.unet, noisy, timesteps, embeds), base, atol=1e-5)
+        assert torch.allclose(dreambooth.unet_prediction(pipe.unet, noisy, timesteps, embeds), adapted), "back on"
+
+
+def test_base_model_prior_target_gives_no_prior_loss_before_the_adapter_changes(toy_pipe):
+    """On the first step the adapter is a no-op: towards the base model the prior loss is exactly 0, so the step's
+    loss is the subject's alone; towards the pictures' own noise target it is not (same data, seed, noise)."""
+    instance = dreambooth.subject_images(3, "orange", SUBJECT)
+    scenes = sample_scenes(8, seed=0, split="train", max_objects=2)
+    first_loss = {}
+    for target in dreambooth.PRIOR_TARGETS:
+        pipe = load_pipeline("toy")
+        data = dreambooth.training_data(pipe, instance, scenes.prompts, class_pictures=scenes.images)
+        log = dreambooth.train_lora(pipe, data, steps=1, batch_size=2, prior_loss_weight=3.0, prior_target=target,
+                                    progress=False)
+        first_loss[target] = log.losses[0]
+        no_prior = dreambooth.train_lora(load_pipeline("toy"), data, steps=1, batch_size=2, prior_loss_weight=0.0,
+                                         progress=False)
+    assert first_loss["base model"] == pytest.approx(no_prior.losses[0], rel=1e-4), (first_loss, no_prior.losses)
+    assert first_loss["picture"] > first_loss["base model"] + 0.1, first_loss
+    with pytest.raises(ValueError, match="prior_target='teacher' must be one of"):
+        dreambooth.check_training_settings(data, 1, 1, 1.0, prior_target="teacher")

@@ -20,7 +20,8 @@ def test_08_trains_a_lora_on_the_toy_and_lowers_the_loss(r):
     training = r["training"]
     assert training["steps"] == smoke["TRAIN_STEPS"] and training["seconds"] > 0
     assert training["eval_loss_after"] < training["eval_loss_before"], training
-    assert 0 < training["trainable_parameters"] < 0.05 * training["unet_parameters"], "only the adapter trains"
+    # rank 8 on the attention projections and the resnets' convolutions: 11% of the toy's 1.9 M-parameter UNet
+    assert 0 < training["trainable_parameters"] < 0.15 * training["unet_parameters"], "only the adapter trains"
     assert len(r["instance_prompts"]) == smoke["N_INSTANCE"]
 
 
