@@ -33,7 +33,7 @@ import psutil
 import torch
 
 from helpers.stages import decode, denoise, encode_text, generate
-from helpers.timing import synchronize
+from helpers.timing import MIN_RUN_S, more_runs, synchronize
 
 PROMPTS_FILE = Path(__file__).parent / "data" / "prompts_128.txt"
 STAGES = ("encode_text", "denoise", "decode", "generate")  # "generate": the three in series
@@ -42,8 +42,6 @@ STAGE_COMPONENTS = {  # what each stage reads of the model
     "denoise": ("unet", "scheduler"),
     "decode": ("vae",),
 }
-MIN_RUN_S = 2.0  # a shorter run is repeated until this much time is spent (median kept); a longer one runs once
-MAX_RUNS = 200  # repeats of a very short run stop here
 MB = 1e6
 OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)  # errors that a smaller chunk may avoid
 
@@ -369,7 +367,7 @@ def time_chunked(call: Callable[[int, int], object], n: int, max_batch: int, *, 
     with torch.inference_mode():
         if warmup:
             (warmup if callable(warmup) else call)(0, min(max_batch, n))
-        while _more_runs(seconds, repeats, min_time_s):
+        while more_runs(seconds, repeats, min_time_s, long_run_once=True):  # N inferences at once: long enough
             with peak_memory(device) if first is None else _no_memory() as memory:
                 synchronize(device)
                 start = time.perf_counter()
@@ -379,14 +377,6 @@ def time_chunked(call: Callable[[int, int], object], n: int, max_batch: int, *, 
             if first is None:
                 first, first_memory = chunked, memory
     return Run(first, seconds, first_memory)
-
-
-def _more_runs(seconds: list[float], repeats: int, min_time_s: float) -> bool:
-    if not seconds:
-        return True
-    if seconds[0] >= min_time_s or len(seconds) >= MAX_RUNS:  # a long run is timed once
-        return False
-    return len(seconds) < repeats or sum(seconds) < min_time_s
 
 
 @contextmanager
@@ -484,18 +474,29 @@ def auto_batch_size(rows: Sequence[dict], tolerance: float = 0.10, memory_limit_
     return min(r["batch_size"] for r in fitting if r["throughput"] >= (1 - tolerance) * best)
 
 
+PLATEAU = 0.01  # throughputs within 1% of the best count as the same plateau
+
+
 def call_overhead(rows: Sequence[dict]) -> dict:
-    """What a call of one pays beyond the work of its one inference: `per_inference_s` is the marginal cost of
-    one more inference between the two largest swept batches (the machine is as busy as it gets there), and
-    `fixed_s` = (time of a call of one) - per_inference_s is the part of it that batching can share out."""
+    """What a call of one pays beyond the work of its one inference. The machine is full at the end of the
+    throughput plateau (the largest swept batch within PLATEAU of the best): `per_inference_s` is the marginal
+    cost of one more inference over the last doubling up to there, and `fixed_s` = (time of a call of one) -
+    per_inference_s is the part of it that batching can share out.
+
+    Not the slope past the plateau: on a CPU, throughput falls there (the activations outgrow the caches, so each
+    inference costs more than at the plateau), and that slope would make the fixed part come out negative."""
     rows = sorted(rows, key=lambda r: r["batch_size"])
     one = rows[0]["call_s"] / rows[0]["batch_size"]
-    if len(rows) == 1:
-        return {"fixed_s": 0.0, "per_inference_s": one, "fixed_share_at_batch_1": 0.0}
-    (b0, t0), (b1, t1) = ((r["batch_size"], r["call_s"]) for r in rows[-2:])
+    best = max(r["batch_size"] / r["call_s"] for r in rows)
+    full = max(i for i, r in enumerate(rows) if r["batch_size"] / r["call_s"] >= (1 - PLATEAU) * best)
+    if full == 0:  # batching never beat a call of the smallest batch: nothing fixed to share
+        return {"fixed_s": 0.0, "per_inference_s": one, "fixed_share_at_batch_1": 0.0, "full_batch_size":
+                rows[0]["batch_size"]}
+    (b0, t0), (b1, t1) = ((r["batch_size"], r["call_s"]) for r in rows[full - 1 : full + 1])
     per_inference = (t1 - t0) / (b1 - b0)
     fixed = rows[0]["call_s"] - rows[0]["batch_size"] * per_inference
-    return {"fixed_s": fixed, "per_inference_s": per_inference, "fixed_share_at_batch_1": fixed / rows[0]["call_s"]}
+    return {"fixed_s": fixed, "per_inference_s": per_inference, "fixed_share_at_batch_1": fixed / rows[0]["call_s"],
+            "full_batch_size": b1}
 
 
 # ---------------------------------------------------------------------------------------------------

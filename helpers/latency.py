@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from helpers.timing import synchronize
+from helpers.timing import more_runs, synchronize
 
 PARTS = ("preprocess", "text_encoder", "controlnet", "unet", "scheduler", "vae_decode", "postprocess")
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -252,7 +252,7 @@ def _apply_tiny_vae(pipe, config: Config) -> None:
     if source is None:
         raise RungSkipped("no tiny decoder for this VAE here: TAESD (madebyollin/taesd) comes from the hub, which "
                           "is not reachable (the toy's own is built by `python -m helpers.toy.train --stage tiny-vae`)")
-    tiny = AutoencoderTiny.from_pretrained(source, torch_dtype=pipe.vae.dtype, local_files_only=hub_offline())
+    tiny = AutoencoderTiny.from_pretrained(source, dtype=pipe.vae.dtype, local_files_only=hub_offline())
     pipe.vae = tiny.to(pipe.vae.device)
 
 
@@ -347,7 +347,7 @@ def copy_pipeline(pipe):
     components = {name: copy.deepcopy(value) if isinstance(value, torch.nn.Module) else value
                   for name, value in pipe.components.items()}
     components["scheduler"] = copy.deepcopy(pipe.scheduler)
-    new = type(pipe)(**components)
+    new = type(pipe)(**components, requires_safety_checker=pipe.config.requires_safety_checker)  # no warning per copy
     new.set_progress_bar_config(disable=True)
     return new
 
@@ -484,7 +484,7 @@ class RungResult:
     def row(self) -> dict:
         row = {"rung": self.name, "status": self.status, "latency s": self.median_s, "setup s": self.setup_s,
                "first call s": self.first_call_s, **{f"{k} s": v for k, v in self.parts_s.items()},
-               "unet calls": self.calls.get("unet", 0), **self.quality}
+               "unet calls": self.calls.get("unet", 0), "runs": len(self.latency_s), **self.quality}
         if self.status != "ok":
             row["reason"] = self.reason
         return row
@@ -522,9 +522,10 @@ def time_request(pipe, config: Config, request: Inputs) -> tuple[float, dict, di
 
 
 def run_rung(base_pipe, name: str, config: Config, inputs: Inputs, *, request_size: int = 1, repeats: int = 3,
-             warmup: int = 1, quality_batch: int = 8) -> RungResult:
-    """Configure a copy, warm it up, time `repeats` requests of `request_size` images (median), then generate
-    every prompt of `inputs` for its quality. A platform that cannot run it gives status "skipped"."""
+             min_time_s: float = 0.0, warmup: int = 1, quality_batch: int = 8) -> RungResult:
+    """Configure a copy, warm it up, time requests of `request_size` images (at least `repeats`, and until
+    `min_time_s` is spent: a 0.1 s rung gets many; median kept), then generate every prompt of `inputs` for its
+    quality. A platform that cannot run it gives status "skipped"."""
     result = RungResult(name, config, "ok")
     try:
         start = time.perf_counter()
@@ -538,8 +539,10 @@ def run_rung(base_pipe, name: str, config: Config, inputs: Inputs, *, request_si
     except Exception as error:  # noqa: BLE001 - whatever this platform cannot do is recorded, never a crash
         result.status, result.reason = "skipped", _reason(error)
         return result
+    timed = []
     with torch.inference_mode():
-        timed = [time_request(pipe, config, request) for _ in range(repeats)]
+        while more_runs([t[0] for t in timed], repeats, min_time_s):
+            timed.append(time_request(pipe, config, request))
     result.latency_s = [t[0] for t in timed]
     result.parts_s = {part: statistics.median(t[1][part] for t in timed) for part in timed[0][1]}
     result.stages_s = {stage: statistics.median(t[2][stage] for t in timed) for stage in timed[0][2]}
@@ -577,6 +580,7 @@ class Ladder:
     on_toy: bool
     request_size: int = 1
     repeats: int = 3
+    min_time_s: float = 0.0
     quality_batch: int = 8
     results: dict[str, RungResult] = field(default_factory=dict)
 
@@ -587,7 +591,7 @@ class Ladder:
             self.run("baseline")
         config = parse_rung(name, self.knobs, self.baseline)
         result = run_rung(self.pipe, name, config, self.inputs, request_size=self.request_size,
-                          repeats=self.repeats, quality_batch=self.quality_batch)
+                          repeats=self.repeats, min_time_s=self.min_time_s, quality_batch=self.quality_batch)
         if result.status == "ok":
             reference = self.results["baseline"].images if name != "baseline" else result.images
             result.quality = quality(result.images, self.inputs, reference, self.on_toy)

@@ -340,7 +340,7 @@ def load_component_from_single_file(
     component: str,
     config_dir: str | Path,
     partial: bool = False,
-    torch_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
 ):
     """Load `component` ("unet" | "vae" | "text_encoder") from one LDM-layout single file, offline.
 
@@ -370,7 +370,7 @@ def load_component_from_single_file(
             checkpoint,
             subfolder="text_encoder",
             config=str(config_dir),
-            torch_dtype=torch_dtype,
+            torch_dtype=dtype,  # this converter has no `dtype` yet
             local_files_only=True,
         )
 
@@ -382,5 +382,5 @@ def load_component_from_single_file(
         config=str(config_dir),
         subfolder=component,
         local_files_only=True,
-        torch_dtype=torch_dtype,
+        dtype=dtype,
     )

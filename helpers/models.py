@@ -181,7 +181,7 @@ def load_controlnet(model: str, controlnet, dtype: torch.dtype) -> ControlNetMod
                         f"ControlNetModel or a list of those; got {type(controlnet).__name__}")
     source = controlnet_source(model, str(controlnet))
     with explained_hub_errors(source):
-        return ControlNetModel.from_pretrained(source, torch_dtype=dtype, local_files_only=hub_offline())
+        return ControlNetModel.from_pretrained(source, dtype=dtype, local_files_only=hub_offline())
 
 
 def load_pipeline(
@@ -217,7 +217,8 @@ def load_pipeline(
         pipe = _load_weights(model, dtype, safety_checker, single_file_config)
     controlnet = load_controlnet(model, controlnet, dtype)
     if controlnet is not None:
-        pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+        pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet,  # keeps the choice made
+                                                 requires_safety_checker=pipe.config.requires_safety_checker)
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler)
     if attention_slicing:
@@ -245,19 +246,19 @@ def enable_attention_slicing(pipe, slice_size: bool | int | str = True) -> None:
 def _load_weights(model: str, dtype: torch.dtype, safety_checker: bool, single_file_config) -> DiffusionPipeline:
     extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     if model == "toy":
-        return StableDiffusionPipeline.from_pretrained(toy_paths()[0], torch_dtype=dtype, **extra)
+        return StableDiffusionPipeline.from_pretrained(toy_paths()[0], dtype=dtype, **extra)
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix not in (".safetensors", ".ckpt"):
             raise ValueError(f"MODEL={model!r} is a file but not a .safetensors or .ckpt checkpoint")
         kwargs = {"config": str(single_file_config)} if single_file_config else {}
         return StableDiffusionPipeline.from_single_file(
-            str(path), torch_dtype=dtype, local_files_only=hub_offline() or bool(kwargs), **kwargs, **extra
+            str(path), dtype=dtype, local_files_only=hub_offline() or bool(kwargs), **kwargs, **extra
         )
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise FileNotFoundError(f"MODEL={model!r} is a folder without model_index.json (not a diffusers folder)")
-        return StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **extra)
+        return StableDiffusionPipeline.from_pretrained(path, dtype=dtype, **extra)
     if model.count("/") != 1 or model.startswith(("/", ".", "~")):
         raise FileNotFoundError(
             f"MODEL={model!r} is neither 'toy', {RANDOM_MODELS}, an existing path, nor a hub id like {SD15_HUB_ID!r}"
@@ -272,7 +273,7 @@ class ModelNotAvailableError(FileNotFoundError):
 def _from_hub(model: str, dtype: torch.dtype, extra: dict) -> DiffusionPipeline:
     with explained_hub_errors(model):
         return StableDiffusionPipeline.from_pretrained(
-            model, torch_dtype=dtype, local_files_only=hub_offline(), low_cpu_mem_usage=True, **extra
+            model, dtype=dtype, local_files_only=hub_offline(), low_cpu_mem_usage=True, **extra
         )
 
 
@@ -343,7 +344,7 @@ def load_component(
                 f"{component}/config.json> (for SD 1.5, a local copy of the hub repo's config files)"
             )
         # partial=True: read only this component's tensors from the file (see notebook 01)
-        return load_component_from_single_file(model, component, config_dir, partial=True, torch_dtype=dtype).to(device)
+        return load_component_from_single_file(model, component, config_dir, partial=True, dtype=dtype).to(device)
     root = toy_paths()[0] if model == "toy" else model
     kwargs = {"subfolder": component, "local_files_only": hub_offline()}
     if component == "scheduler":
@@ -353,4 +354,4 @@ def load_component(
         return transformers.CLIPTokenizer.from_pretrained(root, **kwargs)
     library = transformers if component == "text_encoder" else diffusers
     cls = getattr(library, COMPONENT_CLASSES[component])
-    return cls.from_pretrained(root, torch_dtype=dtype, **kwargs).to(device)
+    return cls.from_pretrained(root, dtype=dtype, **kwargs).to(device)

@@ -136,7 +136,7 @@ def measure_here(
             raise ValueError("mode='model' needs a component and config_dir")
         t = time.perf_counter()
         model = load_component_from_single_file(
-            path, component, config_dir, partial=partial, torch_dtype=float_dtype(path)
+            path, component, config_dir, partial=partial, dtype=float_dtype(path)
         )
         _touch_every_page(model.state_dict().values())  # parameters may still point into the mapped file
         elapsed = time.perf_counter() - t

@@ -54,8 +54,9 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
         "gpu": {"ASPECT_SEEDS": 2},  # SD 1.5 at up to 1024×512 with three ControlNets loaded (fp16)
     },
     "07": {  # smoke: 8-step baseline, 2 prompts, 1 repeat, a few rungs (no compile, no OpenVINO export)
-        "smoke": {"N_PROMPTS": 2, "BASELINE_STEPS": 8, "REPEATS": 1, "QUALITY_BATCH": 2, "SCHEDULER_RUNGS": ["dpm++"],
-                  "STEP_RUNGS": [4], "OPTIMISATION_RUNGS": ["fp16", "cfg_cutoff", "deepcache", "tiny_vae"],
+        "smoke": {"N_PROMPTS": 2, "BASELINE_STEPS": 8, "REPEATS": 1, "MIN_RUN_S": 0.0, "QUALITY_BATCH": 2,
+                  "SCHEDULER_RUNGS": ["dpm++"], "STEP_RUNGS": [4],
+                  "OPTIMISATION_RUNGS": ["fp16", "cfg_cutoff", "deepcache", "tiny_vae"],
                   "COMBINED_RUNGS": ["dpm++ 4 + cfg_cutoff + deepcache + tiny_vae"], "SHOW_RUNGS": 2},
         "cpu": {},
         "gpu": {"N_PROMPTS": 8, "OPTIMISATION_RUNGS": ["half", "channels_last", "attention_slicing", "fused_qkv",

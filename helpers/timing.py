@@ -32,6 +32,21 @@ def timed(timings: dict[str, float], name: str, device: str | torch.device | Non
         timings[name] = time.perf_counter() - start
 
 
+MIN_RUN_S = 2.0  # a shorter run is repeated until this much time is spent, and its median kept
+MAX_RUNS = 200  # repeats of a very short run stop here
+
+
+def more_runs(seconds: list[float], repeats: int, min_time_s: float, *, long_run_once: bool = False) -> bool:
+    """Whether to time another run after `seconds`: at least `repeats` runs, and until `min_time_s` is spent
+    (at most MAX_RUNS): a few milliseconds are noise on a busy machine, a median of many is not. With
+    `long_run_once`, a first run that alone lasts `min_time_s` is not repeated (N inferences in one run)."""
+    if not seconds:
+        return True
+    if len(seconds) >= MAX_RUNS or (long_run_once and seconds[0] >= min_time_s):
+        return False
+    return len(seconds) < repeats or sum(seconds) < min_time_s
+
+
 @dataclass
 class Measurement:
     """Wall times of repeated calls of one thing, warm-up excluded."""

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from helpers import batching
+from helpers import batching, timing
 from helpers.batching import StageJob, auto_batch_size, run_in_chunks
 
 STEPS = 2
@@ -168,11 +168,25 @@ def test_call_overhead_of_a_gpu_like_sweep_uses_the_full_machine_slope():
     assert batching.call_overhead(rows[:1])["fixed_s"] == 0.0
 
 
+def test_call_overhead_of_a_cpu_sweep_stops_where_throughput_falls():
+    # the toy's denoise on one CPU thread: throughput peaks at 16, then falls as the activations outgrow the caches;
+    # the slope between the two largest batches (0.19 s an inference) exceeds the whole call of one before it
+    rows = [{"batch_size": b, "call_s": t} for b, t in [(1, 0.349), (2, 0.379), (4, 0.560), (8, 1.055), (16, 1.927),
+                                                        (32, 5.676), (64, 12.13), (128, 24.08)]]
+    fit = batching.call_overhead(rows)
+    assert fit["full_batch_size"] == 16
+    assert fit["per_inference_s"] == pytest.approx((1.927 - 1.055) / 8)
+    assert 0 < fit["fixed_s"] < 0.349 and fit["fixed_share_at_batch_1"] == pytest.approx(fit["fixed_s"] / 0.349)
+    falling = [{"batch_size": b, "call_s": t} for b, t in [(1, 1.0), (2, 2.5), (4, 5.0)]]  # batch 1 is the best
+    assert batching.call_overhead(falling) == {"fixed_s": 0.0, "per_inference_s": 1.0, "fixed_share_at_batch_1": 0.0,
+                                                "full_batch_size": 1}
+
+
 def test_short_runs_are_repeated_until_the_minimum_time_is_spent():
     calls = []
     run = batching.time_chunked(lambda a, b: calls.append((a, b)), 2, 2, device="cpu", repeats=3, min_time_s=0.05,
                                 warmup=False)
-    assert len(run.seconds) >= 3 and (sum(run.seconds) >= 0.05 or len(run.seconds) == batching.MAX_RUNS)
+    assert len(run.seconds) >= 3 and (sum(run.seconds) >= 0.05 or len(run.seconds) == timing.MAX_RUNS)
     assert len(calls) == len(run.seconds)
     slow = batching.time_chunked(lambda a, b: time.sleep(0.06), 2, 2, device="cpu", repeats=3, min_time_s=0.05)
     assert len(slow.seconds) == 1, "a run longer than min_time_s is timed once"

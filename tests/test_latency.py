@@ -217,6 +217,15 @@ def test_matmul_roofline_and_profile_are_measured():
     assert all(0 <= row["share"] <= 1 for row in top)
 
 
+def test_a_short_rung_is_timed_until_the_minimum_time_is_spent(toy_control_pipe, inputs):
+    config = latency.parse_rung("ddim 2")
+    result = latency.run_rung(toy_control_pipe, "ddim 2", config, inputs, repeats=1, min_time_s=0.3, quality_batch=2)
+    assert len(result.latency_s) > 1 and sum(result.latency_s) >= 0.3, result.latency_s
+    assert result.row()["runs"] == len(result.latency_s)
+    once = latency.run_rung(toy_control_pipe, "ddim 2", config, inputs, repeats=2, quality_batch=2)
+    assert len(once.latency_s) == 2, "without a minimum time, exactly `repeats` requests"
+
+
 def test_stage_bottlenecks_report_flops_rate_and_top_ops(toy_control_pipe, inputs):
     config = latency.parse_rung("ddim 2")
     result = latency.run_rung(toy_control_pipe, "ddim 2", config, inputs, repeats=1, quality_batch=2)

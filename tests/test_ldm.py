@@ -128,7 +128,7 @@ def test_fp16_export_halves_the_file(exported, tmp_path):
     pipe, path, config_dir = exported
     half = ldm.export_ldm_checkpoint(pipe, tmp_path / "half.safetensors", dtype=torch.float16)
     assert half.stat().st_size < 0.55 * path.stat().st_size
-    unet = ldm.load_component_from_single_file(half, "unet", config_dir, partial=True, torch_dtype=torch.float16)
+    unet = ldm.load_component_from_single_file(half, "unet", config_dir, partial=True, dtype=torch.float16)
     assert next(unet.parameters()).dtype == torch.float16
 
 

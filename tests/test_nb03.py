@@ -77,6 +77,16 @@ def test_auto_batch_size_is_within_tolerance_of_the_best(r, params):
         assert all(rows[b]["throughput"] < (1 - params["AUTO_TOLERANCE"]) * auto["best_throughput"] for b in smaller), \
             "auto is the smallest batch size within tolerance"
         assert auto["measured_throughput"] > 0 and max(auto["chunk_sizes"]) <= auto["batch_size"]
+        # measured back to back with the best size over all N (a ratio of two runs, not a timing bar)
+        assert auto["measured_vs_best"] == pytest.approx(auto["measured_throughput"] / auto["measured_best_throughput"])
+
+
+def test_call_overhead_is_read_at_the_end_of_the_plateau(r):
+    for stage, fit in r["call_overhead"].items():
+        rows = {row["batch_size"]: row for row in r["sweep"][stage]}
+        assert fit["full_batch_size"] in rows
+        assert rows[fit["full_batch_size"]]["throughput"] >= 0.99 * max(row["throughput"] for row in rows.values())
+        assert fit["per_inference_s"] > 0
 
 
 def test_chunking_honours_a_small_max_batch(r, params):

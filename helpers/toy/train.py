@@ -493,7 +493,7 @@ def stage_latents(work: Path, budget: Budget) -> None:
     data = torch.load(work / "data.pt", weights_only=False)
     # the shipped VAE when the work dir has none: its encoder is the vae stage's, frozen since (see stage_decoder)
     vae_dir = work / "vae" if (work / "vae" / "config.json").exists() else WEIGHTS_DIR / "sd" / "vae"
-    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).eval()
     means, stds = [], []
     with torch.inference_mode():
         for start in tqdm(range(0, len(data["images"]), 256), desc="encode", mininterval=20):
@@ -799,7 +799,7 @@ def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1, k
         if not (depth_dir / "config.json").exists():
             raise FileNotFoundError(f"the {kind} ControlNet starts from the depth one, missing at {depth_dir}: "
                                     "run the controlnet stage first")
-        controlnet = ControlNetModel.from_pretrained(depth_dir, torch_dtype=torch.float32)
+        controlnet = ControlNetModel.from_pretrained(depth_dir, dtype=torch.float32)
     else:
         controlnet = make_controlnet(unet)
     lr = DERIVED_CONTROLNET_LR if derived else CONTROLNET_LR
