@@ -68,8 +68,8 @@ def show_grid(
         ax.imshow(images[i], cmap="gray" if images[i].mode in ("L", "F", "I") else None)
         if titles is not None:  # wrapped to the panel's width, so neighbours' titles never overlap
             ax.set_title(textwrap.fill(titles[i], width=max(12, int(size * 13))), fontsize=8)
-    for r, label in enumerate(row_labels or []):
-        axes[r, 0].set_ylabel(label, fontsize=9)
+    for r, label in enumerate(row_labels or []):  # wrapped to the panel's height, so long prompts never overlap
+        axes[r, 0].set_ylabel(textwrap.fill(label, width=max(12, int(size * 13))), fontsize=9)
     for c, label in enumerate(col_labels or []):
         axes[0, c].set_title(label, fontsize=9)
     if suptitle:
