@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch_size", "latent_size", "repeats", "deepcache_interval"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    rungs = args.rungs + (["compile", "bf16 + channels_last + compile"] if args.compile else [])
+    rungs = args.rungs + (["compile", "bf16 + channels_last + fused_qkv + compile"] if args.compile else [])
 
     unet = load_component(args.model, "unet", dtype=torch.float32).eval()
     scheduler = _scheduler(args.model)
