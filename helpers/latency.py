@@ -726,10 +726,10 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_roofline(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", n: int = 1024,
+def matmul_roofline(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", n: int = 2048,
                     repeats: int = 5) -> float:
-    """The rate (FLOP/s) of an n×n @ n×n matmul in `dtype` on `device`, median of repeats: the ceiling a
-    network's dense layers can reach on this machine with these threads."""
+    """The rate (FLOP/s) of an n×n @ n×n matmul in `dtype` on `device` through torch, median of repeats. n=2048:
+    smaller products stay below the peak on a CPU (bf16 on one EPYC thread: 152 GFLOP/s at n=1024, 258 at 2048)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     torch.matmul(a, b)  # warm-up
@@ -741,6 +741,23 @@ def matmul_roofline(dtype: torch.dtype = torch.float32, device: torch.device | s
         synchronize(device)
         seconds.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(seconds)
+
+
+OPENVINO_PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def rooflines(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.bfloat16)) -> tuple[dict, dict]:
+    """The ceiling per dtype that a network's dense layers can reach here, with these threads: the faster of torch's
+    matmul and, on a CPU with OpenVINO installed, OpenVINO's (oneDNN's kernels beat torch's fp32 matmul on some
+    CPUs). Returns ({dtype: FLOP/s}, {dtype: {engine: FLOP/s}}), the second to record where each came from."""
+    sources = {}
+    for dtype in dtypes:
+        sources[dtype] = {"torch": matmul_roofline(dtype, device)}
+        if torch.device(device).type == "cpu" and importlib.util.find_spec("openvino") and dtype in OPENVINO_PRECISIONS:
+            from helpers.openvino_engine import matmul_rate
+
+            sources[dtype]["openvino"] = matmul_rate(OPENVINO_PRECISIONS[dtype])
+    return {dtype: max(rates.values()) for dtype, rates in sources.items()}, sources
 
 
 def profile_top_ops(fn: Callable[[], object], k: int = 8, device: torch.device | str = "cpu") -> list[dict]:

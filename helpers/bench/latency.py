@@ -3,9 +3,11 @@
 One UNet step (batch 2 at 32×32 latents by default: 343 GFLOP on SD 1.5's shapes) under each rung of the ladder
 (fp32, attention variants, fused QKV, channels_last, bf16, token merging, DeepCache, torch.compile, OpenVINO),
 warm-up excluded, median of repeats. FLOPs come from torch.utils.flop_counter; each rung's rate is set against the
-matmul roofline of its dtype, measured in the same run with the same threads. A rung this machine cannot run
-(bf16 without bf16 units, no compiler, a package missing) is listed as skipped with the reason. Published anchors
-are printed beside the table for context; compare ratios, not absolute times, across machines. DeepCache and token
+matmul roofline of its dtype, measured in the same run with the same threads (the faster of torch's and OpenVINO's
+matmul: on an AMD EPYC torch's fp32 matmul ran at half of OpenVINO's, whose UNet then showed 156% of it). A rung
+this machine cannot run (bf16 without bf16 units, no compiler, a package missing) is listed as skipped with the
+reason. Published anchors are printed beside the table for context; compare ratios, not absolute times, across
+machines. DeepCache and token
 merging skip work: their rate (a full step's FLOPs over their time) is "effective", not achieved, so the summary's
 roofline share is the best full-step rung's.
 Prints a table and writes outputs/bench_latency.json.
@@ -92,10 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     scheduler.set_timesteps(20)
     t = scheduler.timesteps[0]
     flops = latency.count_flops(lambda: unet(sample, t, encoder_hidden_states=encoder_hidden_states))
-    rooflines = {dtype: latency.matmul_roofline(dtype, unet.device) for dtype in (torch.float32, torch.bfloat16)}
+    rooflines, roofline_sources = latency.rooflines(unet.device)
     print(f"{args.model} UNet, batch {args.batch_size} at {args.latent_size}×{args.latent_size} latents: "
           f"{flops / 1e9:.0f} GFLOP per step; {cpu_model()}, {torch.get_num_threads()} threads; matmul roofline "
-          + ", ".join(f"{str(d).removeprefix('torch.')} {r / 1e9:.0f} GFLOP/s" for d, r in rooflines.items()),
+          + ", ".join(f"{str(d).removeprefix('torch.')} {r / 1e9:.0f} GFLOP/s ("
+                      + ", ".join(f"{engine} {rate / 1e9:.0f}" for engine, rate in roofline_sources[d].items()) + ")"
+                      for d, r in rooflines.items()),
           flush=True)
 
     rows = []
@@ -115,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table([summary]))
     path = record_results("bench_latency", {
         "rows": rows, "anchors": ANCHORS, "summary": summary, "args": vars(args), "gflop_per_step": flops / 1e9,
-        "roofline_gflops": {str(d).removeprefix("torch."): r / 1e9 for d, r in rooflines.items()}})
+        "roofline_gflops": {str(d).removeprefix("torch."): r / 1e9 for d, r in rooflines.items()},
+        "roofline_sources_gflops": {str(d).removeprefix("torch."): {e: r / 1e9 for e, r in rates.items()}
+                                    for d, rates in roofline_sources.items()}})
     print(f"wrote {path}")
     return 0
 
