@@ -468,12 +468,12 @@ def given_class_latents(pipe, class_prompts: list[str], class_pictures) -> tuple
     """Class pictures the caller has (uint8 (N, H, W, 3), one per prompt) -> their VAE latents and PIL pictures."""
     from PIL import Image
 
+    from helpers.stages import default_size
+
     pictures = np.asarray(class_pictures)
     if len(pictures) != len(class_prompts):
         raise ValueError(f"{len(pictures)} class pictures for {len(class_prompts)} class prompts: give one picture "
                          "per prompt (its caption)")
-    from helpers.stages import default_size
-
     check_instance_images(pictures, default_size(pipe), min_images=len(pictures), kind="class")
     return instance_latents(pipe, pictures).cpu(), [Image.fromarray(p) for p in pictures]
 

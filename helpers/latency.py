@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from helpers.timing import more_runs, synchronize
+from helpers.timing import measure, more_runs, synchronize
 
 PARTS = ("preprocess", "text_encoder", "controlnet", "unet", "scheduler", "vae_decode", "postprocess")
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -732,15 +732,7 @@ def matmul_roofline(dtype: torch.dtype = torch.float32, device: torch.device | s
     smaller products stay below the peak on a CPU (bf16 on one EPYC thread: 152 GFLOP/s at n=1024, 258 at 2048)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    torch.matmul(a, b)  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(seconds)
+    return 2 * n**3 / measure("matmul", lambda: torch.matmul(a, b), repeats=repeats, device=device).median
 
 
 OPENVINO_PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}

@@ -20,12 +20,11 @@ def compile_config(precision: str) -> dict:
 
 def matmul_rate(precision: str, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of an n×n @ n×n matmul run by OpenVINO's CPU plugin in `precision` ("f32" or "bf16"), with torch's
-    threads. Its oneDNN kernels can beat torch's own matmul (fp32 on an AMD EPYC: 84 against 42-52 GFLOP/s), so a
-    roofline that ignored them would put OpenVINO above 100% of it."""
-    import statistics
-    import time
-
+    threads, median of repeats. Its oneDNN kernels can beat torch's own matmul (fp32 on one AMD EPYC thread: 193
+    against 92 GFLOP/s), so a roofline that ignored them would put OpenVINO above 100% of it."""
     import openvino
+
+    from helpers.timing import measure
 
     class MatMul(torch.nn.Module):
         def forward(self, a, b):
@@ -35,13 +34,7 @@ def matmul_rate(precision: str, n: int = 2048, repeats: int = 5) -> float:
     compiled = openvino.compile_model(openvino.convert_model(MatMul(), example_input=(a, b)), "CPU",
                                       compile_config(precision))
     inputs = [a.numpy(), b.numpy()]
-    compiled(inputs)  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        compiled(inputs)
-        seconds.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(seconds)
+    return 2 * n**3 / measure("openvino matmul", lambda: compiled(inputs), repeats=repeats).median
 
 
 class _OpenVINOModule(torch.nn.Module):

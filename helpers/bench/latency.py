@@ -7,9 +7,8 @@ matmul roofline of its dtype, measured in the same run with the same threads (th
 matmul: on an AMD EPYC torch's fp32 matmul ran at half of OpenVINO's, whose UNet then showed 156% of it). A rung
 this machine cannot run (bf16 without bf16 units, no compiler, a package missing) is listed as skipped with the
 reason. Published anchors are printed beside the table for context; compare ratios, not absolute times, across
-machines. DeepCache and token
-merging skip work: their rate (a full step's FLOPs over their time) is "effective", not achieved, so the summary's
-roofline share is the best full-step rung's.
+machines. DeepCache and token merging skip work: their rate (a full step's FLOPs over their time) is "effective",
+not achieved, so the summary's roofline share is the best full-step rung's.
 Prints a table and writes outputs/bench_latency.json.
 """
 
