@@ -80,6 +80,31 @@ def test_configure_works_on_a_copy(toy_control_pipe):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+
+def test_compile_on_a_cpu_freezes_and_prepacks_the_weights_at_every_batch():
+    """torch.compile(options={"freezing": True}) alone leaves the weights unfrozen (dynamo reads the global flag):
+    the compile rung must reach oneDNN's prepacked convolution, also after a recompile for a new batch size."""
+    from torch.profiler import profile
+
+    from diffusers import DDIMScheduler
+
+    class Net(torch.nn.Sequential):
+        device = torch.device("cpu")
+
+    net = Net(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+    holder = latency.configure(latency.UNetOnly(net, DDIMScheduler()), latency.Config(compile=True))
+    for batch in (2, 1):  # a guidance cut-off halves the UNet batch: a recompile
+        sample = torch.randn(batch, 4, 8, 8)
+        with torch.no_grad():
+            holder.unet(sample)
+            with profile() as prof:
+                out = holder.unet(sample)
+        ops = {event.key for event in prof.key_averages()}
+        assert "mkldnn::_convolution_pointwise" in ops and "aten::mkldnn_convolution" not in ops, sorted(ops)
+        torch.testing.assert_close(out, net(sample), atol=1e-4, rtol=1e-4)
+    assert not torch._inductor.config.freezing, "the global flag is set only during the calls"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Timing every part
 
