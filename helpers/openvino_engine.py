@@ -1,6 +1,7 @@
-"""OpenVINO as a peer engine: a pipeline's UNet and ControlNet converted offline from the loaded PyTorch modules
-(`openvino.convert_model`) and run by OpenVINO's CPU plugin, behind modules that `helpers.stages.denoise` calls
-exactly like the originals.
+"""OpenVINO as a peer engine: every network of a pipeline (text encoder, UNet, ControlNet, VAE decoder, as
+optimum-intel's `OVStableDiffusionPipeline` runs them) converted offline from the loaded PyTorch modules
+(`openvino.convert_model`) and run by OpenVINO's CPU plugin, behind modules that `helpers.stages` calls exactly like
+the originals.
 
 Shapes are static, as OpenVINO runs fastest: one compiled model per set of input shapes (a guidance cut-off halves
 the UNet batch, so that run converts twice). `precision` is OpenVINO's inference precision hint ("f32" or "bf16").
@@ -142,3 +143,51 @@ class OpenVINOControlNet(_OpenVINOModule):
         outputs = self.run((sample.float(), torch.as_tensor(timestep), encoder_hidden_states.float(),
                             controlnet_cond.float(), scale))
         return outputs[:-1], outputs[-1]
+
+
+class _FlatTextEncoder(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class OpenVINOTextEncoder(_OpenVINOModule):
+    """CLIP's last hidden state from token ids, as `helpers.stages.encode_text` reads it (`text_encoder(ids)[0]`)."""
+
+    def flat_module(self) -> torch.nn.Module:
+        return _FlatTextEncoder(self._source[0])
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        if attention_mask is not None or kwargs:
+            raise ValueError("the OpenVINO text encoder takes token ids only (as the pipelines call it)")
+        (last_hidden_state,) = self.run((input_ids,))
+        return (last_hidden_state,)
+
+
+class _FlatDecoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+class OpenVINOVAE(_OpenVINOModule):
+    """The VAE's decoder run by OpenVINO (an AutoencoderKL's or a tiny one's); `encode` (img2img, once per image)
+    stays the PyTorch VAE's."""
+
+    def flat_module(self) -> torch.nn.Module:
+        return _FlatDecoder(self._source[0])
+
+    def decode(self, latents, return_dict=False):
+        if return_dict:
+            raise ValueError("the OpenVINO VAE returns a tuple: call decode(latents, return_dict=False)")
+        (image,) = self.run((latents.float(),))
+        return (image,)
+
+    def encode(self, *args, **kwargs):
+        return self._source[0].encode(*args, **kwargs)

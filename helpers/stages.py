@@ -21,7 +21,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from helpers.limits import check_fits_in_memory, check_size_is_sane
+from helpers.limits import check_fits_in_memory, check_size_is_sane, placement
 from helpers.models import make_scheduler
 from helpers.timing import timed
 
@@ -57,7 +57,13 @@ def _check_size(name: str, value: int, vae_scale_factor: int) -> None:
 
 
 def _execution_device(pipe) -> torch.device:
-    return getattr(pipe, "_execution_device", None) or pipe.unet.device
+    """Where the networks run: the UNet's weights' device, unless a network is offloaded (then diffusers'
+    `_execution_device`, which walks every submodule of every network for the hooks: 3 ms a call on the toy)."""
+    networks = getattr(pipe, "components", {"unet": pipe.unet}).values()
+    offloaded = any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in networks)
+    if offloaded and hasattr(pipe, "_execution_device"):
+        return pipe._execution_device
+    return placement(pipe.unet)[0]
 
 
 def _pipe_scale_factor(pipe) -> int:
@@ -368,7 +374,7 @@ class ControlNetInputs:
         scales = _per_net_values("controlnet_conditioning_scale", conditioning_scale, len(nets))
         processor = getattr(pipe, "control_image_processor", None) or VaeImageProcessor(
             vae_scale_factor=_pipe_scale_factor(pipe), do_convert_rgb=True, do_normalize=False)
-        dtype = nets[0].dtype
+        dtype = placement(nets[0])[1]
         prepared = [_prepare_control_image(processor, im, batch_size, height, width, device, dtype, f"image[{k}]"
                                            if multi else "image") for k, im in enumerate(images)]
         guess_mode = guess_mode or bool(nets[0].config.global_pool_conditions)
@@ -500,7 +506,8 @@ def decode(pipe, latents: torch.Tensor, output_type: str = "pil"):
     factor = _pipe_scale_factor(pipe)
     check_fits_in_memory(vae, len(latents), latents.shape[2] * factor, latents.shape[3] * factor, "decode")
     # The UNet works on latents scaled to unit variance; undo that before the VAE decoder.
-    latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    device, dtype = placement(vae)
+    latents = latents.to(device=device, dtype=dtype) / vae.config.scaling_factor
     image = vae.decode(latents, return_dict=False)[0]  # (batch, 3, h·8, w·8) in [-1, 1]
     return _image_processor(pipe).postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
 

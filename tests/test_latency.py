@@ -80,13 +80,11 @@ def test_configure_works_on_a_copy(toy_control_pipe):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-
 def test_compile_on_a_cpu_freezes_and_prepacks_the_weights_at_every_batch():
     """torch.compile(options={"freezing": True}) alone leaves the weights unfrozen (dynamo reads the global flag):
     the compile rung must reach oneDNN's prepacked convolution, also after a recompile for a new batch size."""
-    from torch.profiler import profile
-
     from diffusers import DDIMScheduler
+    from torch.profiler import profile
 
     class Net(torch.nn.Sequential):
         device = torch.device("cpu")
@@ -182,6 +180,26 @@ def test_tiny_decoder_of_the_toy_decodes_like_its_vae(toy_control_pipe, inputs):
     assert similarity["psnr_db"] > 22 and similarity["ssim"] > 0.8, similarity
     assert latency.quality(tiny.images, inputs, None, on_toy=True)["control_adherence"] > 0.5
 
+
+def test_openvino_runs_every_network_and_draws_what_torch_draws(toy_control_pipe, inputs):
+    """The OpenVINO peer converts the text encoder, UNet, ControlNet and VAE decoder (as optimum-intel does); in f32
+    its pictures are PyTorch's, and the part timers still see each network."""
+    from helpers.openvino_engine import OpenVINOControlNet, OpenVINOTextEncoder, OpenVINOUNet, OpenVINOVAE
+
+    config = latency.parse_rung("ddim 4 + openvino")
+    pipe = latency.configure(toy_control_pipe, config)
+    assert [type(getattr(pipe, name)) for name in ("text_encoder", "unet", "controlnet", "vae")] == [
+        OpenVINOTextEncoder, OpenVINOUNet, OpenVINOControlNet, OpenVINOVAE]
+    request = inputs.subset(1)
+    _, parts, _, calls = latency.time_request(pipe, config, request)
+    assert calls == {"preprocess": 1, "text_encoder": 2, "controlnet": 4, "unet": 4, "scheduler": 4,
+                     "vae_decode": 1, "postprocess": 1}
+    assert all(parts[part] > 0 for part in ("text_encoder", "unet", "controlnet", "vae_decode"))
+    reference = latency.configure(toy_control_pipe, latency.parse_rung("ddim 4"))
+    similarity = latency.image_similarity(latency.generate_config(pipe, config, request).images,
+                                          latency.generate_config(reference, config, request).images)
+    assert similarity["psnr_db"] > 40, similarity
+    assert pipe.vae.inference_precision == "f32"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Quality, the front and the recommendation

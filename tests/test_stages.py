@@ -168,3 +168,27 @@ def test_stages_run_on_components_alone(tiny_pipe):
 
 def test_pipeline_class_is_the_one_users_know(tiny_pipe):
     assert isinstance(tiny_pipe, StableDiffusionPipeline)
+
+
+def test_execution_device_reads_the_weights_unless_a_network_is_offloaded(tiny_pipe):
+    """The fast path (the UNet's weights) must give way to diffusers' answer once offloading hooks are attached."""
+    import copy
+    from types import SimpleNamespace
+
+    from helpers.limits import placement
+    from helpers.stages import _execution_device
+
+    assert _execution_device(tiny_pipe) == torch.device("cpu") == tiny_pipe._execution_device
+    assert placement(tiny_pipe.unet) == (tiny_pipe.unet.device, tiny_pipe.unet.dtype)
+    assert placement(copy.deepcopy(tiny_pipe.vae).to(torch.bfloat16))[1] == torch.bfloat16
+    offloaded = copy.copy(tiny_pipe)  # shares the networks: give each a hook that says it runs elsewhere
+    hooks = {name: SimpleNamespace(execution_device="meta") for name, m in tiny_pipe.components.items()
+             if isinstance(m, torch.nn.Module)}
+    try:
+        for name, hook in hooks.items():
+            getattr(tiny_pipe, name)._hf_hook = hook
+        assert _execution_device(offloaded) == torch.device("meta"), "offloaded: diffusers' hooks decide"
+    finally:
+        for name in hooks:
+            del getattr(tiny_pipe, name)._hf_hook
+    assert _execution_device(tiny_pipe) == torch.device("cpu")
