@@ -12,7 +12,8 @@ quality.
   and the image postprocessing.
 - `run_rung` times a rung end to end (warm-up excluded, median of repeats, through `helpers.stages.generate`) and
   generates its quality images; `quality` scores them (oracle prompt and control adherence on the toy,
-  PSNR/SSIM against the baseline of the same seed with scikit-image); `pareto_front` and `recommend` close.
+  PSNR/SSIM against the baseline of the same seed with scikit-image); `pareto_front` and `recommend` close, after
+  `Ladder.head_to_head` times the finalists and the baseline again in turn (a busy machine drifts between rungs).
 - Bottlenecks: `profile_top_ops` (torch.profiler), `count_flops` (torch.utils.flop_counter) and
   `matmul_roofline` (the same-dtype matmul rate, measured in the same run).
 """
@@ -573,6 +574,25 @@ def run_rung(base_pipe, name: str, config: Config, inputs: Inputs, *, request_si
     return result
 
 
+def interleaved_times(base_pipe, configs: dict[str, Config], request: Inputs, rounds: int) -> dict[str, list[float]]:
+    """Seconds of one request of each config, taken in turn (A, B, C, A, B, C, ...) for `rounds` rounds after a
+    warm-up each (OpenVINO converts, compile compiles): what a ratio of two latencies on a busy machine needs."""
+    pipes = {name: configure(base_pipe, config) for name, config in configs.items()}
+    for name, pipe in pipes.items():
+        generate_config(pipe, configs[name], request)
+    times = {name: [] for name in pipes}
+    device = base_pipe.device
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, pipe in pipes.items():
+                synchronize(device)
+                start = time.perf_counter()
+                generate_config(pipe, configs[name], request)
+                synchronize(device)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def _reason(error: Exception) -> str:
     text = str(error).strip().splitlines()
     first = text[0] if text else ""
@@ -629,6 +649,19 @@ class Ladder:
                 row["speed-up"] = base / result.median_s
             rows.append(row)
         return rows
+
+    def head_to_head(self, names: Sequence[str], rounds: int) -> list[dict]:
+        """The baseline and the rungs `names` timed again in turn, round after round: the ladder times each rung
+        minutes apart, and a shared machine drifts 10-50% in that time; in turn, each sees the same moments, so
+        their ratios hold. Returns their ladder rows with "latency s" and "speed-up" from this timing ("ladder
+        latency s" keeps the ladder's)."""
+        names = ["baseline", *(name for name in names if name != "baseline")]
+        times = interleaved_times(self.pipe, {name: self.results[name].config for name in names},
+                                  self.inputs.subset(self.request_size), rounds)
+        medians = {name: statistics.median(seconds) for name, seconds in times.items()}
+        rows = {row["rung"]: row for row in self.rows()}
+        return [{**rows[name], "ladder latency s": rows[name]["latency s"], "latency s": medians[name],
+                 "speed-up": medians["baseline"] / medians[name], "rounds": rounds} for name in names]
 
     def points(self, quality_key: str) -> dict[str, tuple[float, float]]:
         """(latency, quality) of every rung that ran, for the Pareto front."""
@@ -695,14 +728,14 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     return sorted(front, key=lambda n: points[n][0])
 
 
-def recommend(rows: list[dict], baseline: str, *, quality_key: str, max_loss: float,
-              second_key: str | None = None, max_second_loss: float | None = None) -> dict | None:
-    """The fastest rung whose `quality_key` is at most `max_loss` below the baseline's (and `second_key` at most
-    `max_second_loss` below, when given), with its speed-up and quality cost; None if the baseline has no score."""
+def within_bars(rows: list[dict], baseline: str, *, quality_key: str, max_loss: float,
+                second_key: str | None = None, max_second_loss: float | None = None) -> list[dict]:
+    """The rungs that ran whose `quality_key` is at most `max_loss` below the baseline's (and `second_key` at most
+    `max_second_loss` below, when given), fastest first; empty if the baseline has no score."""
     by_name = {row["rung"]: row for row in rows if row.get("status") == "ok"}
     base = by_name.get(baseline)
     if base is None or base.get(quality_key) is None:
-        return None
+        return []
 
     def acceptable(row) -> bool:
         if row.get(quality_key) is None or base[quality_key] - row[quality_key] > max_loss + 1e-9:
@@ -711,7 +744,17 @@ def recommend(rows: list[dict], baseline: str, *, quality_key: str, max_loss: fl
             return base[second_key] - row.get(second_key, -np.inf) <= max_second_loss + 1e-9
         return True
 
-    best = min((row for row in by_name.values() if acceptable(row)), key=lambda row: row["latency s"])
+    return sorted((row for row in by_name.values() if acceptable(row)), key=lambda row: row["latency s"])
+
+
+def recommend(rows: list[dict], baseline: str, *, quality_key: str, max_loss: float,
+              second_key: str | None = None, max_second_loss: float | None = None) -> dict | None:
+    """The fastest rung `within_bars`, with its speed-up and quality cost; None if the baseline has no score."""
+    fastest = within_bars(rows, baseline, quality_key=quality_key, max_loss=max_loss, second_key=second_key,
+                          max_second_loss=max_second_loss)
+    if not fastest:
+        return None
+    best, base = fastest[0], next(row for row in rows if row["rung"] == baseline)
     return {"rung": best["rung"], "latency_s": best["latency s"], "baseline_latency_s": base["latency s"],
             "speedup": base["latency s"] / best["latency s"], quality_key: best[quality_key],
             f"{quality_key}_loss": base[quality_key] - best[quality_key],

@@ -152,6 +152,25 @@ def test_a_ladder_scores_rungs_against_the_baseline(toy_control_pipe, inputs):
     assert rows["baseline"]["speed-up"] == pytest.approx(1.0)
     assert rows["ddim 2 + cfg_cutoff"]["speed-up"] == pytest.approx(base.median_s / fast.median_s)
 
+    final = {row["rung"]: row for row in ladder.head_to_head(["ddim 2 + cfg_cutoff"], rounds=2)}
+    assert list(final) == ["baseline", "ddim 2 + cfg_cutoff"] and final["baseline"]["speed-up"] == 1.0
+    again = final["ddim 2 + cfg_cutoff"]
+    assert again["rounds"] == 2 and again["ladder latency s"] == fast.median_s and again["latency s"] > 0
+    assert again["speed-up"] == final["baseline"]["latency s"] / again["latency s"]
+    assert again["prompt_adherence"] == fast.quality["prompt_adherence"], "the ladder's quality rides along"
+
+
+def test_head_to_head_times_the_rungs_in_turn(toy_control_pipe, inputs, monkeypatch):
+    """Round after round, each config once: not all of A's runs, then all of B's (a busy machine drifts)."""
+    configs = {"a": latency.parse_rung("ddim 2"), "b": latency.parse_rung("ddim 3")}
+    called = []
+    real = latency.generate_config
+    monkeypatch.setattr(latency, "generate_config",
+                        lambda pipe, config, request: called.append(config.steps) or real(pipe, config, request))
+    times = latency.interleaved_times(toy_control_pipe, configs, inputs.subset(1), rounds=3)
+    assert called == [2, 3] + [2, 3] * 3, "a warm-up each, then in turn"
+    assert {name: len(seconds) for name, seconds in times.items()} == {"a": 3, "b": 3}
+
 
 def test_deepcache_after_a_guidance_cutoff_still_runs(toy_control_pipe, inputs):
     """The UNet batch halves at the cut-off; DeepCache's cached features must be refreshed there, not reused."""
@@ -240,6 +259,8 @@ def test_recommend_picks_the_fastest_rung_within_the_quality_bars():
     only_first = latency.recommend(rows, "baseline", quality_key="prompt_adherence", max_loss=0.02)
     assert only_first["rung"] == "c", "without the control bar, c's broken control is acceptable"
     assert latency.recommend(rows, "nosuch", quality_key="prompt_adherence", max_loss=0.02) is None
+    assert [row["rung"] for row in latency.within_bars(rows, "baseline", quality_key="prompt_adherence",
+                                                        max_loss=0.02)] == ["c", "a", "baseline"], "fastest first"
 
 
 # ---------------------------------------------------------------------------------------------------------------

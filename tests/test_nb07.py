@@ -80,3 +80,17 @@ def test_07_recommends_a_configuration_within_the_quality_bars(r, rungs):
     assert fastest in r["pareto_front"], "nothing beats the fastest rung on latency"
     assert set(r["pareto_front"]) <= set(ok)
     assert r["summary"]["rungs_skipped"] >= 1 and r["summary"]["speedup"] == recommended["speedup"]
+
+
+def test_07_times_the_finalists_head_to_head_with_the_baseline(r, rungs):
+    """The recommendation's speed-up comes from the baseline and the finalists timed in turn, not from the ladder's
+    separate runs."""
+    final = {row["rung"]: row for row in r["head_to_head"]}
+    finalists = r["summary"]["finalists"]
+    assert len(finalists) == SMOKE["FINALISTS"] and set(final) == {"baseline", *finalists}
+    assert all(row["rounds"] == SMOKE["HEAD_TO_HEAD_ROUNDS"] for row in final.values())
+    assert all(row["ladder latency s"] == rungs[name]["median_s"] for name, row in final.items())
+    recommended = r["recommended"]
+    assert recommended["rung"] == min(finalists, key=lambda name: final[name]["latency s"])
+    assert recommended["latency_s"] == final[recommended["rung"]]["latency s"]
+    assert recommended["baseline_latency_s"] == final["baseline"]["latency s"] == r["summary"]["baseline_latency_s"]
