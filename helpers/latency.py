@@ -865,6 +865,21 @@ def time_unet_steps(holder: UNetOnly, config: Config, batch_size: int, latent_si
             "repeats": repeats}
 
 
+def interleaved_step_times(base: UNetOnly, configs: dict[str, Config], batch_size: int, latent_size: int,
+                           rounds: int) -> dict[str, list[float]]:
+    """Seconds per UNet step of each config, taken in turn round after round after a warm-up each (as
+    `interleaved_times` does for whole requests): the torch-against-OpenVINO ratio on a machine that drifts."""
+    holders = {name: configure(base, config) for name, config in configs.items()}
+    for name, holder in holders.items():
+        time_unet_steps(holder, configs[name], batch_size, latent_size, repeats=1)
+    times = {name: [] for name in holders}
+    for _ in range(rounds):
+        for name, holder in holders.items():
+            timing = time_unet_steps(holder, configs[name], batch_size, latent_size, repeats=1, warmup=0)
+            times[name].append(timing["step_s"])
+    return times
+
+
 # ---------------------------------------------------------------------------------------------------
 # Per-stage bottlenecks of a configured pipeline: the stages' own calls, replayed
 

@@ -333,3 +333,22 @@ def test_bench_latency_tables_every_rung_with_its_rate(tmp_path, monkeypatch):
     assert summary["best full-step torch rung"] in ("baseline", "channels_last"), "a cached step is not a full step"
     assert summary["best OpenVINO rung"] is None and summary["full-step torch vs OpenVINO"] is None
     assert recorded["gflop_per_step"] > 0 and recorded["roofline_gflops"]["float32"] > 0
+
+
+def test_bench_latency_times_torch_and_openvino_again_in_turn(tmp_path, monkeypatch):
+    import json
+
+    from helpers.bench import latency as bench
+
+    monkeypatch.setenv("SD_OUTPUTS", str(tmp_path))
+    order = []
+    real = latency.time_unet_steps
+    monkeypatch.setattr(latency, "time_unet_steps", lambda holder, config, *a, **k: order.append(config.engine)
+                        or real(holder, config, *a, **k))
+    assert bench.main(["--model", "tiny-random", "--rungs", "baseline", "openvino", "--repeats", "1",
+                       "--latent-size", "8", "--head-to-head", "3"]) == 0
+    assert order[2:] == ["torch", "openvino"] * 4, "the ladder's two, then a warm-up each and three rounds in turn"
+    summary = json.loads((tmp_path / "bench_latency.json").read_text())["summary"]
+    assert summary["head to head rounds"] == 3 and summary["head to head torch s"] > 0
+    assert summary["head to head torch vs OpenVINO"] == pytest.approx(
+        summary["head to head OpenVINO s"] / summary["head to head torch s"])

@@ -8,7 +8,8 @@ matmul: on an AMD EPYC torch's fp32 matmul ran at half of OpenVINO's, whose UNet
 this machine cannot run (bf16 without bf16 units, no compiler, a package missing) is listed as skipped with the
 reason. Published anchors are printed beside the table for context; compare ratios, not absolute times, across
 machines. DeepCache and token merging skip work: their rate (a full step's FLOPs over their time) is "effective",
-not achieved, so the summary's roofline share is the best full-step rung's.
+not achieved, so the summary's roofline share is the best full-step rung's. The best full-step PyTorch rung and
+OpenVINO's best are then timed again in turn (`--head-to-head` rounds): their ratio, free of the machine's drift.
 Prints a table and writes outputs/bench_latency.json.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
 
 import torch
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="add torch.compile rungs (first call: minutes on CPU)")
     parser.add_argument("--deepcache-interval", type=int, default=3)
     parser.add_argument("--tome-ratio", type=float, default=0.5)
+    parser.add_argument("--head-to-head", type=int, default=5, metavar="ROUNDS",
+                        help="time the best full-step torch rung and OpenVINO's best again, in turn (0: don't)")
     args = parser.parse_args(argv)
     for name in ("batch_size", "latent_size", "repeats", "deepcache_interval"):
         if getattr(args, name) < 1:
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nPublished anchors (other machines and shapes: context, not targets):")
     print(format_table(ANCHORS))
     summary = _summary(rows)
+    if args.head_to_head and summary["best full-step torch rung"] and summary["best OpenVINO rung"]:
+        summary.update(_head_to_head(base, summary["best full-step torch rung"], summary["best OpenVINO rung"], args))
     print(format_table([summary]))
     path = record_results("bench_latency", {
         "rows": rows, "anchors": ANCHORS, "summary": summary, "args": vars(args), "gflop_per_step": flops / 1e9,
@@ -134,6 +140,16 @@ def _scheduler(model: str):
 
     return PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG) if model in RANDOM_MODELS else load_component(
         model, "scheduler")
+
+
+def _head_to_head(base: latency.UNetOnly, torch_rung: str, openvino_rung: str, args) -> dict:
+    """The two best full steps timed again in turn: the ladder times them minutes apart, and a shared machine
+    drifts 10-50% in that time; in turn, their ratio holds."""
+    configs = {name: latency.parse_rung(name) for name in (torch_rung, openvino_rung)}
+    times = latency.interleaved_step_times(base, configs, args.batch_size, args.latent_size, args.head_to_head)
+    torch_s, openvino_s = (statistics.median(times[name]) for name in (torch_rung, openvino_rung))
+    return {"head to head rounds": args.head_to_head, "head to head torch s": torch_s,
+            "head to head OpenVINO s": openvino_s, "head to head torch vs OpenVINO": openvino_s / torch_s}
 
 
 def _summary(rows: list[dict]) -> dict:
