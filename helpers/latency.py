@@ -314,6 +314,10 @@ def _apply_openvino(pipe, config: Config) -> None:
 def _combination_why_not(config: Config, device: torch.device) -> str | None:
     if config.compile and config.deepcache_interval > 1:
         return "DeepCache swaps Python forwards between steps, which torch.compile would trace; not combined"
+    if config.fuse_qkv and config.attention != "sdpa":
+        # fuse_qkv_projections sets every processor to FusedAttnProcessor2_0, silently undoing the other setting
+        return (f"fused QKV runs diffusers' fused SDPA processor, which would replace {config.attention} attention; "
+                "not combined")
     return None
 
 

@@ -58,6 +58,8 @@ def test_why_not_names_what_a_cpu_cannot_run():
     assert "fp16 on a CPU" in latency.why_not(latency.parse_rung("fp16"), cpu)
     assert "OpenVINO runs its own graph" in latency.why_not(latency.parse_rung("openvino + deepcache"), cpu)
     assert "not combined" in latency.why_not(latency.parse_rung("compile + deepcache"), cpu)
+    assert "replace classic attention" in latency.why_not(latency.parse_rung("fused_qkv + classic_attention"), cpu)
+    assert "replace slicing attention" in latency.why_not(latency.parse_rung("attention_slicing + fused_qkv"), cpu)
     assert latency.why_not(latency.parse_rung("dpm++ 10 + cfg_cutoff + fused_qkv + channels_last"), cpu) is None
     assert "engine" in latency.why_not(latency.Config(engine="tensorrt"), cpu)
 
