@@ -23,12 +23,16 @@ UNET_LIVE_TENSORS = 48  # measured ~41 on the toy UNet (fp32, CPU, SDPA attentio
 DECODER_LIVE_TENSORS = 12  # measured ~10 on the toy VAE decoder
 
 
+def is_offloaded(module) -> bool:
+    """Whether accelerate's or diffusers' offloading hooks decide where the module's weights are when it runs."""
+    return hasattr(module, "_diffusers_hook") or hasattr(module, "_hf_hook")
+
+
 def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """(device, dtype) of a network's weights. diffusers' `model.device` and `.dtype` walk every submodule looking for
     group-offloading hooks on each call (0.2-0.7 ms on the toy's networks; with `pipe._execution_device`, a tenth of
     an optimised toy request): a network without hooks answers from its first floating-point weight instead."""
-    hooked = hasattr(module, "_diffusers_hook") or hasattr(module, "_hf_hook")  # offloading: the hooks know
-    weight = None if hooked else next((p for p in module.parameters() if p.is_floating_point()), None)
+    weight = None if is_offloaded(module) else next((p for p in module.parameters() if p.is_floating_point()), None)
     return (module.device, module.dtype) if weight is None else (weight.device, weight.dtype)
 
 

@@ -21,7 +21,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from helpers.limits import check_fits_in_memory, check_size_is_sane, placement
+from helpers.limits import check_fits_in_memory, check_size_is_sane, is_offloaded, placement
 from helpers.models import make_scheduler
 from helpers.timing import timed
 
@@ -60,8 +60,7 @@ def _execution_device(pipe) -> torch.device:
     """Where the networks run: the UNet's weights' device, unless a network is offloaded (then diffusers'
     `_execution_device`, which walks every submodule of every network for the hooks: 3 ms a call on the toy)."""
     networks = getattr(pipe, "components", {"unet": pipe.unet}).values()
-    offloaded = any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in networks)
-    if offloaded and hasattr(pipe, "_execution_device"):
+    if any(is_offloaded(m) for m in networks) and hasattr(pipe, "_execution_device"):
         return pipe._execution_device
     return placement(pipe.unet)[0]
 
