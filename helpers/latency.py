@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from helpers.timing import measure, more_runs, synchronize
+from helpers.timing import measure, more_runs, synchronize, timed
 
 PARTS = ("preprocess", "text_encoder", "controlnet", "unet", "scheduler", "vae_decode", "postprocess")
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -578,23 +578,34 @@ def run_rung(base_pipe, name: str, config: Config, inputs: Inputs, *, request_si
     return result
 
 
-def interleaved_times(base_pipe, configs: dict[str, Config], request: Inputs, rounds: int) -> dict[str, list[float]]:
-    """Seconds of one request of each config, taken in turn (A, B, C, A, B, C, ...) for `rounds` rounds after a
-    warm-up each (OpenVINO converts, compile compiles): what a ratio of two latencies on a busy machine needs."""
-    pipes = {name: configure(base_pipe, config) for name, config in configs.items()}
-    for name, pipe in pipes.items():
-        generate_config(pipe, configs[name], request)
-    times = {name: [] for name in pipes}
-    device = base_pipe.device
+def _in_turn(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each run once untimed (OpenVINO converts, compile compiles), then `rounds` rounds of each in turn (A, B, C, A,
+    B, C, ...), so that each sees the same moments of a machine whose speed drifts. A run returns its own seconds."""
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
     with torch.inference_mode():
         for _ in range(rounds):
-            for name, pipe in pipes.items():
-                synchronize(device)
-                start = time.perf_counter()
-                generate_config(pipe, configs[name], request)
-                synchronize(device)
-                times[name].append(time.perf_counter() - start)
+            for name, run in runs.items():
+                times[name].append(run())
     return times
+
+
+def interleaved_times(base_pipe, configs: dict[str, Config], request: Inputs, rounds: int) -> dict[str, list[float]]:
+    """Seconds of one request of each config, timed in turn (`_in_turn`): what a ratio of two latencies on a busy
+    machine needs."""
+    device = base_pipe.device
+
+    def request_timer(pipe, config: Config) -> Callable[[], float]:
+        def run() -> float:
+            seconds: dict[str, float] = {}
+            with timed(seconds, "request", device):
+                generate_config(pipe, config, request)
+            return seconds["request"]
+        return run
+
+    return _in_turn({name: request_timer(configure(base_pipe, config), config) for name, config in configs.items()},
+                    rounds)
 
 
 def _reason(error: Exception) -> str:
@@ -871,17 +882,12 @@ def time_unet_steps(holder: UNetOnly, config: Config, batch_size: int, latent_si
 
 def interleaved_step_times(base: UNetOnly, configs: dict[str, Config], batch_size: int, latent_size: int,
                            rounds: int) -> dict[str, list[float]]:
-    """Seconds per UNet step of each config, taken in turn round after round after a warm-up each (as
-    `interleaved_times` does for whole requests): the torch-against-OpenVINO ratio on a machine that drifts."""
-    holders = {name: configure(base, config) for name, config in configs.items()}
-    for name, holder in holders.items():
-        time_unet_steps(holder, configs[name], batch_size, latent_size, repeats=1)
-    times = {name: [] for name in holders}
-    for _ in range(rounds):
-        for name, holder in holders.items():
-            timing = time_unet_steps(holder, configs[name], batch_size, latent_size, repeats=1, warmup=0)
-            times[name].append(timing["step_s"])
-    return times
+    """Seconds per UNet step of each config, timed in turn (`_in_turn`, as `interleaved_times` does for whole
+    requests): the torch-against-OpenVINO ratio on a machine that drifts."""
+    def step_timer(holder: UNetOnly, config: Config) -> Callable[[], float]:
+        return lambda: time_unet_steps(holder, config, batch_size, latent_size, repeats=1, warmup=0)["step_s"]
+
+    return _in_turn({name: step_timer(configure(base, config), config) for name, config in configs.items()}, rounds)
 
 
 # ---------------------------------------------------------------------------------------------------
