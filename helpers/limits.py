@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 
-import psutil
 import torch
+
+from helpers import accelerator
 
 MAX_PIXEL_FACTOR = 64
 UNET_LIVE_TENSORS = 48  # measured ~41 on the toy UNet (fp32, CPU, SDPA attention)
@@ -37,11 +38,9 @@ def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory where the tensors will live: the GPU's free memory on CUDA, else the machine's available RAM."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return free
-    return psutil.virtual_memory().available
+    """Free memory where the tensors will live, within any memory budget (`helpers.accelerator.free_memory_bytes`:
+    on CUDA it counts PyTorch's cached blocks as free)."""
+    return accelerator.free_memory_bytes(device)
 
 
 def check_size_is_sane(unet, latent_height: int, latent_width: int, scale: int) -> None:

@@ -30,6 +30,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from helpers import accelerator
+
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # ControlNets by name: the toy's ship in helpers/toy/weights/controlnet-<name>; SD 1.5's come from the hub.
 SD15_CONTROLNET_HUB_IDS = {
@@ -55,19 +57,19 @@ SCHEDULERS = {
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The device asked for, else CUDA, else Apple's MPS, else the CPU."""
+    """The device asked for, else where `helpers.accelerator` computes (CUDA, MPS, else the CPU)."""
     if device is not None:
         return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return accelerator.compute_device()
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA (half the memory, tensor cores); fp32 elsewhere, where fp16 is slow or inexact."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    """fp16 on CUDA (half the memory, tensor cores); fp32 elsewhere, where fp16 is slow or inexact. On the compute
+    device the accelerator decides (the rehearsal's pretended T4 answers fp16 while computing on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.float16
+    return accelerator.default_dtype() if device == accelerator.compute_device() else torch.float32
 
 
 def hub_offline() -> bool:
@@ -75,23 +77,37 @@ def hub_offline() -> bool:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Can the model hub be reached (and is it allowed by HF_HUB_OFFLINE)?"""
+    """Can SD 1.5 be had from the model hub: online (and allowed by HF_HUB_OFFLINE), or offline from the local
+    cache (`HF_HUB_CACHE`: a Kaggle dataset of a cache, or the rehearsal's local hub)?"""
     if hub_offline():
-        return False
+        return in_hub_cache(SD15_HUB_ID)
     try:
         from huggingface_hub import HfApi
 
         HfApi().model_info(SD15_HUB_ID, timeout=timeout)
         return True
     except Exception:
-        return False
+        return in_hub_cache(SD15_HUB_ID)
+
+
+def in_hub_cache(repo_id: str, filename: str = "model_index.json", repo_type: str = "model") -> bool:
+    """Whether the local hub cache holds `filename` of `repo_id` (what an offline `from_pretrained` would read)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, filename, repo_type=repo_type), str)
 
 
 def resolve_model(model: str) -> str:
-    """`"auto"` becomes SD 1.5 from the hub when there is a CUDA GPU and the hub answers, else `"toy"`."""
+    """`"auto"` becomes SD 1.5 from the hub when there is a (usable) GPU and the hub answers, else `"toy"`."""
     if model != "auto":
         return model
-    return SD15_HUB_ID if torch.cuda.is_available() and hub_reachable() else "toy"
+    return SD15_HUB_ID if accelerator.on_gpu() and hub_reachable() else "toy"
+
+
+def hub_variant(repo_id: str) -> str | None:
+    """The weights' variant to download: "fp16" for SD 1.5 and its ControlNets, whose fp16 files are half the
+    download (fp32 is cast up after loading when asked for); None (the default files) for any other repo."""
+    return "fp16" if repo_id in (SD15_HUB_ID, *SD15_CONTROLNET_HUB_IDS.values()) else None
 
 
 def make_scheduler(name_or_scheduler, model_scheduler):
@@ -181,7 +197,8 @@ def load_controlnet(model: str, controlnet, dtype: torch.dtype) -> ControlNetMod
                         f"ControlNetModel or a list of those; got {type(controlnet).__name__}")
     source = controlnet_source(model, str(controlnet))
     with explained_hub_errors(source):
-        return ControlNetModel.from_pretrained(source, dtype=dtype, local_files_only=hub_offline())
+        return ControlNetModel.from_pretrained(source, dtype=dtype, local_files_only=hub_offline(),
+                                               variant=hub_variant(source))
 
 
 def load_pipeline(
@@ -273,8 +290,8 @@ class ModelNotAvailableError(FileNotFoundError):
 def _from_hub(model: str, dtype: torch.dtype, extra: dict) -> DiffusionPipeline:
     with explained_hub_errors(model):
         return StableDiffusionPipeline.from_pretrained(
-            model, dtype=dtype, local_files_only=hub_offline(), low_cpu_mem_usage=True, **extra
-        )
+            model, dtype=dtype, local_files_only=hub_offline(), low_cpu_mem_usage=True, variant=hub_variant(model),
+            **extra)
 
 
 @contextmanager
@@ -354,4 +371,4 @@ def load_component(
         return transformers.CLIPTokenizer.from_pretrained(root, **kwargs)
     library = transformers if component == "text_encoder" else diffusers
     cls = getattr(library, COMPONENT_CLASSES[component])
-    return cls.from_pretrained(root, dtype=dtype, **kwargs).to(device)
+    return cls.from_pretrained(root, dtype=dtype, variant=hub_variant(str(root)), **kwargs).to(device)

@@ -87,11 +87,10 @@ def resolve_profile(profile: str) -> str:
         raise ValueError(f"profile={profile!r} is unknown; choose one of {PROFILE_NAMES}")
     if profile != "auto":
         return profile
-    import torch
-
+    from helpers.accelerator import on_gpu
     from helpers.models import hub_reachable
 
-    return "gpu" if torch.cuda.is_available() and hub_reachable() else "cpu"
+    return "gpu" if on_gpu() and hub_reachable() else "cpu"
 
 
 def parameters_for(notebook_number: str, profile: str) -> dict:
