@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from helpers.limits import check_fits_in_memory, check_size_is_sane, is_offloaded, placement
 from helpers.models import make_scheduler
+from helpers.settings import rehearsal
 from helpers.timing import timed
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,10 +146,14 @@ def latent_shape(pipe, batch_size: int, height: int, width: int) -> tuple[int, i
 
 
 def default_size(pipe) -> tuple[int, int]:
-    """The size the UNet was trained at: `unet.config.sample_size` latents × the VAE scale factor."""
+    """The size the UNet was trained at: `unet.config.sample_size` latents × the VAE scale factor (under
+    `python -m helpers rehearse`, at most its `--size`: a CPU cannot afford SD 1.5's 512², and says so)."""
     sample_size = pipe.unet.config.sample_size
     height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
     factor = _pipe_scale_factor(pipe)
+    cap = rehearsal().get("size")
+    if cap:
+        return min(height * factor, cap), min(width * factor, cap)
     return height * factor, width * factor
 
 
