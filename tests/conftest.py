@@ -1,4 +1,6 @@
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +48,36 @@ def notebook_results(smoke_runs):
         return merged
 
     return results_of
+
+
+BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+
+def find_browser() -> str | None:
+    """A Chromium-family browser wherever one is: Playwright's own (`python -m playwright install chromium`), then
+    Debian's `chromium` or Google Chrome on the PATH. None when there is none."""
+    candidates = []
+    try:
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as playwright:
+            candidates.append(playwright.chromium.executable_path)
+    except Exception:  # playwright not installed, or its driver cannot start: look on the PATH
+        pass
+    candidates += [shutil.which(name) for name in BROWSER_NAMES]
+    return next((path for path in candidates if path and Path(path).is_file()), None)
+
+
+@pytest.fixture(scope="session")
+def browser_path() -> str:
+    """The browser for the tests that drive a real page. Without one the test is skipped, saying how to get one;
+    under CI (`CI` set, as .ci/run does, which installs Debian's chromium) a missing browser fails instead."""
+    path = find_browser()
+    if path is None:
+        how = ("`python -m playwright install chromium` (needs the internet) or, as root on Debian, "
+               "`apt-get install chromium`")
+        if os.environ.get("CI"):
+            pytest.fail(f"no browser found under CI ({BROWSER_NAMES} or Playwright's own): {how}")
+        pytest.skip(f"no browser found (Playwright's own, or {', '.join(BROWSER_NAMES)} on the PATH): install one "
+                    f"with {how}")
+    return path

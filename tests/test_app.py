@@ -1,5 +1,6 @@
-"""The web page: `python -m helpers app` served on 127.0.0.1, driven by a real headless Chromium (Playwright with
-Debian's /usr/bin/chromium: `playwright install` cannot download browsers here) and by gradio_client."""
+"""The web page: `python -m helpers app` served on 127.0.0.1, driven by a real headless Chromium (Playwright with the
+browser `conftest.find_browser` finds: Debian's chromium here, since `playwright install` cannot download browsers)
+and by gradio_client."""
 
 import io
 import os
@@ -25,7 +26,6 @@ from helpers.models import load_pipeline
 from helpers.results import outputs_dir
 from helpers.stages import generate
 
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 START_TIMEOUT_S = 240  # importing gradio and diffusers and loading the toy on 2 busy cores
@@ -137,13 +137,12 @@ def read_pixels(source) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-def test_page_in_a_headless_browser(server, toy_pipe):
+def test_page_in_a_headless_browser(server, toy_pipe, browser_path):
     """Type a prompt, click Generate, see the image appear (the one generate() makes) and take a screenshot."""
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `apt-get install chromium` (.ci/run does it)"
     prompt, seed = "a large blue square on the right on a black background", 7
     requested = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        browser = playwright.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.on("request", lambda request: requested.append(request.url))
         page.goto(server.url)
