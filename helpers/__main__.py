@@ -5,6 +5,7 @@
   python -m helpers list                      the notebooks and benchmarks there are
   python -m helpers app [--port 7860]         the web page: text in, image out (helpers/app.py)
   python -m helpers batch PROMPTS --out DIR   generate a prompt file (helpers/batch.py; also under accelerate launch)
+  python -m helpers rehearse [--only 03]      the series as a T4 user meets it, offline (helpers/rehearse.py)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import helpers.bench
 from helpers import app as web_app  # light: gradio and torch are imported when the page is built
 from helpers import batch as batch_job  # light: torch is imported when a batch runs
+from helpers import rehearse as rehearsal_run
 
 
 def benchmarks() -> list[str]:
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     web_app.add_arguments(commands.add_parser("app", help="serve the web page (text in, image out) on 127.0.0.1"))
     commands.add_parser("list", help="list notebooks and benchmarks")
     batch_job.add_arguments(commands.add_parser("batch", help="generate a prompt file (also under accelerate launch)"))
+    rehearsal = commands.add_parser("rehearse", help="run the series as a badge user on a T4 would, offline, "
+                                    "against a local hub of SD 1.5-shaped random weights")
+    rehearsal_run.add_arguments(rehearsal)
     args = parser.parse_args(argv)
 
     if args.command == "run":
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(f"helpers.bench.{args.name}").main(args.args)
     if args.command == "batch":
         return batch_job.run_from_args(args)
+    if args.command == "rehearse":
+        return rehearsal_run.run_from_args(args)
     from helpers.run import find_notebooks
 
     print("notebooks:", *[nb.stem for nb in find_notebooks()], sep="\n  ")

@@ -96,3 +96,37 @@ def resolve_profile(profile: str) -> str:
 def parameters_for(notebook_number: str, profile: str) -> dict:
     """The papermill parameters of one notebook under a (resolved) profile."""
     return {"PROFILE": profile, **COMMON[profile], **NOTEBOOK_OVERRIDES.get(notebook_number, {}).get(profile, {})}
+
+
+# What the rehearsal (`python -m helpers rehearse`, SD 1.5 shapes computed on a CPU) shrinks of the settings in
+# force, because a CPU cannot afford them; everything else runs as a T4 user's would. "steps" stands for the
+# rehearsal's --steps and "size" for its --size; the image size is also capped in `stages.default_size`.
+REHEARSAL: dict[str, dict] = {
+    "01": {},
+    "02": {"STEPS": "steps", "HEIGHT": "size", "WIDTH": "size", "GRID_STEPS": [1, "steps"],
+           "GRID_GUIDANCE": [1.0, 7.5], "CALLBACK_EVERY": 1, "ORACLE_SAMPLES": 2},
+    "03": {"N": 2, "STEPS": "steps", "HEIGHT": "size", "WIDTH": "size", "MAX_BATCH": 2, "REPEATS": 1,
+           "MIN_RUN_S": 0.0, "CHUNK_DEMO_MAX_BATCH": 1, "OOM_DEMO_LIMIT": 1, "LOAD_REPEATS": 1, "SWEEP_MAX": 2},
+    "04": {"STEPS": "steps", "HEIGHT": "size", "WIDTH": "size", "NUM_DIVISIONS": 2, "MIDPOINT_SEEDS": 1,
+           "NORM_PAIRS": 4},
+    "05": {"STEPS": "steps", "HEIGHT": "size", "WIDTH": "size", "NUM_DIVISIONS": 2, "ORACLE_SEEDS": 1,
+           "NORM_PAIRS": 4},
+    "06": {"STEPS": "steps", "N_ENTRIES": 1, "CONDITIONING_SCALES": [0.0, 1.0], "GUIDANCE_WINDOWS": [[0.0, 0.5]],
+           "ASPECT_SEEDS": 1, "ASPECTS": ["1:1", "16:9"]},
+    "07": {"N_PROMPTS": 1, "BASELINE_STEPS": "steps", "REPEATS": 1, "MIN_RUN_S": 0.0, "QUALITY_BATCH": 1,
+           "STEP_RUNGS": [1], "FINALISTS": 1, "HEAD_TO_HEAD_ROUNDS": 1},
+    "08": {"N_CLASS_IMAGES": 2, "CLASS_BATCH_SIZE": 1, "TRAIN_STEPS": 2, "STEPS": "steps", "N_CONTEXT_SEEDS": 1,
+           "SEEDS": [100], "N_HELDOUT": 1, "N_VALIDATION": 1},
+}
+
+
+def rehearsal_shrinks(notebook_number: str, steps: int, size: int | None = None) -> dict:
+    """REHEARSAL's knob values for one notebook, with "steps" (and "size") filled in."""
+
+    def fill(value):
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return {"steps": steps, "size": size}.get(value, value) if isinstance(value, str) else value
+
+    return {knob: fill(value) for knob, value in REHEARSAL.get(notebook_number, {}).items()
+            if not (value == "size" and size is None)}

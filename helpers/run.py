@@ -65,7 +65,10 @@ def _failing_cell(error) -> str:
     return f"cell {getattr(error, 'exec_count', '?')} (`{first_line}`): {error.ename}: {error.evalue}"
 
 
-def run_notebook(notebook: Path, profile: str, out_dir: Path) -> NotebookRun:
+def run_notebook(notebook: Path, profile: str | None, out_dir: Path, *, cwd: Path | None = None) -> NotebookRun:
+    """Execute one notebook with papermill into `out_dir`. `profile`: the parameters papermill passes (None: none,
+    the parameters cell as written, as a badge user runs it); `cwd`: the kernel's working directory (default the
+    notebook's folder). Results are read from `out_dir`, where the kernel writes them ($SD_OUTPUTS)."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -78,8 +81,8 @@ def run_notebook(notebook: Path, profile: str, out_dir: Path) -> NotebookRun:
         pm.execute_notebook(
             str(notebook),
             str(out_dir / notebook.name),
-            parameters=parameters_for(run.number, profile),
-            cwd=str(notebook.parent),
+            parameters=parameters_for(run.number, profile) if profile else {},
+            cwd=str(cwd or notebook.parent),
             kernel_name="python3",
             progress_bar=False,
         )
