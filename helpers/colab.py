@@ -44,13 +44,15 @@ except ImportError:
 if not INSTALLED and not ON_COLAB_OR_KAGGLE:
     raise ImportError("The project is not installed: run `pip install -e .` in its folder (see the README), "
                       "then restart the kernel.")
-if not INSTALLED:
+if not INSTALLED:  # only what the notebooks need (requirements.txt): no harness, web page or test tools
     commands = [] if os.path.isdir(CLONE_DIR) else [["git", "clone", "-q", "--depth", "1", REPO_URL, CLONE_DIR]]
     commands.append([sys.executable, "-m", "pip", "install", "-q", "-e", CLONE_DIR])
     for command in commands:
         print("$", " ".join(command))
-        if not DRY_RUN and subprocess.run(command).returncode != 0:
-            raise RuntimeError(f"`{{' '.join(command)}}` failed: is the internet on? (Kaggle: Settings > Internet)")
+        # GIT_TERMINAL_PROMPT=0: a wrong URL fails at once instead of waiting for a username
+        if not DRY_RUN and subprocess.run(command, env={{**os.environ, "GIT_TERMINAL_PROMPT": "0"}}).returncode:
+            raise RuntimeError(f"`{{' '.join(command)}}` failed: is the internet on (Kaggle: Settings > Internet), "
+                               f"and is REPO_URL = {{REPO_URL!r}} a public repository?")
     sys.path.insert(0, os.path.abspath(CLONE_DIR))  # this kernel started before the install: look in the clone
     if not DRY_RUN:
         import helpers.colab
@@ -154,15 +156,19 @@ def update_notebooks(folder: str | Path, repo_url: str = REPO_URL) -> list[Path]
 
 def environment_lines() -> list[str]:
     """GPU, hub and token, each with what to do when it is missing."""
-    import torch
-
+    from helpers import accelerator
     from helpers.interactive import memory_settings
     from helpers.models import SD15_HUB_ID, hub_reachable
 
-    if torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(0)
+    acc = accelerator.accelerator()
+    if acc.kind == "cuda" and not acc.supported:
+        try:
+            accelerator.check_usable()
+        except accelerator.UnsupportedGPUError as error:
+            gpu = f"GPU: {error}"
+    elif acc.is_gpu:
         settings = memory_settings(SD15_HUB_ID) or "none needed"
-        gpu = f"GPU: {properties.name}, {properties.total_memory / 2**30:.1f} GiB (SD 1.5 memory settings: {settings})"
+        gpu = f"GPU: {acc.describe()} (SD 1.5 memory settings: {settings})"
     else:
         gpu = ("GPU: none, so MODEL='auto' runs the toy model. Colab: Runtime > Change runtime type > GPU; "
                "Kaggle: Settings > Accelerator > GPU")

@@ -58,11 +58,11 @@ def explain_load_error(model: str, error: Exception) -> str:
 
 def memory_settings(model: str) -> dict:
     """`load_pipeline` options that fit SD 1.5 on the GPU there is (a T4 has 15 GiB: fp16 alone fits)."""
-    import torch
+    from helpers import accelerator
 
-    if model == "toy" or model in RANDOM_MODELS or not torch.cuda.is_available():
+    if model == "toy" or model in RANDOM_MODELS or not accelerator.on_gpu():
         return {}
-    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    total_gib = accelerator.accelerator().memory_gib
     if total_gib < 6:
         return {"cpu_offload": True, "attention_slicing": True}
     return {"attention_slicing": True} if total_gib < 12 else {}

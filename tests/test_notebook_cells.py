@@ -138,7 +138,11 @@ import json, socket, subprocess, sys
 calls = []
 class Done:
     returncode = {returncode}
-subprocess.run = lambda command, *args, **kwargs: calls.append(list(command)) or Done()
+git_prompts = []  # GIT_TERMINAL_PROMPT in the environment each command ran with
+def record(command, *args, env=None, **kwargs):
+    git_prompts.append((env or {{}}).get("GIT_TERMINAL_PROMPT"))
+    return calls.append(list(command)) or Done()
+subprocess.run = record
 connect = socket.socket.connect
 def local_only(self, address):
     if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "::1", "localhost"):
@@ -152,6 +156,7 @@ try:
     for source in json.load(open({str(script)!r})):
         exec(compile(source, "cell", "exec"), namespace)
 finally:
+    print("PROMPTS=" + json.dumps(git_prompts))
     print("CALLS=" + json.dumps(calls))
 """
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
@@ -236,11 +241,32 @@ def test_setup_on_kaggle_with_the_clone_there_only_installs(tmp_path):
 
 
 def test_setup_runs_the_commands_and_explains_a_failure(tmp_path):
-    """Not a dry run: the commands go to subprocess.run (recorded here); a failing clone asks about the internet."""
+    """Not a dry run: the commands go to subprocess.run (recorded here); a failing clone asks about the internet
+    and names the URL, and git never waits for a username (a wrong URL on GitHub asks for one)."""
     done, calls = run_cells([SETUP], tmp_path, {"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, hide_helpers=True,
                             returncode=128)
     assert calls == [CLONE.split()]
-    assert done.returncode != 0 and "is the internet on? (Kaggle: Settings > Internet)" in done.stderr
+    assert done.returncode != 0 and "is the internet on (Kaggle: Settings > Internet)" in done.stderr
+    assert f"REPO_URL = {colab.REPO_URL!r}" in done.stderr
+    assert json.loads(done.stdout.split("PROMPTS=", 1)[1].splitlines()[0]) == ["0"], "git may prompt"
+
+
+def test_setup_installs_only_what_the_notebooks_need():
+    """The setup cell installs requirements.txt into a running Colab kernel: the harness, the web page and the
+    test tools (which upgrade packages Colab pins, such as ipykernel) stay in extras."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+
+    def name(requirement: str) -> str:
+        return re.split(r"[=<>\[ ]", requirement.strip(), maxsplit=1)[0].lower()
+
+    required = {name(line) for line in (root / "requirements.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    tools = {name(r) for r in extras["harness"] + extras["app"] + extras["test"]} - {"sd-dissected"}
+    assert {"papermill", "nbclient", "ipykernel", "gradio", "pytest"} <= tools
+    assert not required & tools, f"the setup cell would install {required & tools} into a running kernel"
 
 
 def test_setup_when_installed_installs_nothing_and_reports_gpu_hub_and_token(tmp_path):
