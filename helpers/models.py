@@ -94,7 +94,8 @@ def in_hub_cache(repo_id: str, filename: str = "model_index.json", repo_type: st
     """Whether the local hub cache holds `filename` of `repo_id` (what an offline `from_pretrained` would read)."""
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(repo_id, filename, repo_type=repo_type), str)
+    cache_dir = os.environ.get("HF_HUB_CACHE")  # read now: huggingface_hub read it once, when first imported
+    return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, repo_type=repo_type), str)
 
 
 def resolve_model(model: str) -> str:

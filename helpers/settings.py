@@ -104,7 +104,8 @@ def use_settings(number: str, namespace: dict, *, folder: str | Path | None = No
             raise KeyError(f"profile {profile!r} sets {knob}, which notebook {number}'s parameters cell lacks")
         if namespace[knob] == defaults[knob]:
             if value != namespace[knob]:
-                namespace[knob], origins[knob] = value, f"{profile} profile"
+                namespace[knob] = value
+                origins[knob] = f"{profile} profile" + (f": {why}" if knob == "MODEL" else "")
         elif namespace[knob] != value:
             origins[knob] = "yours (kept)"
     plan = rehearsal()
