@@ -1,14 +1,17 @@
 """Batching, measured: call a stage N times with one input each, or once with all N, per stage.
 
 - `load_prompts(n)`: N of the shipped 128 varied toy-world prompts (`helpers/data/prompts_128.txt`, from
-  `make_prompts`).
+  `make_prompts`); `default_prompts_file(model)`: those for the toy, ordinary SD prompts for a real SD.
 - `StageJob`: the N inferences' inputs (prompts, seeds, embeddings, latents), so each stage runs alone on any
   slice: `job.call("denoise", start, stop)`. Stage "generate" is the whole chain.
 - `run_in_chunks(call, n, max_batch)`: one "call with N inputs", in chunks of at most `max_batch`; an
-  out-of-memory error (CUDA's, or helpers.memory's estimate) halves the chunk and keeps the chunks already finished.
+  out-of-memory error (CUDA's, or `helpers.limits`' estimate against the free memory) halves the chunk and keeps the
+  chunks already finished. The untimed warm-up goes through it too, and the timed runs start at the size it found.
 - `compare(job, stage, max_batch)`: N calls of batch 1 against one chunked call: times, speed-up, max difference.
-- `sweep(job, stage, batch_sizes)`: throughput and peak memory per batch size; `auto_batch_size` picks from it.
-- `load_stage(model, stage)`: only the components one stage uses (a single file: only their tensors are read).
+- `sweep(job, stage, batch_sizes)`: throughput and peak memory per batch size; a size whose one call does not fit in
+  memory is skipped with the reason. `auto_batch_size` picks from the sizes that ran.
+- `load_stage(model, stage)`: only the components one stage uses (a single file: only their tensors are read);
+  `single_file_for(model)`: the single file to take apart (the toy's, SD 1.5's from its hub repo), or why there is none.
 
 Timing follows the project's method: warm-up excluded, `torch.inference_mode()`, synchronised on a GPU, the
 median of repeats while a run is short. Peak memory is `torch.cuda.max_memory_allocated` on CUDA; on the CPU it
@@ -32,10 +35,12 @@ import numpy as np
 import psutil
 import torch
 
+from helpers import accelerator
 from helpers.stages import decode, denoise, encode_text, generate
 from helpers.timing import MIN_RUN_S, more_runs, synchronize
 
-PROMPTS_FILE = Path(__file__).parent / "data" / "prompts_128.txt"
+PROMPTS_FILE = Path(__file__).parent / "data" / "prompts_128.txt"  # the toy world's (make_prompts)
+SD_PROMPTS_FILE = Path(__file__).parent / "data" / "sd_prompts_64.txt"  # ordinary prompts, for a real SD
 STAGES = ("encode_text", "denoise", "decode", "generate")  # "generate": the three in series
 STAGE_COMPONENTS = {  # what each stage reads of the model
     "encode_text": ("tokenizer", "text_encoder"),
@@ -87,6 +92,14 @@ def load_prompts(n: int, path: str | Path | None = None) -> list[str]:
         raise ValueError(f"N={n} but {path.name} holds {len(prompts)} prompts: "
                          f"use N <= {len(prompts)} or a longer file")
     return prompts[:n]
+
+
+def default_prompts_file(model: str) -> Path:
+    """The prompts a model is asked by default: the toy world's captions for the toy (and the tiny random test
+    model, whose tokenizer is the toy's kind), ordinary Stable Diffusion prompts for a real SD."""
+    from helpers.settings import TOY_MODELS
+
+    return PROMPTS_FILE if model in TOY_MODELS else SD_PROMPTS_FILE
 
 
 def check_seeds(seeds: Sequence[int], prompts: Sequence[str]) -> list[int]:
@@ -172,7 +185,7 @@ def run_in_chunks(call: Callable[[int, int], object], n: int, max_batch: int) ->
 
 
 def _release_cuda_cache() -> None:
-    if torch.cuda.is_available():
+    if accelerator.compute_device().type == "cuda":
         torch.cuda.empty_cache()  # hand the failed chunk's blocks back before the smaller retry
 
 
@@ -361,12 +374,15 @@ def time_chunked(call: Callable[[int, int], object], n: int, max_batch: int, *, 
     MAX_RUNS), and the median is kept: a few milliseconds are noise on a busy machine. Peak memory of the first run.
 
     The warm-up is one untimed call at the chunk size (first calls pay for lazy set-up and allocations), made
-    with `warmup` when it is a callable (e.g. one denoising step instead of twenty), skipped when False."""
+    with `warmup` when it is a callable (e.g. one denoising step instead of twenty), skipped when False. It runs
+    through `run_in_chunks` like the timed runs: a chunk that does not fit is halved there, untimed, and the timed
+    runs start at the size that fitted (the halvings are recorded with the first run's)."""
     check_count("repeats", repeats)
-    seconds, first = [], None
+    seconds, first, halvings = [], None, []
     with torch.inference_mode():
         if warmup:
-            (warmup if callable(warmup) else call)(0, min(max_batch, n))
+            warm = run_in_chunks(warmup if callable(warmup) else call, min(max_batch, n), max_batch)
+            max_batch, halvings = max(warm.chunk_sizes), warm.oom_halvings
         while more_runs(seconds, repeats, min_time_s, long_run_once=True):  # N inferences at once: long enough
             with peak_memory(device) if first is None else _no_memory() as memory:
                 synchronize(device)
@@ -376,6 +392,7 @@ def time_chunked(call: Callable[[int, int], object], n: int, max_batch: int, *, 
                 seconds.append(time.perf_counter() - start)
             if first is None:
                 first, first_memory = chunked, memory
+    first.oom_halvings = halvings + first.oom_halvings
     return Run(first, seconds, first_memory)
 
 
@@ -385,12 +402,12 @@ def _no_memory():
 
 
 def time_stage(job: StageJob, stage: str, n: int, max_batch: int, *, repeats: int = 3,
-               min_time_s: float = MIN_RUN_S) -> Run:
+               min_time_s: float = MIN_RUN_S, warmup: bool = True) -> Run:
     """`stage` on the job's first `n` inputs in chunks of `max_batch`, timed by `time_chunked`; the warm-up
-    call runs at the chunk size with one denoising step."""
+    call runs at the chunk size with one denoising step (none with `warmup=False`)."""
     return time_chunked(lambda start, stop: job.call(stage, start, stop), n, max_batch, device=job.device,
                         repeats=repeats, min_time_s=min_time_s,
-                        warmup=lambda start, stop: job.call(stage, start, stop, warmup=True))
+                        warmup=warmup and (lambda start, stop: job.call(stage, start, stop, warmup=True)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -442,34 +459,75 @@ COMPARE_COLUMNS = ["stage", "N", "single_calls", "single_s", "single_s_per_infer
 def sweep(job: StageJob, stage: str, batch_sizes: Sequence[int], *, repeats: int = 3,
           min_time_s: float = MIN_RUN_S) -> list[dict]:
     """For each batch size b: one call of the first b inputs, timed (median while short), its throughput
-    (inferences/s) and peak memory. Each point has its own warm-up call (of one denoising step)."""
+    (inferences/s) and peak memory. Each point has its own warm-up call (of one denoising step).
+
+    A point is one call of b, never chunks: a b whose call does not fit in memory (`helpers.limits` refuses it
+    before allocating, or CUDA runs out) is skipped, and so are the larger ones; the row keeps the size with
+    `skipped` ("out of memory") and `skipped_reason` (what was estimated against what was free) instead of times."""
     sizes = [check_count("batch size", b) for b in batch_sizes]
     if max(sizes) > job.n:
         raise ValueError(f"batch size {max(sizes)} is more than N={job.n}: sweep sizes up to N")
     job.ensure_inputs(stage, max(sizes))
-    rows = []
+    rows, too_big = [], None
     for b in sizes:
-        run = time_stage(job, stage, b, b, repeats=repeats, min_time_s=min_time_s)
+        if too_big is not None:
+            rows.append(_skipped(stage, b, f"larger than batch {too_big}, which did not fit in memory"))
+            continue
+        try:
+            with torch.inference_mode():
+                job.call(stage, 0, b, warmup=True)  # the warm-up, as one call of b: does it fit?
+            run = time_stage(job, stage, b, b, repeats=repeats, min_time_s=min_time_s, warmup=False)
+            if run.chunked.calls > 1:
+                raise MemoryError(f"ran out of memory as one call of {b} (halved to {run.chunked.chunk_sizes})")
+        except OUT_OF_MEMORY as error:
+            _release_cuda_cache()
+            rows.append(_skipped(stage, b, str(error)))
+            too_big = b
+            continue
         rows.append({"stage": stage, "batch_size": b, "call_s": run.median_s, "throughput": b / run.median_s,
-                     "peak_MB": run.memory["peak_MB"], "added_MB": run.memory["added_MB"], "repeats": len(run.seconds)})
-    best = max(rows, key=lambda r: r["throughput"])
+                     "peak_MB": run.memory["peak_MB"], "added_MB": run.memory["added_MB"], "repeats": len(run.seconds),
+                     "skipped": None, "skipped_reason": None})
+    best = max((r["throughput"] for r in measured(rows)), default=None)
     for row in rows:
-        row["vs_best"] = row["throughput"] / best["throughput"]
+        row["vs_best"] = None if row["skipped"] else row["throughput"] / best
     return rows
 
 
-SWEEP_COLUMNS = ["stage", "batch_size", "call_s", "throughput", "vs_best", "peak_MB", "added_MB", "repeats"]
+def _skipped(stage: str, batch_size: int, reason: str) -> dict:
+    return {"stage": stage, "batch_size": batch_size, "call_s": None, "throughput": None, "peak_MB": None,
+            "added_MB": None, "repeats": 0, "skipped": "out of memory", "skipped_reason": reason}
+
+
+SWEEP_COLUMNS = ["stage", "batch_size", "call_s", "throughput", "vs_best", "peak_MB", "added_MB", "repeats", "skipped"]
+
+
+def measured(rows: Sequence[dict]) -> list[dict]:
+    """The sweep rows that ran (not skipped for memory)."""
+    return [r for r in rows if not r.get("skipped")]
+
+
+def _none_fit(rows: Sequence[dict], limit: str = "in memory") -> ValueError:
+    why = [f"batch {r['batch_size']}: {r['skipped_reason']}" for r in rows if r.get("skipped")]
+    if measured(rows):
+        why.append(f"the smallest measured peak was {min(r['peak_MB'] for r in measured(rows)):.0f} MB")
+    return ValueError(f"no swept batch size fits {limit}: " + "; ".join(why or ["no sizes were swept"]))
+
+
+def best_batch_size(rows: Sequence[dict]) -> int:
+    """The swept batch size of the highest throughput, among those that ran."""
+    if not measured(rows):
+        raise _none_fit(rows)
+    return max(measured(rows), key=lambda r: r["throughput"])["batch_size"]
 
 
 def auto_batch_size(rows: Sequence[dict], tolerance: float = 0.10, memory_limit_MB: float | None = None) -> int:
     """The smallest swept batch size within `tolerance` of the best throughput (less memory and latency for
-    the same speed), among those under `memory_limit_MB` if given."""
+    the same speed), among those that ran (a size skipped for memory never), and under `memory_limit_MB` if given."""
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance={tolerance} must be in [0, 1): the share of the best throughput one may lose")
-    fitting = [r for r in rows if memory_limit_MB is None or r["peak_MB"] <= memory_limit_MB]
+    fitting = [r for r in measured(rows) if memory_limit_MB is None or r["peak_MB"] <= memory_limit_MB]
     if not fitting:
-        raise ValueError(f"no swept batch size fits memory_limit_MB={memory_limit_MB}: the smallest peak was "
-                         f"{min(r['peak_MB'] for r in rows):.0f} MB")
+        raise _none_fit(rows, "in memory" if memory_limit_MB is None else f"memory_limit_MB={memory_limit_MB}")
     best = max(r["throughput"] for r in fitting)
     return min(r["batch_size"] for r in fitting if r["throughput"] >= (1 - tolerance) * best)
 
@@ -484,8 +542,11 @@ def call_overhead(rows: Sequence[dict]) -> dict:
     per_inference_s is the part of it that batching can share out.
 
     Not the slope past the plateau: on a CPU, throughput falls there (the activations outgrow the caches, so each
-    inference costs more than at the plateau), and that slope would make the fixed part come out negative."""
-    rows = sorted(rows, key=lambda r: r["batch_size"])
+    inference costs more than at the plateau), and that slope would make the fixed part come out negative.
+    Sizes skipped for memory are left out."""
+    if not measured(rows):
+        raise _none_fit(rows)
+    rows = sorted(measured(rows), key=lambda r: r["batch_size"])
     one = rows[0]["call_s"] / rows[0]["batch_size"]
     best = max(r["batch_size"] / r["call_s"] for r in rows)
     full = max(i for i, r in enumerate(rows) if r["batch_size"] / r["call_s"] >= (1 - PLATEAU) * best)
@@ -529,6 +590,79 @@ def load_stage(model: str, stage: str, *, device=None, dtype=None, config_dir: s
     if stage == "denoise":  # latents are vae_scale_factor times smaller than images: read it from the VAE config
         parts["vae_scale_factor"] = _vae_scale_factor(str(config_dir) if single_file else model)
     return SimpleNamespace(**parts)
+
+
+SD15_SINGLE_FILE = "v1-5-pruned-emaonly.safetensors"  # SD 1.5's original checkpoint in its hub repo (4.27 GB, fp32)
+# what taking a single file apart needs besides it: each component's config, the tokenizer's files, the scheduler's
+SINGLE_FILE_CONFIGS = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*"]
+
+
+@dataclass
+class SingleFile:
+    """The single LDM file to take apart and the diffusers folder holding its configs, or why there is none."""
+
+    path: Path | None
+    config_dir: str | None
+    reason: str | None = None
+
+
+def single_file_for(model: str, single_file: str = "", config_dir: str = "") -> SingleFile:
+    """The single file whose parts a stage loads alone: `single_file` when given (configs from `config_dir`, the
+    toy's folder for the toy's file, SD 1.5's hub folder for SD 1.5), else the toy's own file for the toy and
+    `v1-5-pruned-emaonly.safetensors` from SD 1.5's hub repo for SD 1.5 (`hf_hub_download`: the local cache
+    offline, a 4.27 GB download once online). Where there is none, `path` is None and `reason` says why and what
+    to set; nothing raises, so a notebook can skip that part and record the reason."""
+    from helpers.models import SD15_HUB_ID
+    from helpers.toy import TOY_LDM_FILE, TOY_SD_DIR
+
+    if single_file:
+        path = Path(single_file).expanduser()
+        if not path.is_file():
+            return SingleFile(None, None, f"{path} does not exist (SINGLE_FILE): give the path of a single LDM "
+                                          ".safetensors (notebook 01 downloads SD 1.5's), or '' for the model's own")
+        if config_dir:
+            return SingleFile(path, str(config_dir))
+        if path.resolve() == Path(TOY_LDM_FILE).resolve():
+            return SingleFile(path, str(TOY_SD_DIR))
+        if model != SD15_HUB_ID:
+            return SingleFile(None, None, f"SINGLE_FILE={single_file!r} needs LOAD_CONFIG_DIR: a diffusers folder "
+                                          f"with its components' configs (for {model}, there is no default)")
+        return _from_sd15_hub(path)
+    if model == "toy":
+        return SingleFile(Path(TOY_LDM_FILE), str(TOY_SD_DIR))
+    if model == SD15_HUB_ID:
+        return _from_sd15_hub(None)
+    return SingleFile(None, None, f"{model} has no single file here: set SINGLE_FILE (and LOAD_CONFIG_DIR) to take "
+                                  "one apart")
+
+
+def _from_sd15_hub(path: Path | None) -> SingleFile:
+    """SD 1.5's single file (unless `path` is given) and its config folder, from the hub or its local cache."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from helpers.ldm import COMPONENTS  # the networks a single LDM file holds
+    from helpers.models import SD15_HUB_ID, hub_offline, in_hub_cache
+
+    offline = hub_offline()
+    what = f"{SD15_HUB_ID}'s {SD15_SINGLE_FILE}" if path is None else f"{SD15_HUB_ID}'s configs"
+    try:
+        if path is None:
+            if not offline and not in_hub_cache(SD15_HUB_ID, SD15_SINGLE_FILE):
+                print(f"downloading {SD15_SINGLE_FILE} from {SD15_HUB_ID} into the hub cache (4.27 GB, once)")
+            path = Path(hf_hub_download(SD15_HUB_ID, SD15_SINGLE_FILE, local_files_only=offline))
+        configs = Path(snapshot_download(SD15_HUB_ID, allow_patterns=SINGLE_FILE_CONFIGS, local_files_only=offline))
+    except (OSError, EntryNotFoundError) as error:
+        why = "HF_HUB_OFFLINE=1 is set and it is not in the local hub cache" if offline else \
+            f"the hub did not give it ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        return SingleFile(None, None, f"{what} is not available: {why}. Partial loading from the single file is "
+                                      "skipped; set SINGLE_FILE to a local copy (notebook 01 downloads it) to run it")
+    missing = [f"{c}/config.json" for c in COMPONENTS if not (configs / c / "config.json").is_file()]
+    missing += [folder for folder in ("tokenizer", "scheduler") if not (configs / folder).is_dir()]
+    if missing:
+        return SingleFile(None, None, f"{what}: the hub folder {configs} lacks {missing}, which taking the file apart "
+                                      "needs; set LOAD_CONFIG_DIR to a diffusers folder of SD 1.5")
+    return SingleFile(path, str(configs))
 
 
 def _toy_ldm_file() -> Path:

@@ -34,7 +34,17 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
         "smoke": {"N": 4, "STEPS": 2, "MAX_BATCH": 4, "REPEATS": 2, "MIN_RUN_S": 0.2, "CHUNK_DEMO_MAX_BATCH": 3,
                   "OOM_DEMO_LIMIT": 1, "LOAD_MODES": ["tensors"], "LOAD_REPEATS": 1},
         "cpu": {},  # the toy at N=128, 20 steps: several minutes
-        "gpu": {"N": 32, "MAX_BATCH": 32, "CHUNK_DEMO_MAX_BATCH": 12, "OOM_DEMO_LIMIT": 8},  # SD 1.5, 512×512 fp16
+        # SD 1.5 at 512², 20 steps, fp16, on a 16 GB T4 (15 GiB budget). From FLOPs (torch.utils.flop_counter on SD
+        # 1.5's shapes) and a T4's published ~7.6 it/s (a UNet step of batch 2 at 64² latents, 1.61 TFLOP: ~12 TFLOP/s):
+        # an image's 20 steps (PNDM: 21 UNet calls) 2.8 s, a 512² decode (2.51 TFLOP) 0.21 s. The notebook denoises
+        # ~147 images (compare denoise and generate 2N each, the grid 16, the sweep 1+2+4+8+16 = 31, auto 2N) ≈ 6.8 min,
+        # one-step warm-ups ≈ 0.2 min, decodes ~330 (warm-ups, short-run repeats) ≈ 1.2 min; with three pipeline
+        # loads, the single file's download (4.27 GB, once) and the cold loads (tensors, 1 repeat: ~2 reads of it),
+        # ~12 min in all.
+        # Memory (helpers.limits): a 512² decode ≈ 0.75 GiB an image, so a decode of 16 is at the edge of the ~12 GiB
+        # beside the weights (halved in chunks, skipped in the sweep); 32 (~24 GiB) never fits. Prompts: the SD ones.
+        "gpu": {"N": 16, "MAX_BATCH": 16, "CHUNK_DEMO_MAX_BATCH": 6, "OOM_DEMO_LIMIT": 4, "LOAD_MODES": ["tensors"],
+                "LOAD_REPEATS": 1},
     },
     "04": {  # smoke: 8 steps, 4 divisions, 2 seed pairs for the midpoint statistics
         "smoke": {"STEPS": 8, "NUM_DIVISIONS": 4, "MIDPOINT_SEEDS": 2, "NORM_PAIRS": 16},

@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,3 +282,124 @@ def test_bench_refuses_bad_counts():
         bench.main(["--model", "tiny-random", "--n", "2", "--max-batch", "0"])
     with pytest.raises(ValueError, match="--n=0"):
         bench.main(["--model", "tiny-random", "--n", "0"])
+
+
+# --- memory: the warm-up, the sweep and "auto" follow the same fit rule (helpers.limits under a budget) ----------
+
+
+@pytest.fixture
+def budget_for_two_decodes(tiny_pipe, monkeypatch):
+    """SD_MEMORY_BUDGET_GIB between the estimated decode of 2 and of 4 tiny-random latents: 4 is refused."""
+    from helpers import limits
+    from helpers.stages import default_size
+
+    height, width = default_size(tiny_pipe)
+    two, four = (limits.estimate_bytes(tiny_pipe.vae, b, height, width, "decode") for b in (2, 4))
+    monkeypatch.setenv("SD_MEMORY_BUDGET_GIB", repr((two + four) / 2 / 2**30))
+    return StageJob(tiny_pipe, ["a red circle", "a blue square", "a green triangle", "a yellow diamond"], range(4),
+                    num_inference_steps=STEPS)
+
+
+def test_warmup_is_chunked_like_the_run(budget_for_two_decodes):
+    # the warm-up was one call at the chunk size, outside run_in_chunks: the MemoryError escaped
+    job = budget_for_two_decodes
+    row = batching.compare(job, "decode", max_batch=4, repeats=1, min_time_s=0)
+    assert row["oom_halvings"] == [4] and row["chunk_sizes"] == [2, 2] and row["batch_size"] == 2
+    assert row["max_abs_diff"] <= 1e-5
+
+
+def test_sweep_skips_sizes_that_do_not_fit_and_auto_never_picks_them(budget_for_two_decodes):
+    job = budget_for_two_decodes
+    rows = batching.sweep(job, "decode", [1, 2, 4], repeats=1, min_time_s=0)
+    assert [r["batch_size"] for r in rows] == [1, 2, 4]
+    skipped = rows[2]
+    assert skipped["skipped"] == "out of memory" and skipped["throughput"] is None and skipped["vs_best"] is None
+    assert "at batch 4 needs about" in skipped["skipped_reason"] and "GiB" in skipped["skipped_reason"]
+    assert all(r["skipped"] is None and r["throughput"] > 0 for r in rows[:2])
+    assert max(r["vs_best"] for r in rows[:2]) == 1.0
+    assert batching.auto_batch_size(rows, 0.5) in (1, 2) and batching.best_batch_size(rows) in (1, 2)
+    assert batching.call_overhead(rows)["full_batch_size"] in (1, 2)
+    assert [r["batch_size"] for r in batching.measured(rows)] == [1, 2]
+
+
+def test_auto_and_best_ignore_skipped_sizes():
+    rows = [{"batch_size": 1, "throughput": 10.0, "peak_MB": 1.0, "skipped": None},
+            {"batch_size": 2, "throughput": 12.0, "peak_MB": 2.0, "skipped": None},
+            {"batch_size": 4, "throughput": None, "peak_MB": None, "skipped": "out of memory",
+             "skipped_reason": "needs about 9 GiB"}]
+    assert batching.auto_batch_size(rows, 0.0) == 2 and batching.best_batch_size(rows) == 2
+    with pytest.raises(ValueError, match="no swept batch size fits.*batch 4: needs about 9 GiB"):
+        batching.auto_batch_size(rows[2:])
+
+
+def test_accelerator_decisions_go_through_helpers_accelerator():
+    import inspect
+
+    assert "torch.cuda.is_available" not in inspect.getsource(batching), \
+        "ask helpers.accelerator (the rehearsal pretends a T4), not torch.cuda"
+
+
+def test_prompts_follow_the_model():
+    assert batching.load_prompts(2, batching.default_prompts_file("toy")) == batching.load_prompts(2)
+    sd = batching.load_prompts(64, batching.default_prompts_file("stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    assert len(set(sd)) == 64 and "an astronaut riding a horse" in sd[0]
+    assert not any("background" in p for p in sd), "ordinary SD prompts, not the toy world's"
+
+
+# --- the single file a stage's part is read from: SD 1.5's from the hub, or a reason -----------------------------
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """An empty local hub cache (HF_HUB_CACHE), offline; `add(repo, files)` puts a snapshot of files in it."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+
+    def add(repo: str, files: dict[str, str | bytes]):
+        root = tmp_path / f"models--{repo.replace('/', '--')}"
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / "main").write_text("0" * 40)
+        for name, content in files.items():
+            path = root / "snapshots" / ("0" * 40) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+    return add
+
+
+def test_sd15_takes_apart_its_own_single_file_with_the_hub_configs(local_hub):
+    configs = {f"{c}/config.json": "{}" for c in ("unet", "vae", "text_encoder")}
+    local_hub(SD15, {"v1-5-pruned-emaonly.safetensors": b"weights", "model_index.json": "{}",
+                     "scheduler/scheduler_config.json": "{}", "tokenizer/vocab.json": "{}",
+                     "tokenizer/merges.txt": "", **configs})
+    found = batching.single_file_for(SD15)
+    assert found.reason is None and found.path.name == "v1-5-pruned-emaonly.safetensors"
+    assert found.path.read_bytes() == b"weights"
+    config_dir = Path(found.config_dir)
+    for name in [*configs, "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"]:
+        assert (config_dir / name).is_file(), name
+
+
+def test_sd15_without_its_single_file_says_so_and_skips(local_hub):
+    local_hub(SD15, {"model_index.json": "{}"})  # the diffusers folder is there, the single file is not
+    found = batching.single_file_for(SD15)
+    assert found.path is None and "v1-5-pruned-emaonly.safetensors" in found.reason
+    assert "HF_HUB_OFFLINE" in found.reason and "SINGLE_FILE" in found.reason
+
+
+def test_single_file_for_the_toy_a_given_file_and_other_models(tmp_path):
+    from helpers.toy import TOY_LDM_FILE, TOY_SD_DIR
+
+    toy = batching.single_file_for("toy")
+    assert toy.path == Path(TOY_LDM_FILE) and Path(toy.config_dir) == Path(TOY_SD_DIR) and toy.reason is None
+    missing = batching.single_file_for("toy", single_file=str(tmp_path / "nope.safetensors"))
+    assert missing.path is None and "nope.safetensors does not exist" in missing.reason
+    given = batching.single_file_for("toy", single_file=str(TOY_LDM_FILE), config_dir=str(tmp_path))
+    assert given.path == Path(TOY_LDM_FILE) and given.config_dir == str(tmp_path)
+    other = batching.single_file_for("tiny-random")
+    assert other.path is None and "SINGLE_FILE" in other.reason
