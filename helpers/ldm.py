@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -249,27 +250,47 @@ def component_of(key: str) -> str | None:
     return None
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that is truncated or not what its name says: what it holds, and what to do."""
+
+    def __init__(self, path: str | Path, detail: str):
+        size = Path(path).stat().st_size if Path(path).exists() else 0
+        super().__init__(
+            f"{path} is damaged ({size:,} bytes): {detail}. Download it again (an interrupted download resumes: "
+            "notebook 01), or compare its SHA-256 with the one the hub publishes for it.")
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Refuse a damaged single-file checkpoint before a loader fails on it with a generic message: a .safetensors
+    file's header must fit and cover the file (`read_header`); a .ckpt must be the zip archive torch.save writes."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        read_header(path)
+    elif path.suffix == ".ckpt" and not zipfile.is_zipfile(path):
+        raise DamagedCheckpointError(path, "a .ckpt should be the zip archive torch.save writes, and this is not")
+
+
 def read_header(path: str | Path) -> tuple[dict, int]:
     """The safetensors JSON header (name -> dtype, shape, data_offsets) and the byte offset where data starts.
 
-    Raises `ValueError` for a file that is not a valid safetensors file (too short, header length beyond the
-    file, header not JSON, a tensor's byte range beyond the end of the file).
+    Raises `DamagedCheckpointError` (a ValueError) for a file that is not a valid safetensors file (too short,
+    header length beyond the file, header not JSON, a tensor's byte range beyond the end of the file).
     """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise ValueError(f"{path}: {size} bytes is too short to be a safetensors file")
+            raise DamagedCheckpointError(path, f"{size} bytes is too short to be a safetensors file")
         n = int.from_bytes(raw, "little")
         if n <= 0 or 8 + n > size or n > 100_000_000:
-            raise ValueError(f"{path}: header length {n} does not fit in a file of {size} bytes (truncated?)")
+            raise DamagedCheckpointError(path, f"header length {n} does not fit in a file of {size} bytes (truncated?)")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
+            raise DamagedCheckpointError(path, f"safetensors header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: safetensors header is not a JSON object")
+        raise DamagedCheckpointError(path, "safetensors header is not a JSON object")
     data_start = 8 + n
     data_len = size - data_start
     end = 0
@@ -279,13 +300,13 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         try:
             begin, stop = info["data_offsets"]
         except (TypeError, KeyError, ValueError) as exc:
-            raise ValueError(f"{path}: tensor {name!r} has no valid data_offsets") from exc
+            raise DamagedCheckpointError(path, f"tensor {name!r} has no valid data_offsets") from exc
         end = max(end, stop)
         if not 0 <= begin <= stop:
-            raise ValueError(f"{path}: tensor {name!r} has a negative byte range")
+            raise DamagedCheckpointError(path, f"tensor {name!r} has a negative byte range")
     if end > data_len:
-        raise ValueError(
-            f"{path}: tensors need {end} data bytes but the file holds {data_len} (truncated by {end - data_len} bytes)"
+        raise DamagedCheckpointError(
+            path, f"tensors need {end} data bytes but the file holds {data_len} (truncated by {end - data_len} bytes)"
         )
     return header, data_start
 
@@ -318,6 +339,7 @@ def load_ldm_state_dict(
         prefixes = (prefixes,)
     prefixes = tuple(prefixes) if prefixes is not None else None
     state = {}
+    check_checkpoint(path)
     with safe_open(str(path), framework="pt", device=device) as f:
         for key in f.keys():
             if prefixes is None or key.startswith(prefixes):

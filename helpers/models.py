@@ -31,6 +31,7 @@ from diffusers import (
 )
 
 from helpers import accelerator
+from helpers.ldm import check_checkpoint
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # ControlNets by name: the toy's ship in helpers/toy/weights/controlnet-<name>; SD 1.5's come from the hub.
@@ -269,6 +270,7 @@ def _load_weights(model: str, dtype: torch.dtype, safety_checker: bool, single_f
     if path.is_file():
         if path.suffix not in (".safetensors", ".ckpt"):
             raise ValueError(f"MODEL={model!r} is a file but not a .safetensors or .ckpt checkpoint")
+        check_checkpoint(path)  # a truncated download: say so, rather than diffusers' "Unable to load weights"
         kwargs = {"config": str(single_file_config)} if single_file_config else {}
         return StableDiffusionPipeline.from_single_file(
             str(path), dtype=dtype, local_files_only=hub_offline() or bool(kwargs), **kwargs, **extra

@@ -9,6 +9,7 @@ the two can be read side by side; `tests/test_stages.py` checks that both give t
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -135,9 +136,26 @@ def encode_text(
 # Stage 2: embedding → latents
 
 
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts: [low, high)
+
+
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per sample: sample i's noise depends only on seeds[i], whatever the batch."""
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed {seed!r} must be an integer, got {type(seed).__name__}")
+        if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+            raise ValueError(f"seed {seed} is outside what a torch.Generator takes ({SEED_RANGE[0]} to "
+                             f"{SEED_RANGE[1] - 1}, a 64-bit integer): pick a smaller seed, e.g. seed % 2**64")
     return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+def check_guidance_scale(guidance_scale: float) -> None:
+    """A finite number: inf makes every pixel NaN, and NaN > 1.0 is False, so NaN would silently run unguided."""
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(
+            guidance_scale):
+        raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number (1.0 = no guidance; SD 1.5 "
+                         "uses 7.5)")
 
 
 def latent_shape(pipe, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -287,6 +305,7 @@ def _check_denoise_inputs(pipe, prompt_embeds, negative_prompt_embeds, height, w
     if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
         raise TypeError("prompt_embeds must be a (batch, tokens, hidden) tensor from encode_text, got "
                         f"{type(prompt_embeds).__name__}{tuple(getattr(prompt_embeds, 'shape', ()))}")
+    check_guidance_scale(guidance_scale)
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps={num_inference_steps} must be at least 1")
     if not 0.0 < strength <= 1.0:
@@ -564,6 +583,9 @@ def generate(
     with what would fit), not after minutes of denoising."""
     if output_type not in ("pil", "np", "pt"):
         raise ValueError(f"output_type={output_type!r} must be 'pil', 'np' or 'pt'")
+    check_guidance_scale(guidance_scale)  # before encode_text, which decides from it whether to encode negatives
+    if seeds is not None:
+        make_generators(seeds)  # checks them now, before any work
     n_prompts = len(_as_prompt_list(prompts))
     default_height, default_width = default_size(pipe)
     height = default_height if height is None else height

@@ -4,6 +4,7 @@ offline with the same outputs; partial loads read only their own tensors."""
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +211,21 @@ def test_bench_load_runs_small(tmp_path, monkeypatch, capsys):
     assert result["shares"]["unet"]["tensors"] == 684
     mtime = (tmp_path / "cache" / "tiny-random-fp16-ldm.safetensors").stat().st_mtime
     assert bench_load.ensure_checkpoint(tmp_path / "cache", small=True)[0].stat().st_mtime == mtime  # reused
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_checkpoint_is_named_as_damaged(tmp_path, damage):
+    """Truncated downloads and garbage files got diffusers' generic 'Unable to load weights'."""
+    from helpers.ldm import DamagedCheckpointError
+    from helpers.models import load_pipeline
+    from helpers.toy import TOY_LDM_FILE
+
+    path = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    data = Path(TOY_LDM_FILE).read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"<html>Access denied</html>" * 40)
+    with pytest.raises(DamagedCheckpointError, match=r"is damaged \([\d,]+ bytes\).*Download it again"):
+        load_pipeline(str(path), device="cpu", single_file_config=Path(TOY_LDM_FILE).parent / "sd")
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not a zip")
+    with pytest.raises(DamagedCheckpointError, match="zip archive"):
+        load_pipeline(str(ckpt), device="cpu")

@@ -192,3 +192,19 @@ def test_execution_device_reads_the_weights_unless_a_network_is_offloaded(tiny_p
         for name in hooks:
             del getattr(tiny_pipe, name)._hf_hook
     assert _execution_device(tiny_pipe) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("guidance_scale", [float("inf"), float("nan"), -float("inf")])
+def test_non_finite_guidance_is_refused_up_front(tiny_pipe, guidance_scale):
+    """inf gave an all-NaN image, NaN silently ran unguided (NaN > 1.0 is False)."""
+    with pytest.raises(ValueError, match="finite number"):
+        generate(tiny_pipe, ["a cat"], seeds=[0], num_inference_steps=1, guidance_scale=guidance_scale)
+
+
+def test_a_seed_out_of_the_generators_range_is_named(tiny_pipe):
+    """2**70 failed inside torch with 'Overflow when unpacking long long'."""
+    with pytest.raises(ValueError, match=r"seed 1180591620717411303424 is outside.*64-bit"):
+        generate(tiny_pipe, ["a cat"], seeds=[2**70], num_inference_steps=1)
+    with pytest.raises(TypeError, match="must be an integer"):
+        generate(tiny_pipe, ["a cat"], seeds=[1.5], num_inference_steps=1)
+    generate(tiny_pipe, ["a cat"], seeds=[2**64 - 1], num_inference_steps=1)  # the largest works
