@@ -4,6 +4,10 @@
     report = download_hub(SD15_REPO, SD15_FILENAME, "weights/")  # the same file from the hub
     print(report)                                                # start, finish, elapsed, size, speed
 
+On Colab and Kaggle the hub is the default (`choose_source("auto")`): hosted notebooks often block peer-to-peer
+traffic. `download_torrent_or_hub` tries BitTorrent and falls back to the hub when no peer answers or the swarm is too
+slow, saying why; `compare_with_hub` checks a file against the hub's published SHA-256 without downloading it again.
+
 Both return a `DownloadReport` and print the same timing lines, so the notebook can compare them. A file
 that is already there (and verifies) is reported as `cached=True` instead of being fetched again.
 
@@ -258,6 +262,9 @@ class DownloadReport:
             out.append(f"peers    : up to {self.peers_max} connected")
         if self.verified:
             out.append("verified : " + ", ".join(f"{k} {v}" for k, v in self.verified.items()))
+        if "fallback" in self.detail:
+            fell = self.detail["fallback"]
+            out.append(f"fallback : from {fell['from']}, which failed with {fell['error']}: {fell['why']}")
         return out
 
     def __str__(self) -> str:
@@ -935,6 +942,122 @@ def _existing_parent(path: str | Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# which source; BitTorrent, else the hub; the file against the hub's, without downloading it again
+# ---------------------------------------------------------------------------------------------------------------
+
+# The swarm failed, not the request: the hub may well serve the same file.
+TORRENT_FALLBACK_ERRORS = (NoPeersError, DownloadTimeoutError, CorruptDataError)
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """What the hub publishes about one file: its size and, for a file in LFS (every checkpoint), its SHA-256."""
+
+    repo_id: str
+    filename: str
+    size: int
+    sha256: str | None
+    where: str  # "hub" (asked over the network) or "local hub cache" (offline)
+
+
+def hub_file_info(repo_id: str, filename: str, revision: str | None = None) -> HubFile | None:
+    """The hub's size and SHA-256 of `filename`, without downloading it; None when neither the hub nor the cache has it.
+
+    Online: `HfApi.get_paths_info` (a few hundred bytes of JSON). Offline (HF_HUB_OFFLINE=1), or when the hub does not
+    answer: the local hub cache, whose blobs of LFS files are named by the SHA-256 (their ETag) the hub sent.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.hf_api import RepoFile
+
+    if not constants.is_offline_mode():
+        try:
+            found = HfApi().get_paths_info(repo_id, [filename], revision=revision)
+        except Exception:  # no internet, no such repo, gated: the cache may still have it
+            found = None
+        if found is not None:
+            file = next((f for f in found if isinstance(f, RepoFile)), None)
+            if file is None:
+                return None
+            return HubFile(repo_id, filename, file.size, file.lfs.sha256 if file.lfs else None, "hub")
+    return _hub_file_in_cache(repo_id, filename, revision)
+
+
+def _hub_file_in_cache(repo_id: str, filename: str, revision: str | None) -> HubFile | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo_id, filename, revision=revision)
+    if not isinstance(path, str):
+        return None
+    blob = Path(path).resolve()  # blobs/<etag>: an LFS file's ETag is its SHA-256
+    sha = blob.name if len(blob.name) == 64 and all(c in "0123456789abcdef" for c in blob.name) else None
+    return HubFile(repo_id, filename, blob.stat().st_size, sha, "local hub cache")
+
+
+def choose_source(source: str, repo_id: str = SD15_REPO, filename: str = SD15_FILENAME) -> tuple[str, str]:
+    """(source, why). "auto" is the hub when it has the file (online, or offline from the local hub cache): hosted
+    notebooks (Colab, Kaggle) often block peer-to-peer traffic, so BitTorrent is an opt-in ("torrent"). Without the
+    hub, "auto" is "loopback", the offline demo on a swarm on this machine. Anything else is used as it is."""
+    if source != "auto":
+        return source, "asked for"
+    hub = hub_file_info(repo_id, filename)
+    if hub is not None:
+        return "hub", f"the hub has {repo_id}/{filename} ({hub.where}); BitTorrent is an opt-in: SOURCE='torrent'"
+    return "loopback", f"the hub is out of reach and no local hub cache holds {repo_id}/{filename}: the offline demo"
+
+
+def download_torrent_or_hub(
+    source: str | Path | lt.torrent_info,
+    dest_dir: str | Path,
+    repo_id: str = SD15_REPO,
+    filename: str = SD15_FILENAME,
+    *,
+    hub_dest_dir: str | Path | None = None,
+    sha256: str | None = None,
+    **torrent_kwargs,
+) -> DownloadReport:
+    """`download_torrent`, and when the swarm fails (no peer, too slow, only corrupt data) the same file from the hub
+    (`download_hub` into `hub_dest_dir`, default the hub cache). The hub's report records why in
+    `detail["fallback"]`. Errors the hub cannot help with (a wrong link, a full disk, a stop) are raised."""
+    try:
+        return download_torrent(source, dest_dir, sha256=sha256, **torrent_kwargs)
+    except TORRENT_FALLBACK_ERRORS as exc:
+        failure = exc
+    why = f"{type(failure).__name__}: {failure}"
+    print(f"BitTorrent failed ({why}). Hosted notebooks (Colab, Kaggle) often block peer-to-peer traffic; "
+          f"falling back to the hub: {repo_id}/{filename}")
+    try:
+        report = download_hub(repo_id, filename, hub_dest_dir, sha256=sha256)
+    except DownloadError as exc:
+        exc.add_note(f"the hub was the fallback: BitTorrent failed first ({why})")
+        raise
+    report.detail["fallback"] = {"from": "torrent", "error": type(failure).__name__, "why": str(failure)}
+    return report
+
+
+def compare_with_hub(
+    path: str | Path, repo_id: str = SD15_REPO, filename: str = SD15_FILENAME, *, file_sha256: str | None = None
+) -> dict:
+    """Is `path` byte for byte the hub's `filename`? Its size and SHA-256 against the ones the hub publishes
+    (`hub_file_info`): no second download. `file_sha256`, when already known, saves one read of the file."""
+    hub = hub_file_info(repo_id, filename)
+    if hub is None:
+        raise DownloadError(
+            f"cannot get the size and SHA-256 of {repo_id}/{filename} from the hub, nor from a local hub cache: "
+            "is the internet on? (Kaggle: Settings > Internet)"
+        )
+    size = Path(path).stat().st_size
+    result = {"repo_id": repo_id, "filename": filename, "where": hub.where, "hub_size": hub.size,
+              "hub_sha256": hub.sha256, "file_size": size, "file_sha256": None}
+    if size != hub.size:
+        return {**result, "same": False, "why": f"{size:,} bytes here, {hub.size:,} on the hub"}
+    if hub.sha256 is None:
+        return {**result, "same": None, "why": "same size; the hub publishes no SHA-256 for it (not an LFS file)"}
+    result["file_sha256"] = file_sha256 or sha256_file(path)
+    same = result["file_sha256"] == hub.sha256
+    return {**result, "same": same, "why": "same SHA-256" if same else "the SHA-256 differs"}
 
 
 def local_file_report(path: str | Path, expected_size: int | None = None, sha256: str | None = None) -> DownloadReport:

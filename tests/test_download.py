@@ -367,3 +367,138 @@ def test_storage_error_is_reported_not_hung(seeder, tmp_path):
     with pytest.raises(D.DownloadError, match="storage error|cannot write"):
         D.download_torrent(seeder.magnet, tmp_path, stall_timeout=20, metadata_timeout=10, **LOOPBACK)
     assert time.monotonic() - t < 15
+
+
+# --- Colab/Kaggle: the hub by default, BitTorrent an opt-in that falls back to it, a comparison that downloads nothing
+
+
+@pytest.fixture
+def sd15_on_hub(source_file, tmp_path, monkeypatch) -> Path:
+    """A local hub cache (offline) holding `source_file` as SD 1.5's single file; returns the cached file."""
+    from hub_cache import put_in_hub_cache, use_hub_cache
+
+    snapshot = put_in_hub_cache(tmp_path / "hub-cache", D.SD15_REPO, {D.SD15_FILENAME: source_file})
+    use_hub_cache(tmp_path / "hub-cache", monkeypatch)
+    return snapshot / D.SD15_FILENAME
+
+
+def no_download(*args, **kwargs):
+    raise AssertionError("the comparison downloaded the file")
+
+
+NOBODY_SERVES_SD15 = f"magnet:?xt=urn:btih:{'ab' * 20}&dn={D.SD15_FILENAME}&xl={SIZE}"
+
+
+def test_auto_source_is_the_hub_when_it_has_the_file(sd15_on_hub):
+    source, why = D.choose_source("auto", D.SD15_REPO, D.SD15_FILENAME)
+    assert source == "hub" and "local hub cache" in why
+    assert D.choose_source("torrent", D.SD15_REPO, D.SD15_FILENAME)[0] == "torrent", "BitTorrent is an opt-in"
+
+
+def test_auto_source_offline_without_the_file_is_the_loopback_demo(tmp_path, monkeypatch):
+    from hub_cache import use_hub_cache
+
+    use_hub_cache(tmp_path / "empty-cache", monkeypatch)
+    source, why = D.choose_source("auto", D.SD15_REPO, D.SD15_FILENAME)
+    assert source == "loopback" and "out of reach" in why
+
+
+def test_torrent_without_peers_falls_back_to_the_hub_and_says_why(sd15_on_hub, source_file, tmp_path, capsys):
+    t = time.monotonic()
+    report = D.download_torrent_or_hub(NOBODY_SERVES_SD15, tmp_path / "torrent", D.SD15_REPO, D.SD15_FILENAME,
+                                       metadata_timeout=1, **LOOPBACK)
+    assert time.monotonic() - t < 15
+    assert report.source == "hub" and Path(report.path).resolve() == sd15_on_hub.resolve()
+    assert report.detail["fallback"]["from"] == "torrent" and report.detail["fallback"]["error"] == "NoPeersError"
+    said = capsys.readouterr().out
+    assert "NoPeersError" in said and "peer-to-peer" in said and D.SD15_REPO in said
+    assert "fallback" in str(report) and "NoPeersError" in str(report), "the report says why it came from the hub"
+
+
+def test_torrent_timeout_falls_back_to_the_hub(sd15_on_hub, tmp_path, monkeypatch):
+    def too_slow(*args, **kwargs):
+        raise D.DownloadTimeoutError("download not finished after 7200 s (3.1% done)")
+
+    monkeypatch.setattr(D, "download_torrent", too_slow)
+    report = D.download_torrent_or_hub(NOBODY_SERVES_SD15, tmp_path, D.SD15_REPO, D.SD15_FILENAME)
+    assert report.source == "hub" and report.detail["fallback"]["error"] == "DownloadTimeoutError"
+
+
+@pytest.mark.parametrize("error", [D.MagnetError("wrong link"), D.InsufficientDiskSpaceError("full"),
+                                   D.DownloadInterrupted("stopped")])
+def test_torrent_errors_the_hub_cannot_help_with_are_raised(sd15_on_hub, tmp_path, monkeypatch, error):
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(D, "download_torrent", fails)
+    with pytest.raises(type(error)):
+        D.download_torrent_or_hub(NOBODY_SERVES_SD15, tmp_path, D.SD15_REPO, D.SD15_FILENAME)
+
+
+def test_fallback_to_an_unreachable_hub_names_both_failures(tmp_path, monkeypatch):
+    from hub_cache import use_hub_cache
+
+    use_hub_cache(tmp_path / "empty-cache", monkeypatch)
+    with pytest.raises(D.DownloadError, match="cannot reach") as raised:
+        D.download_torrent_or_hub(NOBODY_SERVES_SD15, tmp_path / "t", D.SD15_REPO, D.SD15_FILENAME,
+                                  metadata_timeout=1, **LOOPBACK)
+    assert any("NoPeersError" in note for note in raised.value.__notes__)
+
+
+def test_compare_with_hub_offline_reads_the_hash_from_the_cache_and_downloads_nothing(
+        sd15_on_hub, source_file, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    same = D.compare_with_hub(source_file, D.SD15_REPO, D.SD15_FILENAME)
+    assert same["same"] is True and same["hub_sha256"] == sha(source_file) and same["where"] == "local hub cache"
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(source_file.read_bytes()[:-1] + b"!")
+    differs = D.compare_with_hub(other, D.SD15_REPO, D.SD15_FILENAME)
+    assert differs["same"] is False and differs["file_sha256"] == sha(other)
+    shorter = tmp_path / "shorter.safetensors"
+    shorter.write_bytes(source_file.read_bytes()[:1000])
+    assert D.compare_with_hub(shorter, D.SD15_REPO, D.SD15_FILENAME)["same"] is False
+
+
+def test_compare_with_hub_online_asks_for_the_published_sha256_only(source_file, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.hf_api import RepoFile
+
+    asked = []
+
+    def get_paths_info(self, repo_id, paths, **kwargs):
+        asked.append((repo_id, paths))
+        return [RepoFile(path=paths[0], size=SIZE, oid="f" * 40,
+                         lfs={"size": SIZE, "oid": sha(source_file), "pointerSize": 134})]
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.HfApi, "get_paths_info", get_paths_info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    result = D.compare_with_hub(source_file, D.SD15_REPO, D.SD15_FILENAME)
+    assert result["same"] is True and result["where"] == "hub" and asked == [(D.SD15_REPO, [D.SD15_FILENAME])]
+
+
+def test_compare_with_hub_out_of_reach_is_a_clear_error(source_file, tmp_path, monkeypatch):
+    from hub_cache import use_hub_cache
+
+    use_hub_cache(tmp_path / "empty-cache", monkeypatch)
+    with pytest.raises(D.DownloadError, match="SHA-256"):
+        D.compare_with_hub(source_file, D.SD15_REPO, D.SD15_FILENAME)
+
+
+def test_hub_download_checks_free_disk_before_it_starts(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.file_download import DryRunFileInfo
+
+    def plan_only(repo_id, filename, *, dry_run=False, **kwargs):
+        assert dry_run, "the download started without room for it"
+        return DryRunFileInfo(commit_hash="0" * 40, file_size=10**18, filename=filename, is_cached=False,
+                              local_path=str(tmp_path / filename), will_download=True)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", plan_only)
+    with pytest.raises(D.InsufficientDiskSpaceError, match=r"needs 1000000\.00 TB.* free"):
+        D.download_hub(D.SD15_REPO, D.SD15_FILENAME, tmp_path)
