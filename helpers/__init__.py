@@ -1,1 +1,5 @@
 """Stable Diffusion, dissected: the small package every notebook imports."""
+
+from helpers import quiet
+
+quiet.install()  # before diffusers or transformers are imported by anything of ours

@@ -1,0 +1,37 @@
+"""Library log lines a user of this series cannot act on, filtered precisely: by logger and by message.
+
+Never blanket-silenced: each filter names the one logger and the one message it drops, and why.
+- transformers: "`CLIPImageProcessor` requires torchvision (not installed); falling back to ..." on every import
+  of diffusers' SD pipeline. torchvision is left out on purpose (PyPI's breaks beside the CPU torch: DESIGN.md) and
+  the PIL fallback is what we use.
+- diffusers: "There are modules in UNet2DConditionModel that should be kept in float32: []" on every `.to(dtype)`.
+  With an empty list nothing is kept in float32, so there is nothing inconsistent to warn about; a non-empty list
+  still warns.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+FILTERS = {
+    "transformers.utils.import_utils": re.compile(r"`\w+ImageProcessor` requires torchvision \(not installed\)"),
+    "diffusers.models.modeling_utils": re.compile(r"that should be kept in float32: \[\]\."),
+}
+
+
+class DropMessage(logging.Filter):
+    def __init__(self, pattern: re.Pattern):
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def install() -> None:
+    """Add the filters (once) to the loggers that emit those lines."""
+    for name, pattern in FILTERS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessage) and f.pattern is pattern for f in logger.filters):
+            logger.addFilter(DropMessage(pattern))

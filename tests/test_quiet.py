@@ -1,0 +1,29 @@
+"""Library log lines a user cannot act on are dropped, precisely: the same loggers' other lines still show."""
+
+import logging
+import subprocess
+import sys
+
+from helpers import quiet
+
+
+def test_importing_the_pipeline_and_casting_prints_nothing_a_user_cannot_act_on():
+    code = ("import torch, helpers.testing as t; t.tiny_random_pipeline(dtype=torch.float16); "
+            "from transformers import CLIPImageProcessor")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "requires torchvision" not in done.stderr
+    assert "should be kept in float32" not in done.stderr
+
+
+def test_only_the_named_messages_are_dropped(caplog):
+    quiet.install()
+    quiet.install()  # idempotent: one filter per logger
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    assert sum(isinstance(f, quiet.DropMessage) for f in logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("There are modules in UNet that should be kept in float32: []. Casting ...")
+        logger.warning("There are modules in UNet that should be kept in float32: ['norm']. Casting ...")
+        logger.warning("Something else entirely")
+    assert [r.getMessage() for r in caplog.records] == [
+        "There are modules in UNet that should be kept in float32: ['norm']. Casting ...", "Something else entirely"]
