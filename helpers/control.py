@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -232,13 +232,31 @@ REQUIRED_KEYS = {"prompt": str, "depth": str, "width": int, "height": int}
 OPTIONAL_KEYS = {"name": str, "negative_prompt": str, "seed": int}
 
 
+# A relative METADATA_DIR is looked for here after the working directory: the clone's notebooks/ folder beside the
+# package (an editable install). Papermill runs in notebooks/, but Colab's kernel runs in /content, not the clone.
+SOURCE_NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def find_metadata_dir(folder: str | Path) -> Path:
+    """The metadata folder `folder` names: itself when absolute; a relative one is looked for in the working
+    directory first, then in the project's notebooks/ folder. The error names every place looked."""
+    folder = Path(folder).expanduser()
+    candidates = [folder] if folder.is_absolute() else [Path.cwd() / folder, SOURCE_NOTEBOOKS_DIR / folder]
+    for candidate in candidates:
+        if (candidate / METADATA_FILE).is_file():
+            return candidate.resolve()
+    looked = ", ".join(str(c / METADATA_FILE) for c in candidates)
+    raise FileNotFoundError(f"no {METADATA_FILE} for METADATA_DIR={str(folder)!r}: looked for {looked}. Give the "
+                            "folder's full path, or one relative to the working directory (see notebooks/metadata/"
+                            "README.md for the format)")
+
+
 def read_metadata(folder: str | Path) -> list[MetadataEntry]:
     """Every entry of `folder`/metadata.jsonl (one JSON object a line; see notebooks/metadata/README.md), each
-    checked: an error names the line and what is wrong, including a depth map that is not there."""
-    folder = Path(folder)
+    checked: an error names the line and what is wrong, including a depth map that is not there. A relative
+    `folder` is found as `find_metadata_dir` says."""
+    folder = find_metadata_dir(folder)
     path = folder / METADATA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {METADATA_FILE} in {folder}: the metadata folder needs one (see its README.md)")
     entries = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
@@ -246,6 +264,15 @@ def read_metadata(folder: str | Path) -> list[MetadataEntry]:
     if not entries:
         raise ValueError(f"{path} holds no entries")
     return entries
+
+
+def with_prompts(entries: list[MetadataEntry], prompts: dict[str, str]) -> list[MetadataEntry]:
+    """The entries with the prompts of `prompts` ({entry name: prompt}) in place of their own (the metadata's
+    prompts describe the toy world; SD 1.5 deserves its own). A name that is no entry's is an error."""
+    unknown = sorted(set(prompts) - {e.name for e in entries})
+    if unknown:
+        raise ValueError(f"prompts for {unknown}, which are not entries; the entries are {[e.name for e in entries]}")
+    return [replace(e, prompt=prompts.get(e.name, e.prompt)) for e in entries]
 
 
 def _json_line(line: str, path: Path, number: int) -> dict:

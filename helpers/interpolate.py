@@ -6,8 +6,9 @@ clean the midpoints are on the toy model.
   vector, so slerp measures the angle per sample, never across the batch.
 - `interpolation_alphas(num_divisions)`: 0, 1/N, ..., 1. `interpolate(v0, v1, num_divisions, method)`: the list of
   interpolated tensors at those alphas.
-- `morph_midpoints` / `midpoint_quality`: generations A and B and their midpoints by noise slerp, noise lerp and
-  final-latent lerp, and on the toy model how the oracle reads them (with `colour_purity`: flat shape or blend).
+- `morph_midpoints` / `midpoint_images`: generations A and B and their midpoints by noise slerp, noise lerp and
+  final-latent lerp; `contrast_ratios` (any model): washed out or not; `midpoint_quality`: on the toy model, how
+  the oracle reads them too (with `colour_purity`: flat shape or blend).
 - Why slerp: a Gaussian sample in many dimensions lies near the sphere of radius sqrt(D). The straight line between
   two independent samples cuts through the inside of that sphere: at alpha 0.5 its norm is about 1/sqrt(2) of the
   ends' (`expected_lerp_norm_ratio`), a latent the UNet never saw as noise. Slerp walks along the sphere instead.
@@ -277,32 +278,51 @@ def morph_midpoints(pipe, prompt_a: str, prompt_b: str, seeds_a: Sequence[int], 
     return latents
 
 
+def midpoint_images(pipe, prompt_pairs: Sequence[Sequence[str]], seeds: Sequence[int], *, alpha: float = 0.5,
+                    seed_offset: int = SEED_OFFSET, **denoise_kwargs) -> dict[str, list]:
+    """Generations A and B and their midpoints (MIDPOINT_METHODS) for every (pair, seed), decoded: {"A", "B",
+    method: images, pair-major}. Endpoint A uses seed s, endpoint B seed s + seed_offset (two different noises, as two
+    separate generations have). `denoise_kwargs` (num_inference_steps, guidance_scale, height, width, scheduler) go to
+    `denoise`. Needs no oracle: any model."""
+    from helpers.stages import decode
+
+    pairs = [_check_pair(pair) for pair in prompt_pairs]
+    seeds = [int(s) for s in seeds]
+    if not pairs or not seeds:
+        raise ValueError(f"need at least one prompt pair and one seed, got {len(pairs)} pairs and {len(seeds)} seeds")
+    _as_t(alpha)
+    images = {key: [] for key in ("A", "B", *MIDPOINT_METHODS)}
+    for prompt_a, prompt_b in pairs:
+        latents = morph_midpoints(pipe, prompt_a, prompt_b, seeds, [s + seed_offset for s in seeds], alpha,
+                                  **denoise_kwargs)
+        for key, batch in latents.items():
+            images[key] += decode(pipe, batch)
+    return images
+
+
+def contrast_ratios(images: dict[str, list]) -> dict[str, float]:
+    """Each method's mean midpoint contrast (`pixel_contrast`) over the endpoints' mean: well below 1 is washed out.
+    `images` as `midpoint_images` returns them. Measures pixels only, so it holds for any model."""
+    endpoint_contrast = np.concatenate([pixel_contrast(images["A"]), pixel_contrast(images["B"])]).mean()
+    return {method: float(pixel_contrast(images[method]).mean() / endpoint_contrast) for method in MIDPOINT_METHODS}
+
+
 def midpoint_quality(pipe, prompt_pairs: Sequence[Sequence[str]], seeds: Sequence[int], *, alpha: float = 0.5,
                      seed_offset: int = SEED_OFFSET, oracle=None, **denoise_kwargs) -> MidpointQuality:
-    """How the oracle reads the midpoints of each method (MIDPOINT_METHODS) over every (pair, seed): endpoint A
-    uses seed s, endpoint B seed s + seed_offset (two different noises, as two separate generations have).
-    `denoise_kwargs` (num_inference_steps, guidance_scale, height, width, scheduler) go to `denoise`."""
-    from helpers.stages import decode
+    """How the toy oracle reads the midpoints of each method (MIDPOINT_METHODS) over every (pair, seed) of
+    `midpoint_images` (same arguments), and their contrast ratios."""
     from helpers.toy.oracle import load_oracle, parse_prompt, read_images
 
     oracle = oracle or load_oracle()
     pairs = [_check_pair(pair) for pair in prompt_pairs]
     seeds = [int(s) for s in seeds]
-    if not pairs or not seeds:
-        raise ValueError(f"need at least one prompt pair and one seed, got {len(pairs)} pairs and {len(seeds)} seeds")
+    images = midpoint_images(pipe, pairs, seeds, alpha=alpha, seed_offset=seed_offset, **denoise_kwargs)
     quality = MidpointQuality(_as_t(alpha).item(), pairs, seeds)
-    readings = {key: [] for key in ("A", "B", *MIDPOINT_METHODS)}
-    specs = {"A": [], "B": []}
-    images = {key: [] for key in readings}
-    for prompt_a, prompt_b in pairs:
-        specs["A"] += [parse_prompt(prompt_a)] * len(seeds)
-        specs["B"] += [parse_prompt(prompt_b)] * len(seeds)
-        latents = morph_midpoints(pipe, prompt_a, prompt_b, seeds, [s + seed_offset for s in seeds], alpha,
-                                  **denoise_kwargs)
-        for key, batch in latents.items():
-            decoded = decode(pipe, batch)
-            images[key] += decoded
-            readings[key] += read_images(oracle, decoded)
+    n = len(seeds)  # read one pair's images at a time, as they were generated
+    readings = {key: [r for i in range(0, len(batch), n) for r in read_images(oracle, batch[i:i + n])]
+                for key, batch in images.items()}
+    specs = {"A": [parse_prompt(a) for a, _ in pairs for _ in seeds],
+             "B": [parse_prompt(b) for _, b in pairs for _ in seeds]}
     _score_midpoints(quality, readings, specs, images)
     return quality
 
@@ -314,7 +334,7 @@ def _score_midpoints(quality: MidpointQuality, readings: dict, specs: dict, imag
     quality.colour_purity["ends"] = float(np.mean([colour_purity(im, r) for key in ("A", "B")
                                                    for im, r in zip(images[key], readings[key])]))
     quality.images.update(A=images["A"], B=images["B"])
-    endpoint_contrast = np.concatenate([pixel_contrast(images["A"]), pixel_contrast(images["B"])]).mean()
+    quality.contrast_ratio = contrast_ratios(images)
     for method in MIDPOINT_METHODS:
         is_a = [matches(r, s) for r, s in zip(readings[method], specs["A"])]
         is_b = [matches(r, s) for r, s in zip(readings[method], specs["B"])]
@@ -324,7 +344,6 @@ def _score_midpoints(quality: MidpointQuality, readings: dict, specs: dict, imag
         quality.share_one_object[method] = float(np.mean([len(r.objects) == 1 for r in readings[method]]))
         quality.colour_purity[method] = float(np.mean([colour_purity(im, r)
                                                        for im, r in zip(images[method], readings[method])]))
-        quality.contrast_ratio[method] = float(pixel_contrast(images[method]).mean() / endpoint_contrast)
         quality.images[method] = images[method]
 
 

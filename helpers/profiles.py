@@ -30,7 +30,12 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
     "02": {
         "smoke": {"GRID_STEPS": [5, 20], "GRID_GUIDANCE": [1.0, 7.5], "CALLBACK_EVERY": 5},
         "cpu": {},
-        "gpu": {"HEIGHT": 512, "WIDTH": 512},
+        # SD 1.5 at its trained 512² (HEIGHT = WIDTH = 0), 20 steps: ~480 its (UNet steps of batch 2 at 64² latents,
+        # a 512² decode counted as 2) ≈ 1 min at a T4's ~7.6 it/s, plus loading; peak ~5 GiB (a decode of 5 at 512²)
+        "gpu": {"PROMPT": "a photograph of an astronaut riding a horse",
+                "NEGATIVE_DEMO_PROMPT": "a portrait photograph of a golden retriever",
+                "NEGATIVE_PROMPT": "grass, trees, outdoors",
+                "IMG2IMG_PROMPT": "a stained glass window of bright geometric shapes"},
     },
     "03": {  # smoke: N=4 at 2 steps, chunks of 3, room for 1 in the OOM demo, cold loads of state dicts only
         "smoke": {"N": 4, "STEPS": 2, "MAX_BATCH": 4, "REPEATS": 2, "MIN_RUN_S": 0.2, "CHUNK_DEMO_MAX_BATCH": 3,
@@ -51,19 +56,43 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
     "04": {  # smoke: 8 steps, 4 divisions, 2 seed pairs for the midpoint statistics
         "smoke": {"STEPS": 8, "NUM_DIVISIONS": 4, "MIDPOINT_SEEDS": 2, "NORM_PAIRS": 16},
         "cpu": {},
-        "gpu": {"NUM_DIVISIONS": 6},
+        # SD 1.5 at 512², 20 steps, 7 values of α, 8 midpoint seed pairs: ~1,090 its (UNet steps of batch 2 at 64²
+        # latents, a 512² decode counted as 2) ≈ 2.4 min at a T4's ~7.6 it/s, plus loading; peak ~9 GiB (decode of 8)
+        "gpu": {"NUM_DIVISIONS": 6, "PROMPT_A": "a photograph of an astronaut riding a horse",
+                "PROMPT_B": "a watercolor painting of a fox in a snowy forest"},
     },
     "05": {  # smoke: 2 prompt pairs x 2 seeds for the oracle shares (cpu: 8 x 8)
         "smoke": {"STEPS": 8, "NUM_DIVISIONS": 4, "ORACLE_SEEDS": 2, "NORM_PAIRS": 16,
                   "PROMPT_PAIRS": [["a red circle", "a blue square"], ["a green triangle", "a yellow diamond"]]},
         "cpu": {},
-        "gpu": {"NUM_DIVISIONS": 6},
+        # SD 1.5 at 512², 20 steps, 7 values of α, 4 pairs × 4 seeds of midpoints (contrast only: no oracle):
+        # ~1,750 its (UNet steps of batch 2 at 64² latents, a 512² decode counted as 2) ≈ 3.8 min at a T4's ~7.6 it/s,
+        # plus loading; peak ~8 GiB (a decode of 7 at 512²)
+        "gpu": {"NUM_DIVISIONS": 6, "ORACLE_SEEDS": 4,
+                "PROMPT_A": "a photograph of a red vintage car on a country road",
+                "PROMPT_B": "an oil painting of a lighthouse on a cliff at sunset",
+                "PROMPT_PAIRS": [["a photograph of a red vintage car on a country road",
+                                  "an oil painting of a lighthouse on a cliff at sunset"],
+                                 ["a photograph of an astronaut riding a horse",
+                                  "a watercolor painting of a fox in a snowy forest"],
+                                 ["a close-up photograph of a bowl of ramen", "a pencil sketch of an old oak tree"],
+                                 ["a photograph of a snowy mountain at dawn", "a pixel art castle on a hill"]]},
     },
     "06": {  # smoke: 4 steps, 2 entries, 2 scales, 1 window, 1 seed per aspect (cpu: 20 steps, all of them)
         "smoke": {"STEPS": 4, "N_ENTRIES": 2, "CONDITIONING_SCALES": [0.0, 1.0], "GUIDANCE_WINDOWS": [[0.0, 0.5]],
                   "ASPECT_SEEDS": 1},
         "cpu": {},
-        "gpu": {"ASPECT_SEEDS": 2},  # SD 1.5 at up to 1024×512 with three ControlNets loaded (fp16)
+        # SD 1.5 at 512² to 1024×512, 20 steps, three ControlNets loaded (fp16, ~5 GB of weights with SD 1.5): ~4,750
+        # its (UNet steps of batch 2 at 64² latents; a ControlNet adds ~0.45 of one, pixels scale it, a 512² decode
+        # counts 2) ≈ 10.4 min at a T4's ~7.6 it/s, plus loading; peak ~9 GiB (a decode of 5 at 512²)
+        "gpu": {"ASPECT_SEEDS": 2, "TEXT_ONLY_PROMPT": "a portrait photograph of an old fisherman",
+                "ENTRY_PROMPTS": {  # real prompts laid out as the depth maps are (objects on a receding floor)
+                    "1_grey8": "a photograph of an orange on the left of an empty wooden table, dark background",
+                    "2_grey16": "a photograph of a small wooden box in the middle of an empty room",
+                    "3_rgb": "a photograph of a cardboard box next to a football on a lawn",
+                    "4_rgba": "a photograph of a large glass sphere on the right of a marble floor",
+                    "5_grey8": "a photograph of a small stone pyramid beside a blue crystal on the sand",
+                    "nocrop": "a photograph of a red ball and a blue box on a white floor, studio lighting"}},
     },
     "07": {  # smoke: 8-step baseline, 2 prompts, 1 repeat, a few rungs (no compile, no OpenVINO export)
         "smoke": {"N_PROMPTS": 2, "BASELINE_STEPS": 8, "REPEATS": 1, "MIN_RUN_S": 0.0, "QUALITY_BATCH": 2,

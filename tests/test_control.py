@@ -156,6 +156,36 @@ def test_bad_metadata_is_refused_with_the_line(tmp_path):
         control.read_metadata(tmp_path / "empty")
 
 
+
+def test_a_relative_metadata_dir_is_found_from_outside_the_repo(tmp_path, monkeypatch):
+    """Colab's kernel runs in /content, not in the clone's notebooks/ as papermill does: notebook 06's
+    METADATA_DIR = "metadata" must still find the project's folder, and say which one it used."""
+    monkeypatch.chdir(tmp_path)
+    assert control.find_metadata_dir("metadata") == METADATA_DIR
+    entries = control.read_metadata("metadata")
+    assert entries[0].depth_path.is_file() and entries[0].depth_path.is_relative_to(METADATA_DIR)
+    own = write_metadata(tmp_path / "metadata", json.dumps({"prompt": "mine", "depth": "map.png", "width": 512,
+                                                              "height": 512}))
+    shutil.copy(METADATA_DIR / "maps" / "1_grey8.png", own / "map.png")
+    assert control.find_metadata_dir("metadata") == own.resolve(), "the working directory's folder comes first"
+    assert control.read_metadata("metadata")[0].prompt == "mine"
+    with pytest.raises(FileNotFoundError) as error:
+        control.find_metadata_dir("nowhere")
+    for place in (tmp_path / "nowhere", METADATA_DIR.parent / "nowhere"):
+        assert str(place / "metadata.jsonl") in str(error.value), "the error names every place looked"
+
+
+def test_with_prompts_replaces_entry_prompts_by_name():
+    entries = control.read_metadata(METADATA_DIR)
+    first = entries[0].name
+    replaced = control.with_prompts(entries, {first: "a photograph of an orange on a table"})
+    assert replaced[0].prompt == "a photograph of an orange on a table"
+    assert [e.prompt for e in replaced[1:]] == [e.prompt for e in entries[1:]]
+    assert entries[0].prompt != replaced[0].prompt, "the entries given are left as they were"
+    with pytest.raises(ValueError, match=r"prompts for \['nope'\], which are not entries"):
+        control.with_prompts(entries, {"nope": "x"})
+
+
 # -------------------------------------------------------------------------------------- sizes and fitting
 
 

@@ -162,3 +162,20 @@ def test_interpolation_alphas_and_sequences():
     torch.testing.assert_close(sequence[2], slerp(0.5, v0, v1))
     with pytest.raises(ValueError, match="method"):
         interpolate(v0, v1, 4, "cubic")
+
+
+def test_midpoint_contrast_needs_no_oracle(tiny_pipe):
+    """Notebook 05 on SD 1.5: the midpoints and their contrast ratios, from pixels alone (the oracle is the toy's)."""
+    from helpers.interpolate import MIDPOINT_METHODS, contrast_ratios, midpoint_images
+    from helpers.stages import default_size
+
+    height, width = default_size(tiny_pipe)
+    images = midpoint_images(tiny_pipe, [["a photograph of a horse", "a watercolor of a fox"]], [0, 1],
+                             num_inference_steps=2, height=height, width=width)
+    assert set(images) == {"A", "B", *MIDPOINT_METHODS} and all(len(v) == 2 for v in images.values())
+    ratios = contrast_ratios(images)
+    assert set(ratios) == set(MIDPOINT_METHODS) and all(r > 0 for r in ratios.values())
+    grey = {**images, "noise lerp": [np.full((height, width, 3), 128, np.uint8)] * 2}
+    assert contrast_ratios(grey)["noise lerp"] == 0.0, "a flat grey midpoint has no contrast at all"
+    with pytest.raises(ValueError, match="at least one prompt pair"):
+        midpoint_images(tiny_pipe, [], [0], height=height, width=width)
