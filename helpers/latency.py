@@ -6,7 +6,11 @@ quality.
   `parse_rung("dpm++ 10 + bf16 + deepcache", knobs)` builds one from the ladder's names (`OPTIMISATIONS`).
 - `configure(base_pipe, config)` returns a configured copy of the pipeline, or raises `RungSkipped` saying why this
   platform cannot run it (fp16 on a CPU, no compiler, a package missing): each `Feature` applies one setting and
-  says whether it can run here.
+  says whether it can run here. The copy shares the base's weights; only what a rung changes (a cast, a re-laid or
+  fused weight, a scheduler, a tiny decoder) is its own, and it is freed when the rung is done: SD 1.5 with a
+  ControlNet and a copy of every network per rung did not fit a 16 GB T4.
+- Device decisions (which half, bf16, compile, OpenVINO) ask `helpers.accelerator`: under the rehearsal's pretended
+  T4 the rungs are a T4's while the CPU computes, and a rung that cannot run on the compute device says so.
 - `part_timers(pipe)` times every part of a generation without touching the loop: forward hooks on the text
   encoder, ControlNet and UNet, wrappers around `scheduler.step`, `vae.decode`, the control-image preprocessing
   and the image postprocessing.
@@ -23,7 +27,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import gc
 import importlib.util
+import itertools
 import shutil
 import statistics
 import time
@@ -34,10 +40,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from helpers import accelerator
 from helpers.timing import measure, more_runs, synchronize, timed
 
 PARTS = ("preprocess", "text_encoder", "controlnet", "unet", "scheduler", "vae_decode", "postprocess")
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def half_name(dtype: torch.dtype) -> str | None:
+    """`Config.half` of a pipeline loaded in `dtype`: "fp16", "bf16", or None for fp32."""
+    return {v: k for k, v in HALF_DTYPES.items()}.get(dtype)
 
 
 class RungSkipped(Exception):
@@ -91,7 +103,7 @@ class Knobs:
 OPTIMISATIONS: dict[str, Callable[[Knobs], dict]] = {
     "bf16": lambda k: {"half": "bf16"},
     "fp16": lambda k: {"half": "fp16"},
-    "half": lambda k: {"half": "fp16" if torch.cuda.is_available() else "bf16"},  # the platform's fast half
+    "half": lambda k: {"half": half_name(accelerator.fast_half_dtype())},  # fp16 on CUDA, bf16 on a CPU
     "channels_last": lambda k: {"channels_last": True},
     "attention_slicing": lambda k: {"attention": "slicing"},
     "classic_attention": lambda k: {"attention": "classic"},
@@ -147,14 +159,23 @@ def _missing(module: str, package: str) -> str | None:
     return None if importlib.util.find_spec(module) else f"{package} is not installed (pip install {package})"
 
 
+def decided_as(device: torch.device | str) -> str:
+    """The kind of device ("cuda", "mps", "cpu") a rung on `device` is decided for: on the compute device, the
+    accelerator's (the rehearsal's pretended T4 decides as CUDA while the CPU computes); elsewhere, its own."""
+    device = torch.device(device)
+    return accelerator.accelerator().kind if device.type == accelerator.compute_device().type else device.type
+
+
 def _half_why_not(config: Config, device: torch.device) -> str | None:
+    kind = decided_as(device)
     if config.half not in HALF_DTYPES:
         return f"half={config.half!r} is not one of {sorted(HALF_DTYPES)}"
-    if config.half == "fp16" and device.type == "cpu":
+    if config.half == "fp16" and kind == "cpu":
         return "fp16 on a CPU has no fast kernels (it is slower than fp32 there); the CPU's half is bf16"
-    if config.half == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "this GPU has no bf16 (use fp16)"
-    if config.half == "bf16" and device.type == "cpu" and config.engine == "torch":
+    if config.half == "bf16" and kind == "cuda" and not accelerator.bf16_supported():
+        return (f"{accelerator.accelerator().name} has no native bf16 (before Ampere, sm_80, it is emulated and slow): "
+                "its half is fp16")
+    if config.half == "bf16" and kind == "cpu" and config.engine == "torch":
         return slow_bf16_reason()
     return None
 
@@ -258,7 +279,10 @@ def _apply_tiny_vae(pipe, config: Config) -> None:
 
 
 def _compile_why_not(config: Config, device: torch.device) -> str | None:
-    if device.type == "cuda":
+    if decided_as(device) == "cuda":
+        if device.type != "cuda":
+            return (f"torch.compile for a GPU (Triton kernels) cannot run on the compute device ({device.type}): "
+                    "the rehearsal decides as on a T4 but computes on the CPU")
         return None if importlib.util.find_spec("triton") else "torch.compile on CUDA needs triton, not installed"
     if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
         return "torch.compile on a CPU needs a C++ compiler (g++ or clang++), and none is on PATH"
@@ -288,7 +312,7 @@ def _freeze_when_compiling(compiled: torch.nn.Module) -> None:
 
 
 def _openvino_why_not(config: Config, device: torch.device) -> str | None:
-    if device.type != "cpu":
+    if decided_as(device) != "cpu":
         return "the OpenVINO peer is measured on a CPU (it is the engine a CPU user would pick)"
     clashes = [name for name, on in (("compile", config.compile), ("deepcache", config.deepcache_interval > 1),
                                      ("tome", config.tome_ratio > 0), ("channels_last", config.channels_last),
@@ -367,11 +391,43 @@ class UNetOnly:
         return self.unet.device
 
 
+def sharing_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module`'s structure (submodules, attention processors, forwards) around the same weights: new
+    Parameter and buffer objects on the same storage. A rung may cast, re-lay, fuse or patch its copy (`.to()`
+    gives the copy's Parameter new data, leaving the base's alone) while what it leaves unchanged costs no memory."""
+    memo = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        alias = tensor.detach()
+        memo[id(tensor)] = (torch.nn.Parameter(alias, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, torch.nn.Parameter) else alias)
+    return copy.deepcopy(module, memo)
+
+
+def owned_bytes(pipe, base) -> int:
+    """Bytes of weights `pipe` (a configured copy) holds of its own, beyond those it shares with `base`."""
+    def storages(p) -> dict[int, int]:
+        tensors = itertools.chain.from_iterable(
+            itertools.chain(m.parameters(), m.buffers()) for m in _networks(p))
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+    shared = storages(base)
+    return sum(nbytes for ptr, nbytes in storages(pipe).items() if ptr not in shared)
+
+
+def release_memory(device: torch.device | str | None = None) -> None:
+    """Collect what a finished rung left (DeepCache's helper and its pipeline form a cycle) and hand CUDA's cached
+    blocks back, so that the next rung starts from the base's memory."""
+    gc.collect()
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def copy_pipeline(pipe):
-    """The same pipeline class around deep copies of its networks (tokenizer, processors and configs shared)."""
+    """The same pipeline class around `sharing_copy`s of its networks and a copy of its scheduler (tokenizer,
+    processors and configs shared)."""
     if isinstance(pipe, UNetOnly):
-        return UNetOnly(copy.deepcopy(pipe.unet), copy.deepcopy(pipe.scheduler))
-    components = {name: copy.deepcopy(value) if isinstance(value, torch.nn.Module) else value
+        return UNetOnly(sharing_copy(pipe.unet), copy.deepcopy(pipe.scheduler))
+    components = {name: sharing_copy(value) if isinstance(value, torch.nn.Module) else value
                   for name, value in pipe.components.items()}
     components["scheduler"] = copy.deepcopy(pipe.scheduler)
     new = type(pipe)(**components, requires_safety_checker=pipe.config.requires_safety_checker)  # no warning per copy
@@ -489,6 +545,23 @@ class Inputs:
                                    depth_maps=None if self.depth_maps is None else self.depth_maps[:n])
 
 
+# SD 1.5 draws the toy's depth maps (shapes standing on a floor) as real things: the prompt names what fits each.
+SD15_OBJECTS = {"circle": "ball", "square": "wooden crate", "triangle": "pyramid-shaped paper lantern",
+                "diamond": "kite"}
+SD15_PLACES = {"left": "on the left", "center": "in the middle", "right": "on the right"}
+
+
+def sd15_prompts(scenes) -> list[str]:
+    """A real prompt per toy scene (`helpers.toy.sample_scenes`), for SD 1.5 with the scene's depth map: its objects'
+    colours and places, as photographed things instead of flat shapes ("a red circle" is a toy-world prompt)."""
+    prompts = []
+    for scene in scenes.scenes:
+        things = " and ".join(f"a {o.size} {o.colour} {SD15_OBJECTS[o.shape]} {SD15_PLACES[o.position]}"
+                              for o in scene.objects)
+        prompts.append(f"a photo of {things} in a room with {scene.background} walls, soft daylight, detailed")
+    return prompts
+
+
 @dataclass
 class RungResult:
     name: str
@@ -552,8 +625,10 @@ def run_rung(base_pipe, name: str, config: Config, inputs: Inputs, *, request_si
              min_time_s: float = 0.0, warmup: int = 1, quality_batch: int = 8) -> RungResult:
     """Configure a copy, warm it up, time requests of `request_size` images (at least `repeats`, and until
     `min_time_s` is spent: a 0.1 s rung gets many; median kept), then generate every prompt of `inputs` for its
-    quality. A platform that cannot run it gives status "skipped"."""
+    quality. A platform that cannot run it, or memory that cannot hold it, gives status "skipped" with the reason;
+    the copy is freed either way."""
     result = RungResult(name, config, "ok")
+    pipe = None
     try:
         start = time.perf_counter()
         pipe = configure(base_pipe, config)
@@ -563,25 +638,33 @@ def run_rung(base_pipe, name: str, config: Config, inputs: Inputs, *, request_si
             start = time.perf_counter()
             generate_config(pipe, config, request)
             result.first_call_s = time.perf_counter() - start
+        timed = []
+        with torch.inference_mode():
+            while more_runs([t[0] for t in timed], repeats, min_time_s):
+                timed.append(time_request(pipe, config, request))
+        result.latency_s = [t[0] for t in timed]
+        result.parts_s = {part: statistics.median(t[1][part] for t in timed) for part in timed[0][1]}
+        result.stages_s = {stage: statistics.median(t[2][stage] for t in timed) for stage in timed[0][2]}
+        result.calls = timed[0][3]
+        result.images = quality_images(pipe, config, inputs, quality_batch)
     except Exception as error:  # noqa: BLE001 - whatever this platform cannot do is recorded, never a crash
-        result.status, result.reason = "skipped", _reason(error)
-        return result
-    timed = []
-    with torch.inference_mode():
-        while more_runs([t[0] for t in timed], repeats, min_time_s):
-            timed.append(time_request(pipe, config, request))
-    result.latency_s = [t[0] for t in timed]
-    result.parts_s = {part: statistics.median(t[1][part] for t in timed) for part in timed[0][1]}
-    result.stages_s = {stage: statistics.median(t[2][stage] for t in timed) for stage in timed[0][2]}
-    result.calls = timed[0][3]
-    result.images = quality_images(pipe, config, inputs, quality_batch)
+        return RungResult(name, config, "skipped", _reason(error), setup_s=result.setup_s)
+    finally:
+        pipe = None
+        release_memory(base_pipe.device)
     return result
 
 
-def _in_turn(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Each run once untimed (OpenVINO converts, compile compiles), then `rounds` rounds of each in turn (A, B, C, A,
-    B, C, ...), so that each sees the same moments of a machine whose speed drifts. A run returns its own seconds."""
-    for run in runs.values():
+def out_of_memory(error: BaseException) -> bool:
+    """A refusal before allocating (helpers.limits' MemoryError) or an allocation that failed (CUDA's OOM)."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error).lower()
+
+
+def _in_turn(runs: dict[str, Callable[[], float]], rounds: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Each run once untimed (OpenVINO converts, compile compiles; skipped with `warmup=False` when the caller warmed
+    them), then `rounds` rounds of each in turn (A, B, C, A, B, C, ...), so that each sees the same moments of a
+    machine whose speed drifts. A run returns its own seconds."""
+    for run in runs.values() if warmup else ():
         run()
     times = {name: [] for name in runs}
     with torch.inference_mode():
@@ -591,9 +674,12 @@ def _in_turn(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, lis
     return times
 
 
-def interleaved_times(base_pipe, configs: dict[str, Config], request: Inputs, rounds: int) -> dict[str, list[float]]:
+def interleaved_times(base_pipe, configs: dict[str, Config], request: Inputs, rounds: int,
+                      skipped: dict[str, str] | None = None) -> dict[str, list[float]]:
     """Seconds of one request of each config, timed in turn (`_in_turn`): what a ratio of two latencies on a busy
-    machine needs."""
+    machine needs. The copies are configured and warmed up one at a time, each sharing the base's weights; one that
+    runs out of memory beside the others is freed and left out (its reason in `skipped`), except the first config
+    (the reference), whose failure is raised."""
     device = base_pipe.device
 
     def request_timer(pipe, config: Config) -> Callable[[], float]:
@@ -604,8 +690,19 @@ def interleaved_times(base_pipe, configs: dict[str, Config], request: Inputs, ro
             return seconds["request"]
         return run
 
-    return _in_turn({name: request_timer(configure(base_pipe, config), config) for name, config in configs.items()},
-                    rounds)
+    runs = {}
+    for name, config in configs.items():
+        try:
+            runs[name] = request_timer(configure(base_pipe, config), config)
+            runs[name]()  # the warm-up: compile compiles, and memory that cannot hold this copy tells now
+        except Exception as error:
+            if not runs or not out_of_memory(error):
+                raise
+            runs.pop(name, None)
+            release_memory(device)
+            if skipped is not None:
+                skipped[name] = _reason(error)
+    return _in_turn(runs, rounds, warmup=False)
 
 
 def _reason(error: Exception) -> str:
@@ -615,13 +712,20 @@ def _reason(error: Exception) -> str:
 
 
 def quality_images(pipe, config: Config, inputs: Inputs, batch_size: int) -> list:
-    """Every prompt of `inputs`, generated in batches (one generator per seed: a batch equals single calls)."""
+    """Every prompt of `inputs`, generated in batches (one generator per seed: a batch equals single calls). A batch
+    that does not fit raises RungSkipped naming QUALITY_BATCH."""
     images = []
     for start in range(0, len(inputs.prompts), batch_size):
         chunk = dataclasses.replace(
             inputs, prompts=inputs.prompts[start:start + batch_size], seeds=inputs.seeds[start:start + batch_size],
             control_images=None if inputs.control_images is None else inputs.control_images[start:start + batch_size])
-        images += generate_config(pipe, config, chunk).images
+        try:
+            images += generate_config(pipe, config, chunk).images
+        except Exception as error:
+            if not out_of_memory(error):
+                raise
+            raise RungSkipped(f"out of memory generating the quality images {len(chunk.prompts)} at a time (lower "
+                              f"QUALITY_BATCH): {_reason(error)}") from error
     return images
 
 
@@ -649,6 +753,9 @@ class Ladder:
         config = parse_rung(name, self.knobs, self.baseline)
         result = run_rung(self.pipe, name, config, self.inputs, request_size=self.request_size,
                           repeats=self.repeats, min_time_s=self.min_time_s, quality_batch=self.quality_batch)
+        if name == "baseline" and result.status != "ok":
+            raise RuntimeError(f"the baseline could not run ({result.reason}), and every rung is priced against it: "
+                               "lower what it needs (QUALITY_BATCH, REQUEST_SIZE, the image size) or free memory")
         if result.status == "ok":
             reference = self.results["baseline"].images if name != "baseline" else result.images
             result.quality = quality(result.images, self.inputs, reference, self.on_toy)
@@ -671,12 +778,14 @@ class Ladder:
         their ratios hold. Returns their ladder rows with "latency s" and "speed-up" from this timing ("ladder
         latency s" keeps the ladder's)."""
         names = ["baseline", *(name for name in names if name != "baseline")]
+        skipped: dict[str, str] = {}
         times = interleaved_times(self.pipe, {name: self.results[name].config for name in names},
-                                  self.inputs.subset(self.request_size), rounds)
+                                  self.inputs.subset(self.request_size), rounds, skipped)
         medians = {name: statistics.median(seconds) for name, seconds in times.items()}
         rows = {row["rung"]: row for row in self.rows()}
         return [{**rows[name], "ladder latency s": rows[name]["latency s"], "latency s": medians[name],
-                 "speed-up": medians["baseline"] / medians[name], "rounds": rounds} for name in names]
+                 "speed-up": medians["baseline"] / medians[name], "rounds": rounds} if name in medians else
+                {"rung": name, "status": "skipped", "reason": skipped[name]} for name in names]
 
     def points(self, quality_key: str) -> dict[str, tuple[float, float]]:
         """(latency, quality) of every rung that ran, for the Pareto front."""
@@ -783,9 +892,13 @@ def recommend(rows: list[dict], baseline: str, *, quality_key: str, max_loss: fl
 
 def time_loads(load: Callable[[], object], device=None) -> tuple[object, dict[str, float]]:
     """Call `load` twice: the first ("cold": first load in this process; the OS may still cache the files) and the
-    second ("warm") are timed. Returns the second result and both times."""
+    second ("warm") are timed. Returns the second result and both times. The first is let go before the second
+    loads (two copies of SD 1.5 and a ControlNet at once would double the memory)."""
     times = {}
+    loaded = None
     for kind in ("cold", "warm"):
+        loaded = None
+        release_memory(device)
         synchronize(device)
         start = time.perf_counter()
         loaded = load()
@@ -806,7 +919,10 @@ def count_flops(fn: Callable[[], object]) -> int:
 def matmul_roofline(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", n: int = 2048,
                     repeats: int = 5) -> float:
     """The rate (FLOP/s) of an n×n @ n×n matmul in `dtype` on `device` through torch, median of repeats. n=2048:
-    smaller products stay below the peak on a CPU (bf16 on one EPYC thread: 152 GFLOP/s at n=1024, 258 at 2048)."""
+    smaller products stay below the peak on a CPU (bf16 on one EPYC thread: 152 GFLOP/s at n=1024, 258 at 2048).
+    fp16 on a CPU (the rehearsal's pretended T4) has no fast kernels (~1 GFLOP/s): n=256 measures it in a moment."""
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        n = min(n, 256)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     return 2 * n**3 / measure("matmul", lambda: torch.matmul(a, b), repeats=repeats, device=device).median
@@ -815,14 +931,16 @@ def matmul_roofline(dtype: torch.dtype = torch.float32, device: torch.device | s
 OPENVINO_PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
-def rooflines(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.bfloat16)) -> tuple[dict, dict]:
+def rooflines(device: torch.device | str = "cpu", dtypes=None, n: int = 2048) -> tuple[dict, dict]:
     """The ceiling per dtype that a network's dense layers can reach here, with these threads: the faster of torch's
     matmul and, on a CPU with OpenVINO installed, OpenVINO's (oneDNN's kernels beat torch's fp32 matmul on some
-    CPUs). Returns ({dtype: FLOP/s}, {dtype: {engine: FLOP/s}}), the second to record where each came from."""
+    CPUs). `dtypes`: fp32 and the accelerator's fast half (fp16 on CUDA, where the baseline runs; bf16 on a CPU).
+    Returns ({dtype: FLOP/s}, {dtype: {engine: FLOP/s}}), the second to record where each came from."""
+    fast_half = torch.float16 if decided_as(device) == "cuda" else torch.bfloat16
     sources = {}
-    for dtype in dtypes:
-        sources[dtype] = {"torch": matmul_roofline(dtype, device)}
-        if torch.device(device).type == "cpu" and importlib.util.find_spec("openvino") and dtype in OPENVINO_PRECISIONS:
+    for dtype in dtypes or (torch.float32, fast_half):
+        sources[dtype] = {"torch": matmul_roofline(dtype, device, n)}
+        if decided_as(device) == "cpu" and importlib.util.find_spec("openvino") and dtype in OPENVINO_PRECISIONS:
             from helpers.openvino_engine import matmul_rate
 
             sources[dtype]["openvino"] = matmul_rate(OPENVINO_PRECISIONS[dtype])

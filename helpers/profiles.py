@@ -101,9 +101,28 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
                   "COMBINED_RUNGS": ["dpm++ 4 + cfg_cutoff + deepcache + tiny_vae"], "SHOW_RUNGS": 2,
                   "FINALISTS": 2, "HEAD_TO_HEAD_ROUNDS": 2},
         "cpu": {},
-        "gpu": {"N_PROMPTS": 8, "OPTIMISATION_RUNGS": ["half", "channels_last", "attention_slicing", "fused_qkv",
-                                                        "compile", "cfg_cutoff", "deepcache", "tome", "control_end",
-                                                        "tiny_vae"]},
+        # SD 1.5 + depth ControlNet at 512² on a 16 GB T4, baseline fp16 PNDM 50 steps, every rung fp16 (no OpenVINO,
+        # no bf16: a T4 only emulates it). Time, from FLOPs (flop_counter) at the T4's ~7.6 it/s for SD 1.5's UNet
+        # (1,607 GFLOP a step at batch 2 with CFG, so ~12.2 TFLOP/s): a step with the ControlNet (+567 GFLOP) 0.18 s,
+        # the decode (2,515 GFLOP an image) 0.21 s; a request of S steps ~0.18 S + 0.2 s (50 steps: 9.1 s). A rung
+        # costs 1 warm-up + REPEATS timed requests + N_PROMPTS quality images = 7 requests: 64 s at 50 steps, 26 s at
+        # 20, 14 s at 10. Baseline 64 + 4 steps rungs 81 + 4 optimisations at 50 steps 255 + 8 combinations 186 +
+        # bottlenecks 9 + head to head ((1 + 3 rounds) × (baseline + 2 finalists) ≤ 109) + one compile (~180 s of
+        # inductor on Colab's 2 vCPUs) ≈ 885 s, under 15 min before the speed-ups (tests/test_latency.py checks it).
+        # Memory: the fp16 base without the safety checker is 2.9 GB (UNet 1.72, ControlNet 0.72, text encoder 0.25,
+        # VAE 0.17); a rung's copy owns only what it changes (channels_last re-lays the conv weights, ≤ 2.6 GB) and
+        # is freed after it; 4 quality images at a time (UNet batch 8, a decode of 4 at 512²) and 2 finalists beside
+        # the baseline stay well inside 15 GiB.
+        "gpu": {"N_PROMPTS": 4, "REPEATS": 2, "MIN_RUN_S": 0.0, "QUALITY_BATCH": 4, "FINALISTS": 2,
+                "HEAD_TO_HEAD_ROUNDS": 3, "SCHEDULER_RUNGS": ["dpm++", "unipc"], "STEP_RUNGS": [20, 10],
+                "OPTIMISATION_RUNGS": ["channels_last", "fused_qkv", "deepcache", "tome"],
+                "COMBINED_RUNGS": ["dpm++ 20 + classic_attention", "dpm++ 20 + channels_last + fused_qkv",
+                                   "dpm++ 20 + channels_last + fused_qkv + compile",
+                                   "dpm++ 20 + cfg_cutoff + control_end + tiny_vae",
+                                   "dpm++ 20 + channels_last + fused_qkv + cfg_cutoff + tiny_vae",
+                                   "dpm++ 20 + deepcache + tiny_vae",
+                                   "dpm++ 10 + channels_last + fused_qkv + cfg_cutoff + tiny_vae",
+                                   "dpm++ 10 + channels_last + fused_qkv + tome + tiny_vae"]},
     },
     "08": {  # smoke: 3 star pictures, 4 class pictures, 8 LoRA steps, 4-step sampling (cpu: 800 steps, N=128)
         "smoke": {"N_INSTANCE": 3, "N_CLASS_IMAGES": 4, "TRAIN_STEPS": 8, "LEARNING_RATE": 0.005, "BATCH_SIZE": 2,

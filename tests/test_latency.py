@@ -354,3 +354,255 @@ def test_bench_latency_times_torch_and_openvino_again_in_turn(tmp_path, monkeypa
     assert summary["head to head rounds"] == 3 and summary["head to head torch s"] > 0
     assert summary["head to head torch vs OpenVINO"] == pytest.approx(
         summary["head to head OpenVINO s"] / summary["head to head torch s"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SD 1.5 on a T4 (issue 32): memory, the rungs and dtype a T4 decides, and notebook 07's badge path
+
+
+@pytest.fixture
+def pretend_t4(monkeypatch):
+    """Decide as on a T4 while computing on this CPU (what `python -m helpers rehearse` does)."""
+    from helpers import accelerator
+
+    monkeypatch.setenv(accelerator.PRETEND_ENV, "t4")
+    accelerator.accelerator.cache_clear()
+    yield
+    monkeypatch.delenv(accelerator.PRETEND_ENV)
+    accelerator.accelerator.cache_clear()
+
+
+def _storages(module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+
+
+def test_configure_shares_the_weights_a_rung_does_not_change(toy_control_pipe):
+    """A rung's copy holds only what it changes: deep copies of every network for every rung filled a T4."""
+    base = toy_control_pipe
+    conv = base.unet.conv_in.weight
+    configured = latency.configure(base, latency.parse_rung("channels_last + fused_qkv + ddim 4"))
+    for name in ("text_encoder", "unet", "controlnet", "vae"):
+        assert getattr(configured, name) is not getattr(base, name), f"{name}: the copy is the rung's own module"
+    assert _storages(configured.text_encoder) == _storages(base.text_encoder), "untouched: shared, not copied"
+    assert configured.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.data_ptr() == (
+        base.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.data_ptr())
+    assert configured.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv.is_contiguous() and base.unet.conv_in.weight is conv, "the base keeps its own layout"
+    assert not any("to_qkv" in name for name, _ in base.unet.named_modules()), "the base is not fused"
+    assert latency.owned_bytes(configured, base) > 0 == latency.owned_bytes(
+        latency.configure(base, latency.parse_rung("ddim 4 + cfg_cutoff")), base)
+
+
+def test_configure_casts_a_copy_without_touching_the_base(toy_control_pipe):
+    half = latency.configure(toy_control_pipe, latency.Config(half="bf16"))
+    assert half.unet.dtype == torch.bfloat16 and toy_control_pipe.unet.dtype == torch.float32
+    assert half.scheduler is not toy_control_pipe.scheduler
+
+
+def _memory_budget_for(pipe, images_that_fit: int) -> float:
+    """A memory budget (GiB) in which a decode of `images_that_fit` images fits and one more does not."""
+    from helpers import limits
+
+    height, width = 64, 64
+    decode = [limits.estimate_bytes(pipe.vae, n, height, width, "decode") for n in (images_that_fit,
+                                                                                     images_that_fit + 1)]
+    unet = limits.estimate_bytes(pipe.unet, 2 * images_that_fit, height // 4, width // 4, "unet")
+    budget = max(decode[0], unet) * 1.05
+    assert budget < decode[1]
+    return budget / 2**30
+
+
+def test_a_rung_whose_quality_images_run_out_of_memory_is_skipped_and_the_ladder_goes_on(toy_control_pipe, inputs,
+                                                                                         monkeypatch):
+    ladder = latency.Ladder(toy_control_pipe, inputs, latency.Config(scheduler="ddim", steps=3), latency.Knobs(),
+                            on_toy=True, repeats=1, quality_batch=2)
+    ladder.run("baseline")
+    monkeypatch.setenv("SD_MEMORY_BUDGET_GIB", str(_memory_budget_for(toy_control_pipe, 1)))
+    result = ladder.run("ddim 2")  # one image per request fits; the quality batch of two does not
+    assert result.status == "skipped" and "out of memory" in result.reason and "QUALITY_BATCH" in result.reason
+    assert result.images == [] and result.row()["reason"] == result.reason
+    monkeypatch.delenv("SD_MEMORY_BUDGET_GIB")
+    assert ladder.run("ddim 2 + cfg_cutoff").status == "ok", "the ladder goes on"
+
+
+def test_a_baseline_that_cannot_run_says_what_to_lower(toy_control_pipe, inputs, monkeypatch):
+    monkeypatch.setenv("SD_MEMORY_BUDGET_GIB", str(_memory_budget_for(toy_control_pipe, 1)))
+    ladder = latency.Ladder(toy_control_pipe, inputs, latency.Config(scheduler="ddim", steps=2), latency.Knobs(),
+                            on_toy=True, repeats=1, quality_batch=2)
+    with pytest.raises(RuntimeError, match="baseline could not run.*QUALITY_BATCH"):
+        ladder.run("dpm++ 2")
+
+
+def test_a_rung_frees_its_copy_when_it_is_done(toy_control_pipe, inputs, monkeypatch):
+    import weakref
+
+    copies = []
+    real = latency.configure
+    monkeypatch.setattr(latency, "configure", lambda pipe, config: copies.append(weakref.ref(real(pipe, config)))
+                        or copies[-1]())
+    result = latency.run_rung(toy_control_pipe, "deepcache", latency.parse_rung("ddim 3 + deepcache"), inputs,
+                              repeats=1, quality_batch=2)
+    assert result.status == "ok" and copies and copies[0]() is None, "DeepCache's helper cycle is collected"
+
+
+def test_head_to_head_leaves_out_a_finalist_that_runs_out_of_memory(toy_control_pipe, inputs, monkeypatch):
+    """Finalists are configured one at a time, each sharing the base's weights; one that does not fit beside the
+    others is left out with its reason instead of ending the notebook."""
+    configs = {"baseline": latency.parse_rung("ddim 2"), "big": latency.parse_rung("ddim 3"),
+               "small": latency.parse_rung("ddim 1")}
+    real = latency.generate_config
+
+    def generate(pipe, config, request):
+        if config.steps == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(pipe, config, request)
+
+    monkeypatch.setattr(latency, "generate_config", generate)
+    skipped = {}
+    times = latency.interleaved_times(toy_control_pipe, configs, inputs.subset(1), rounds=2, skipped=skipped)
+    assert set(times) == {"baseline", "small"} and "out of memory" in skipped["big"]
+
+
+def test_time_loads_lets_the_first_load_go_before_the_second():
+    """A second pipeline loaded while the first is still held doubles the memory (a T4 holds SD 1.5 in fp16 twice
+    at best)."""
+    import weakref
+
+    class Loaded:
+        pass
+
+    alive_at_second_load = []
+    first = []
+
+    def load():
+        if first:
+            alive_at_second_load.append(first[0]() is not None)
+        obj = Loaded()
+        first.append(weakref.ref(obj))
+        return obj
+
+    loaded, times = latency.time_loads(load)
+    assert alive_at_second_load == [False] and isinstance(loaded, Loaded) and times["load_warm_s"] > 0
+
+
+def test_a_t4_decides_its_half_and_rungs_while_the_cpu_computes(pretend_t4):
+    """Under the pretended T4 the rungs are a T4's (fp16; no bf16, which a T4 only emulates; no OpenVINO) while the
+    CPU computes: what cannot run there (a GPU compile) is skipped with the reason."""
+    cpu = torch.device("cpu")
+    assert latency.parse_rung("half").half == "fp16"
+    assert latency.why_not(latency.Config(half="fp16"), cpu) is None, "the T4's baseline runs (slowly) on the CPU"
+    assert "bf16" in latency.why_not(latency.parse_rung("bf16"), cpu) and "emulat" in latency.why_not(
+        latency.parse_rung("bf16"), cpu)
+    assert "measured on a CPU" in latency.why_not(latency.parse_rung("openvino"), cpu)
+    assert "compute device" in latency.why_not(latency.parse_rung("compile"), cpu)
+
+
+def test_a_t4_measures_the_fp16_roofline(pretend_t4):
+    rates, sources = latency.rooflines("cpu", n=128)
+    assert set(rates) == {torch.float32, torch.float16} and all(r > 0 for r in rates.values())
+
+
+def test_the_gpu_half_is_fp16_on_a_cuda_machine(monkeypatch):
+    """`torch.cuda.is_bf16_supported()` says True on a T4 (emulated): the half rung and bf16 ask
+    helpers.accelerator."""
+    from helpers import accelerator
+
+    monkeypatch.setattr(accelerator, "on_gpu", lambda: True)
+    monkeypatch.setattr(accelerator, "fast_half_dtype", lambda: torch.float16)
+    monkeypatch.setattr(accelerator, "bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert latency.parse_rung("half").half == "fp16"
+    assert "no native bf16" in latency.why_not(latency.parse_rung("bf16"), torch.device("cuda"))
+
+
+def test_a_pretended_t4_runs_an_fp16_ladder_on_the_cpu(pretend_t4):
+    """The rehearsal's path: tiny-random in the T4's dtype on the CPU, its baseline fp16, a GPU compile skipped."""
+    from helpers.accelerator import compute_device, default_dtype
+    from helpers.models import load_pipeline
+
+    pipe = load_pipeline("tiny-random", dtype=default_dtype(), device=compute_device(), safety_checker=False)
+    assert pipe.unet.dtype == torch.float16 and pipe.device.type == "cpu"
+    inputs = latency.Inputs(["a photo of a red apple on a table"], [0])
+    baseline = latency.Config(steps=3, half=latency.half_name(pipe.unet.dtype))
+    ladder = latency.Ladder(pipe, inputs, baseline, latency.Knobs(), on_toy=False, repeats=1, quality_batch=1)
+    assert ladder.run("dpm++ 2 + channels_last").status == "ok"
+    assert ladder.results["baseline"].status == "ok"
+    compiled = ladder.run("compile")
+    assert compiled.status == "skipped" and "compute device" in compiled.reason
+
+
+def test_sd15_prompts_are_real_prompts_that_fit_the_depth_maps():
+    scenes = sample_scenes(8, seed=0)
+    prompts = latency.sd15_prompts(scenes)
+    assert len(prompts) == 8 and len(set(prompts)) > 4
+    for prompt, scene in zip(prompts, scenes.scenes):
+        assert scene.objects[0].colour in prompt and not any(s in prompt for s in ("circle", "diamond", "triangle"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Notebook 07's gpu profile and its badge path
+
+
+def _notebook_07():
+    import nbformat
+
+    from helpers.run import find_notebooks
+
+    return nbformat.read(find_notebooks(["07"])[0], as_version=4)
+
+
+def test_notebook_07_takes_its_settings_from_the_profile_that_fits():
+    nb = _notebook_07()
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    index = next(i for i, cell in enumerate(code) if "parameters" in cell.metadata.get("tags", []))
+    assert 'PROFILE = "auto"' in code[index].source
+    assert 'settings = use_settings("07", globals())' in code[index + 1].source
+    source = "\n".join(cell.source for cell in code[1:])
+    assert "torch.cuda.is_available()" not in source, "device decisions go through helpers.accelerator"
+    assert "compute_device()" in source and "safety_checker=False" in source
+
+
+GPU = __import__("helpers.profiles", fromlist=["parameters_for"]).parameters_for("07", "gpu")
+T4_STEP_S = (1607 + 567) / (1607 * 7.6)  # UNet + ControlNet, batch 2 at 64×64 latents: FLOPs at the T4's 7.6 it/s
+T4_DECODE_S = 2515 / (1607 * 7.6)  # the VAE decoder at 512² (one image)
+
+
+def _gpu_rungs() -> list[str]:
+    return ([f"{s} {n}" for s in GPU["SCHEDULER_RUNGS"] for n in GPU["STEP_RUNGS"]] + GPU["OPTIMISATION_RUNGS"]
+            + GPU["COMBINED_RUNGS"])
+
+
+def test_notebook_07_gpu_rungs_are_a_t4s(pretend_t4, monkeypatch):
+    """No OpenVINO or bf16 (skipped on CUDA), fp16 throughout (the baseline is fp16), and every GPU lever tried."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a))
+    knobs = latency.Knobs()
+    baseline = latency.Config(steps=GPU.get("BASELINE_STEPS", 50), half="fp16")
+    levers = set()
+    for name in _gpu_rungs():
+        config = latency.parse_rung(name, knobs, baseline)
+        assert config.half == "fp16" and config.engine == "torch", name
+        assert latency.why_not(config, torch.device("cuda")) is None, (name, latency.why_not(config, "cuda"))
+        levers |= {part.strip().split()[0] for part in name.split(" + ")}
+    assert {"dpm++", "channels_last", "fused_qkv", "compile", "deepcache", "tome", "tiny_vae", "cfg_cutoff",
+            "classic_attention"} <= levers
+
+
+def test_notebook_07_gpu_profile_fits_a_t4_in_about_15_minutes():
+    """Denoising steps the gpu profile asks for, at a T4's rate (the estimate written in helpers/profiles.py)."""
+    def request_s(steps: int, images: int = 1) -> float:
+        return images * (steps * T4_STEP_S + T4_DECODE_S)
+
+    n, repeats = GPU["N_PROMPTS"], GPU["REPEATS"]
+    steps = {name: latency.parse_rung(name, baseline=latency.Config(steps=GPU.get("BASELINE_STEPS", 50))).steps
+             for name in ["baseline", *_gpu_rungs()]}
+    ladder = sum((1 + repeats) * request_s(s) + request_s(s, n) for s in steps.values())
+    bottlenecks = request_s(steps["baseline"])
+    head_to_head = (1 + GPU["HEAD_TO_HEAD_ROUNDS"]) * (request_s(steps["baseline"])
+                                                       + GPU["FINALISTS"] * request_s(max(steps.values())))
+    compile_s = 180 * sum("compile" in name for name in _gpu_rungs())  # inductor on Colab's 2 vCPUs: minutes
+    total = ladder + bottlenecks + head_to_head + compile_s
+    assert total < 16 * 60, f"{total / 60:.0f} minutes on a T4"
+    assert GPU["QUALITY_BATCH"] <= 4 and GPU["FINALISTS"] <= 2

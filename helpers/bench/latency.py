@@ -16,7 +16,6 @@ Prints a table and writes outputs/bench_latency.json.
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import time
 
@@ -65,7 +64,7 @@ def bench_rung(base: latency.UNetOnly, name: str, args, flops: int, rooflines: d
         dtype = torch.bfloat16 if "bf16" in precision else torch.float32
     rate = flops / timing["step_s"]  # full-step FLOPs: cached or merged rungs show an effective rate
     del holder
-    gc.collect()
+    latency.release_memory(base.device)  # the next rung starts from the base's memory (CUDA's cache handed back)
     skips_work = config.deepcache_interval > 1 or config.tome_ratio > 0  # fewer FLOPs than a full step
     return {**row, "status": "ok", "rate": "effective" if skips_work else "measured", "s per step": timing["step_s"],
             "first call s": timing["first_call_s"], "GFLOP/s": rate / 1e9, "roofline share": rate / rooflines[dtype],
