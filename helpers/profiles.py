@@ -31,7 +31,7 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
         "smoke": {"GRID_STEPS": [5, 20], "GRID_GUIDANCE": [1.0, 7.5], "CALLBACK_EVERY": 5},
         "cpu": {},
         # SD 1.5 at its trained 512² (HEIGHT = WIDTH = 0), 20 steps: ~480 its (UNet steps of batch 2 at 64² latents,
-        # a 512² decode counted as 2) ≈ 1 min at a T4's ~7.6 it/s, plus loading; peak ~5 GiB (a decode of 5 at 512²)
+        # a 512² decode counted as 2) ≈ 1 min at a T4's ~7.6 it/s, plus loading; peak ~7 GiB (a decode of 6 at 512²)
         "gpu": {"PROMPT": "a photograph of an astronaut riding a horse",
                 "NEGATIVE_DEMO_PROMPT": "a portrait photograph of a golden retriever",
                 "NEGATIVE_PROMPT": "grass, trees, outdoors",
