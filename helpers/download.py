@@ -1001,7 +1001,7 @@ def choose_source(source: str, repo_id: str = SD15_REPO, filename: str = SD15_FI
     notebooks (Colab, Kaggle) often block peer-to-peer traffic, so BitTorrent is an opt-in ("torrent"). Without the
     hub, "auto" is "loopback", the offline demo on a swarm on this machine. Anything else is used as it is."""
     if source != "auto":
-        return source, "asked for"
+        return source, "as SOURCE says (yours, or the profile's)"
     hub = hub_file_info(repo_id, filename)
     if hub is not None:
         return "hub", f"the hub has {repo_id}/{filename} ({hub.where}); BitTorrent is an opt-in: SOURCE='torrent'"
@@ -1032,9 +1032,23 @@ def download_torrent_or_hub(
         report = download_hub(repo_id, filename, hub_dest_dir, sha256=sha256)
     except DownloadError as exc:
         exc.add_note(f"the hub was the fallback: BitTorrent failed first ({why})")
+        partial = _incomplete_torrent_file(source, dest_dir)
+        if isinstance(exc, InsufficientDiskSpaceError) and partial is not None:
+            exc.add_note(f"the incomplete torrent download {partial} takes {format_bytes(_bytes_on_disk(partial))}: "
+                         f"delete it and {resume_path(partial.parent, partial.name).name} to make room")
         raise
     report.detail["fallback"] = {"from": "torrent", "error": type(failure).__name__, "why": str(failure)}
     return report
+
+
+def _incomplete_torrent_file(source, dest_dir: str | Path) -> Path | None:
+    """The file an unfinished download of a magnet link left in `dest_dir`, if there is one."""
+    try:
+        name = parse_magnet(source).name if isinstance(source, str) else None
+    except MagnetError:
+        return None
+    path = Path(dest_dir) / name if name else None
+    return path if path is not None and _bytes_on_disk(path) > 0 else None
 
 
 def compare_with_hub(

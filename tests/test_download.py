@@ -445,6 +445,24 @@ def test_fallback_to_an_unreachable_hub_names_both_failures(tmp_path, monkeypatc
     assert any("NoPeersError" in note for note in raised.value.__notes__)
 
 
+def test_fallback_without_room_for_the_hub_says_which_partial_download_to_delete(sd15_on_hub, tmp_path,
+                                                                                   monkeypatch):
+    def too_slow_after_half(source, dest_dir, **kwargs):
+        (Path(dest_dir) / D.SD15_FILENAME).write_bytes(b"x" * 4096)  # what an unfinished download leaves
+        raise D.DownloadTimeoutError("download not finished after 7200 s (50.0% done)")
+
+    def no_room(*args, **kwargs):
+        raise D.InsufficientDiskSpaceError("not enough disk space in /kaggle/working: the file needs 4.27 GB more, "
+                                           "only 2.10 GB free. Free some space or choose another destination.")
+
+    monkeypatch.setattr(D, "download_torrent", too_slow_after_half)
+    monkeypatch.setattr(D, "download_hub", no_room)
+    with pytest.raises(D.InsufficientDiskSpaceError, match="needs 4.27 GB more, only 2.10 GB free") as raised:
+        D.download_torrent_or_hub(NOBODY_SERVES_SD15, tmp_path, D.SD15_REPO, D.SD15_FILENAME)
+    notes = " ".join(raised.value.__notes__)
+    assert "DownloadTimeoutError" in notes and str(tmp_path / D.SD15_FILENAME) in notes and ".fastresume" in notes
+
+
 def test_compare_with_hub_offline_reads_the_hash_from_the_cache_and_downloads_nothing(
         sd15_on_hub, source_file, tmp_path, monkeypatch):
     import huggingface_hub
