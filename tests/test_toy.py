@@ -359,3 +359,99 @@ def test_text_encoder_tells_every_word_apart():
                 difference = (states[a] - states[b]).norm(dim=-1).max()
                 # shipped encoder: >= 0.6 x the typical token norm; the merged one had 0.03 ("circle" vs "square")
                 assert difference > 0.3 * scale, (group[a], group[b], float(difference), float(scale))
+
+
+# ------------------------------------------------------------------------------- latent consistency (LCM-LoRA)
+
+
+def test_lcm_maths_match_diffusers_schedulers():
+    """The distillation's consistency function is LCMScheduler.step's `denoised`, its solver step DDIM's, on the toy's
+    zero-SNR v-prediction schedule; f(x, 0) = x at the boundary; LCMScheduler's 1-4 steps sit on the solver's grid."""
+    from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
+
+    from helpers.toy import train
+
+    ddpm = DDPMScheduler.from_pretrained(TOY_SD_DIR / "scheduler")
+    alphas, kind = ddpm.alphas_cumprod, ddpm.config.prediction_type
+    assert kind == "v_prediction" and alphas[-1] == 0
+    x, v = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).chunk(2)
+    # the boundary condition: at t = 0 the consistency function is the identity, whatever the UNet says
+    c_skip, c_out = train.lcm_boundary_scalings(torch.tensor([0, 999]))
+    assert c_skip[0] == 1 and c_out[0] == 0 and c_skip[1] < 1e-5 and abs(c_out[1] - 1) < 1e-5
+    assert torch.equal(train.consistency_function(v, torch.tensor([0]), x, alphas, kind), x)
+    grid = train.lcm_solver_timesteps()
+    assert grid[0] == 19 and grid[-1] == 999 and len(grid) == train.LCM_DDIM_STEPS
+    lcm = LCMScheduler.from_config(ddpm.config)
+    for steps in (1, 2, 4):
+        lcm.set_timesteps(steps)
+        assert lcm.timesteps[0] == 999 and set(lcm.timesteps.tolist()) <= set(grid.tolist()), lcm.timesteps
+    # LCMScheduler.step's denoised output = c_skip x + c_out x0(v): at pure noise (x0 = -v) and in between
+    for t in (999, 759, 259):
+        lcm.set_timesteps(4)
+        lcm._step_index = lcm.timesteps.tolist().index(t)
+        denoised = lcm.step(v, t, x, return_dict=True).denoised
+        assert torch.allclose(train.consistency_function(v, torch.tensor([t]), x, alphas, kind), denoised, atol=1e-5)
+    # one solver step from a grid point to the one before it is deterministic DDIM's step on the same schedule
+    ddim = DDIMScheduler.from_pretrained(TOY_SD_DIR / "scheduler")
+    ddim.set_timesteps(train.LCM_DDIM_STEPS)
+    assert ddim.timesteps.tolist() == grid.flip(0).tolist()  # trailing: the same 50 timesteps
+    t, t_prev = torch.tensor([759]), torch.tensor([739])
+    x0, eps = train.predicted_x0_and_noise(v, t, x, alphas, kind)
+    solver = train.ddim_solver_step(x0, eps, alphas[t_prev])
+    assert torch.allclose(solver, ddim.step(v, 759, x, eta=0.0).prev_sample, atol=1e-5)
+
+
+@pytest.fixture()
+def tiny_lcm_lora(tmp_path, monkeypatch):
+    """`--stage lcm` on a tiny budget (16 scenes, 3 steps of batch 4) into a temporary weights dir holding the shipped
+    pipeline."""
+    from helpers.toy import train
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "sd").symlink_to(TOY_SD_DIR)
+    monkeypatch.setattr(train, "WEIGHTS_DIR", weights)
+    (tmp_path / "work").mkdir()
+    losses = train.stage_lcm(tmp_path / "work", train.Budget(lcm_steps=3, lcm_batch_size=4, n_scenes=16))
+    return weights / "lcm-lora", losses
+
+
+def test_lcm_stage_saves_a_lora_that_lcm_scheduler_samples_with(tiny_lcm_lora):
+    from diffusers import LCMScheduler
+
+    from helpers.toy.lcm import use_lcm_lora
+
+    folder, losses = tiny_lcm_lora
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    assert (folder / "pytorch_lora_weights.safetensors").stat().st_size < 2e6  # fp16, rank 16: ~1.3 MB
+    assert (folder.parent.parent / "work" / "lcm.ckpt").exists()  # resumable
+    pipe = use_lcm_lora(load_pipeline("toy"), folder)  # diffusers' own loader, as LCM-LoRA ships
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.rescale_betas_zero_snr
+    assert "lcm" in pipe.get_active_adapters()
+    for steps in (1, 2, 4):
+        images = toy_images(pipe, ["a red circle on the left"], num_inference_steps=steps, guidance_scale=1.0)
+        assert images.shape == (1, 64, 64, 3) and images.std() > 5  # a picture, not a flat field
+
+
+def test_lcm_lora_round_trips_through_load_lora_weights(tmp_path):
+    """Every adapted layer comes back: saved with diffusers' older key names, the attention layers' LoRA was dropped
+    on load (the UNet's output off by 1.2 for 0.55 on average)."""
+    from diffusers import UNet2DConditionModel
+
+    from helpers.toy import train
+
+    student = UNet2DConditionModel.from_pretrained(TOY_SD_DIR / "unet")
+    train.add_lcm_lora(student)
+    with torch.no_grad():  # lora_B starts at zero: make every layer's update count
+        for name, param in student.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    train.save_lcm_lora(student, tmp_path)
+    pipe = load_pipeline("toy")
+    pipe.load_lora_weights(str(tmp_path), adapter_name="lcm")
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    embeds = torch.randn(1, 77, pipe.text_encoder.config.hidden_size)
+    with torch.no_grad():
+        trained, loaded = (unet(x, t, encoder_hidden_states=embeds).sample for unet in (student, pipe.unet))
+    assert (trained - loaded).abs().max() < 0.01  # fp16 storage

@@ -21,14 +21,19 @@ Stages (each resumable from its checkpoint in --work-dir, each skipped when its 
               VAE's scaled latents, its decoder the pictures from (noisy) latents; notebook 07's tiny decoder
                                                                           -> weights/tiny-vae/
   ldm         single-file export in the original LDM key layout (helpers.ldm)      -> weights/toy-sd-ldm.safetensors
+  lcm         a latent consistency model distilled from the shipped UNet as a LoRA, the way LCM-LoRA ships for
+              SD 1.5 (guidance folded in, sampled with diffusers' LCMScheduler in 1-4 steps; not in `all`)
+                                                                          -> weights/lcm-lora/
 
 Examples:
   python -m helpers.toy.train                          # everything, default budget (~62 min on 2 cores + ControlNets)
   python -m helpers.toy.train --stage unet --unet-steps 100 --work-dir scratch/try
   python -m helpers.toy.train --stage controlnet-canny   # one ControlNet alone, on the shipped pipeline
+  OMP_NUM_THREADS=1 python -m helpers.toy.train --stage lcm --threads 1   # the LCM-LoRA, on the shipped pipeline
 
-The ControlNet stages need only the shipped weights/sd/: they render the scenes and encode them with the shipped VAE
-when the work dir has neither (the VAE encoder is frozen after the vae stage, so its latents are the same).
+The ControlNet, tiny-vae and lcm stages need only the shipped weights/sd/: they render the scenes and encode them with
+the shipped VAE when the work dir has neither (the VAE encoder is frozen after the vae stage, so its latents are the
+same).
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ from helpers.toy.oracle import Oracle, oracle_loss, save_oracle, scene_labels
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WORK_DIR = Path(__file__).resolve().parents[2] / "scratch" / "toy"
 STAGES = ("data", "oracle", "vae", "latents", "clip", "unet", "decoder", "pipeline", "controlnet",
-          "controlnet-normal", "controlnet-canny", "tiny-vae", "ldm")
+          "controlnet-normal", "controlnet-canny", "tiny-vae", "ldm", "lcm")
+DEFAULT_STAGES = STAGES[:-1]  # the LCM-LoRA is distilled from the shipped UNet on demand: `--stage lcm`
 CONTROL_KINDS = ("depth", "normal", "canny")  # what each ControlNet is conditioned on, all derived from depth
 
 # SD 1.5's training noise schedule (scheduler_config.json of stable-diffusion-v1-5), with two changes from
@@ -112,6 +118,8 @@ class Budget:
     canny_controlnet_steps: int = 2400
     derived_controlnet_batch_size: int = 16
     tiny_vae_steps: int = 1500
+    lcm_steps: int = 2000  # ~40 min on one thread (1.2 s a step: student, target and the teacher's two passes)
+    lcm_batch_size: int = 16
     n_scenes: int = 20000
 
 
@@ -907,6 +915,183 @@ def stage_ldm(work: Path, budget: Budget) -> None:
     log(f"single-file LDM checkpoint -> {path}")
 
 
+# ----------------------------------------------------------------------------------- latent consistency
+
+# Latent consistency distillation (Luo et al. 2023) as LCM-LoRA trains it for SD 1.5 (diffusers'
+# examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py): a LoRA on the teacher UNet learns to map any
+# point of the teacher's guided probability-flow ODE to its end, so LCMScheduler samples in 1-4 steps.
+# The skipping-step DDIM solver's grid, k = 1000 // 50 = 20 timesteps a step: LCMScheduler's original_inference_steps.
+LCM_DDIM_STEPS = 50
+# Guidance folded into the student, in diffusers' (Imagen) form: uncond + 7.5 (cond - uncond), the baseline's scale.
+# LCM-LoRA samples w from a range without conditioning the student on it (the UNet has no w embedding); one w, the one
+# the toy is sampled at, spends the short CPU budget on the guidance that is asked for.
+LCM_GUIDANCE_SCALE = 7.5
+LCM_TIMESTEP_SCALING = 10.0  # LCMScheduler's timestep_scaling: c_skip(0) = 1, c_out(0) = 0, ~(0, 1) from t = 20 on
+LCM_HUBER_C = 0.001  # the LCM paper's pseudo-Huber constant
+LCM_LR = 1e-3  # LoRA only (SD 1.5's LCM-LoRA: 1e-4 at rank 64, on a teacher 500x bigger)
+LCM_LORA_RANK = 16  # the toy's layers are 32-64 wide (SD's LCM-LoRA: rank 64 on 320-1280)
+# every conv and linear layer of the blocks, LCM-LoRA's list
+LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+LCM_LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights reads
+
+
+def lcm_boundary_scalings(timesteps: torch.Tensor, timestep_scaling: float = LCM_TIMESTEP_SCALING,
+                          sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """c_skip and c_out of the consistency function f(x, t) = c_skip x + c_out x0(x, t), as
+    `LCMScheduler.get_scalings_for_boundary_condition_discrete` computes them: f(x, 0) = x (the boundary)."""
+    scaled = timestep_scaling * timesteps.double()
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip.float(), c_out.float()
+
+
+def _per_sample(values: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    return values[timesteps].view(-1, 1, 1, 1)  # (B,) -> (B, 1, 1, 1)
+
+
+def predicted_x0_and_noise(model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
+                           alphas_cumprod: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean latents and the noise a UNet output implies at `timesteps` (LCMScheduler.step's step 4 and
+    DDIMScheduler's). v-prediction (the toy): x0 = sqrt(a) x - sqrt(1 - a) v, eps = sqrt(a) v + sqrt(1 - a) x, which
+    stays defined at zero terminal SNR (a = 0: x0 = -v, eps = x); epsilon (SD 1.5) divides by sqrt(a)."""
+    alpha, sigma = _per_sample(alphas_cumprod, timesteps).sqrt(), _per_sample(1 - alphas_cumprod, timesteps).sqrt()
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output, alpha * model_output + sigma * sample
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha, model_output
+    raise ValueError(f"prediction_type={prediction_type!r}: the LCM stage knows v_prediction and epsilon")
+
+
+def consistency_function(model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
+                         alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t): what LCMScheduler.step returns as `denoised`."""
+    c_skip, c_out = lcm_boundary_scalings(timesteps)
+    x0, _ = predicted_x0_and_noise(model_output, timesteps, sample, alphas_cumprod, prediction_type)
+    return c_skip.view(-1, 1, 1, 1) * sample + c_out.view(-1, 1, 1, 1) * x0
+
+
+def lcm_solver_timesteps(num_train_timesteps: int = 1000, ddim_steps: int = LCM_DDIM_STEPS) -> torch.Tensor:
+    """The DDIM solver's grid, [k - 1, 2k - 1, ..., T - 1] (k = T // ddim_steps): the same timesteps LCMScheduler
+    picks its 1-4 inference steps from, so the first is t = 999, pure noise on the zero-SNR schedule."""
+    k = num_train_timesteps // ddim_steps
+    return torch.arange(1, ddim_steps + 1) * k - 1
+
+
+def ddim_solver_step(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod_prev: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step of the teacher's ODE to the previous grid point, from its x0 and noise estimates."""
+    alpha_prev = alphas_cumprod_prev.view(-1, 1, 1, 1)
+    return alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * noise
+
+
+def lcm_targets_step(student, teacher, clean: torch.Tensor, prompt_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
+                     alphas_cumprod: torch.Tensor, prediction_type: str, generator: torch.Generator,
+                     guidance_scale: float = LCM_GUIDANCE_SCALE) -> tuple[torch.Tensor, torch.Tensor]:
+    """One consistency-distillation sample: (the student's f(x_{t+k}, t+k), the stop-gradient target f(x_t, t) at the
+    teacher's guided DDIM step from x_{t+k}). The target network is the student itself without gradients, as in
+    LCM-LoRA (no EMA copy)."""
+    grid = lcm_solver_timesteps(len(alphas_cumprod))
+    k = int(grid[1] - grid[0])
+    index = torch.randint(0, len(grid), (len(clean),), generator=generator)
+    start = grid[index]  # t_{n+k}, where the student is asked
+    end = (start - k).clamp(min=0)  # t_n, one solver step later; the boundary t = 0 for the first grid point
+    noise = torch.randn(clean.shape, generator=generator)
+    a = _per_sample(alphas_cumprod, start)
+    noisy = a.sqrt() * clean + (1 - a).sqrt() * noise  # DDPM forward process, as scheduler.add_noise
+    prediction = consistency_function(student(noisy, start, encoder_hidden_states=prompt_embeds).sample, start, noisy,
+                                      alphas_cumprod, prediction_type)
+    with torch.no_grad():
+        both = teacher(torch.cat([noisy, noisy]), torch.cat([start, start]),
+                       encoder_hidden_states=torch.cat([uncond_embeds, prompt_embeds])).sample
+        x0, eps = predicted_x0_and_noise(both, torch.cat([start, start]), torch.cat([noisy, noisy]), alphas_cumprod,
+                                         prediction_type)
+        (x0_uncond, x0_cond), (eps_uncond, eps_cond) = x0.chunk(2), eps.chunk(2)
+        # guidance on x0 and noise alike (the LCM paper's w = guidance_scale - 1 on the conditional side)
+        x0 = x0_uncond + guidance_scale * (x0_cond - x0_uncond)
+        eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        prev_alphas = torch.where(index > 0, alphas_cumprod[grid[(index - 1).clamp(min=0)]], alphas_cumprod[0])
+        x_prev = ddim_solver_step(x0, eps, prev_alphas)
+        target = consistency_function(student(x_prev, end, encoder_hidden_states=prompt_embeds).sample, end, x_prev,
+                                      alphas_cumprod, prediction_type)
+    return prediction, target
+
+
+def pseudo_huber(prediction: torch.Tensor, target: torch.Tensor, pixel_weight: torch.Tensor,
+                 c: float = LCM_HUBER_C) -> torch.Tensor:
+    """The LCM paper's loss, sqrt(d^2 + c^2) - c, weighted per latent pixel ((B, 1, h, w)) like the UNet's."""
+    error = ((prediction - target).pow(2) + c**2).sqrt() - c  # (B, 4, h, w)
+    return (pixel_weight * error).sum() / (pixel_weight.sum() * prediction.shape[1])
+
+
+def add_lcm_lora(unet, rank: int = LCM_LORA_RANK) -> list[torch.nn.Parameter]:
+    """A LoRA adapter (peft, diffusers' `add_adapter`) on every block layer; returns its trainable parameters.
+    lora_alpha = rank (scale 1), as LCM-LoRA: the saved file needs no alpha to load at the trained strength."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LCM_LORA_TARGETS, init_lora_weights=True))
+    return [param for param in unet.parameters() if param.requires_grad]
+
+
+def save_lcm_lora(unet, target: Path) -> None:
+    """The adapter as `pipe.load_lora_weights(target)` reads it (fp16, like the other toy weights). The keys stay
+    peft's (`...to_q.lora_A.weight`): diffusers 0.42 saves `convert_state_dict_to_diffusers`'s older names
+    (`...to_q.lora.down.weight`) but loads them back without any attention layer's LoRA, silently (a warning)."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {key: value.to(torch.float16) for key, value in get_peft_model_state_dict(unet).items()}
+    StableDiffusionPipeline.save_lora_weights(target, unet_lora_layers=layers, weight_name=LCM_LORA_FILE,
+                                              safe_serialization=True)
+
+
+def stage_lcm(work: Path, budget: Budget) -> list[float]:
+    """Distil the shipped UNet into a latent consistency model, as a LoRA on it (see lcm_targets_step)."""
+    target = WEIGHTS_DIR / "lcm-lora"
+    if (target / LCM_LORA_FILE).exists():
+        return []
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    stage_data(work, budget)  # no-ops when the work dir has them
+    stage_latents(work, budget)
+    torch.manual_seed(0)
+    sd = WEIGHTS_DIR / "sd"
+    data = torch.load(work / "data.pt", weights_only=False)
+    latents = torch.load(work / "latents.pt")["mean"]  # posterior means, as the UNet was trained on
+    scaling_factor = AutoencoderKL.load_config(sd / "vae")["scaling_factor"]
+    tokenizer = CLIPTokenizer.from_pretrained(sd / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(sd / "text_encoder").eval().requires_grad_(False)
+    teacher = UNet2DConditionModel.from_pretrained(sd / "unet", dtype=torch.float32).eval().requires_grad_(False)
+    student = UNet2DConditionModel.from_pretrained(sd / "unet", dtype=torch.float32)
+    params = add_lcm_lora(student)
+    scheduler = DDPMScheduler.from_pretrained(sd / "scheduler")  # the teacher's own (zero-SNR) schedule
+    alphas_cumprod, prediction_type = scheduler.alphas_cumprod, scheduler.config.prediction_type
+    token_ids = tokenize(tokenizer, data["captions"])
+    with torch.no_grad():
+        uncond = text_encoder(tokenize(tokenizer, [""]))[0]  # (1, 77, hidden)
+    optimizer = torch.optim.AdamW(params, lr=LCM_LR, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(8)
+    checkpointer = Checkpointer(work / "lcm.ckpt", optimizer, generator, unet=student)
+    index_batches = batches(len(token_ids), budget.lcm_batch_size, generator)
+
+    def step_fn(step: int, progress: float) -> float:
+        set_lr(optimizer, LCM_LR * cosine_lr(progress))
+        idx = next(index_batches)
+        with torch.no_grad():
+            prompt_embeds = text_encoder(token_ids[idx])[0]  # (B, 77, hidden)
+        prediction, lcm_target = lcm_targets_step(student, teacher, latents[idx] * scaling_factor, prompt_embeds,
+                                                  uncond.expand_as(prompt_embeds), alphas_cumprod, prediction_type,
+                                                  generator)
+        pixel_weight = object_pixel_weight(data["depths"][idx], prediction.shape[-1], OBJECT_LOSS_WEIGHT)
+        return optimizer_step(optimizer, pseudo_huber(prediction, lcm_target, pixel_weight))
+
+    losses = train_loop("lcm", budget.lcm_steps, step_fn, checkpointer, budget.max_minutes)
+    save_lcm_lora(student, target)
+    log(f"LCM-LoRA saved -> {target}")
+    return losses
+
+
 STAGE_FUNCTIONS = {
     "data": stage_data,
     "oracle": stage_oracle,
@@ -921,6 +1106,7 @@ STAGE_FUNCTIONS = {
     "controlnet-canny": lambda work, budget: stage_controlnet(work, budget, kind="canny"),
     "tiny-vae": stage_tiny_vae,
     "ldm": stage_ldm,
+    "lcm": lambda work, budget: stage_lcm(work, budget),
 }
 
 
@@ -929,12 +1115,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m helpers.toy.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=["all", *STAGES], action="append",
-                        help="stage(s) to run (repeatable); default: all in order")
+                        help="stage(s) to run (repeatable); default: all in order (all but lcm)")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="checkpoints and caches")
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="where shipped weights go")
     for name in ("oracle_steps", "clip_steps", "vae_steps", "unet_steps", "decoder_steps", "controlnet_steps",
-                 "derived_controlnet_steps", "canny_controlnet_steps", "tiny_vae_steps", "batch_size",
-                 "clip_batch_size", "controlnet_batch_size", "derived_controlnet_batch_size", "n_scenes"):
+                 "derived_controlnet_steps", "canny_controlnet_steps", "tiny_vae_steps", "lcm_steps", "batch_size",
+                 "clip_batch_size", "controlnet_batch_size", "derived_controlnet_batch_size", "lcm_batch_size",
+                 "n_scenes"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
                         help="wall-time cap per training stage")
@@ -948,7 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     WEIGHTS_DIR = args.weights_dir
     budget = Budget(**{k: getattr(args, k) for k in Budget.__dataclass_fields__})
-    stages = [s for s in (args.stage or []) if s != "all"] or list(STAGES)
+    stages = [s for s in (args.stage or []) if s != "all"] or list(DEFAULT_STAGES)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     (args.work_dir / "budget.json").write_text(json.dumps(budget.__dict__, indent=2))
     for stage in stages:
