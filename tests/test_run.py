@@ -68,6 +68,43 @@ def test_a_notebook_that_records_nothing_fails(notebooks_dir, tmp_path):
     assert runs[0].status == "failed" and "recorded no outputs/96_*.json" in runs[0].error
 
 
+def test_progress_report_and_run_record(notebooks_dir, tmp_path, capsys):
+    """A log (not a terminal) gets one line per section with i of n and an estimate from the last run's
+    duration; run.json holds each notebook's seconds and the total; index.html links each notebook's HTML, shows
+    its main figure and key numbers, and a failed one's failing cell and error."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("PROFILE = 'cpu'"), nbformat.v4.new_markdown_cell("## Drawing a square"),
+                nbformat.v4.new_code_cell(
+                    "import matplotlib.pyplot as plt\nfrom helpers.results import record_results\n"
+                    "plt.plot([0, 1], [0, 1]); plt.show()\nrecord_results('95_draws', {'summary': {'side': 2}})")]
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    nbformat.write(nb, notebooks_dir / "95_draws.ipynb")
+    write_notebook(notebooks_dir / "96_fails.ipynb", ["PROFILE = 'cpu'", "raise KeyError('no such prompt')"])
+    out = tmp_path / "out"
+    run_module.run_series("smoke", out_dir=out)
+    first = capsys.readouterr().out
+    assert "[1/2] 95_draws · Drawing a square" in first and "no earlier run to estimate from" in first
+    record = json.loads((out / "run.json").read_text())
+    assert record["profile"] == "smoke" and record["notebooks"]["96_fails"]["status"] == "failed"
+    assert record["total_seconds"] >= record["notebooks"]["95_draws"]["seconds"] > 0
+    assert json.loads((out / "95_draws.json").read_text())["run_seconds"] > 0
+    page = (out / "index.html").read_text()
+    assert 'href="html/95_draws.html"' in page and (out / "html" / "95_draws.html").exists()
+    assert 'src="html/95_draws_figure.png"' in page and (out / "html" / "95_draws_figure.png").stat().st_size > 1000
+    assert "side=2" in page and "KeyError: &#x27;no such prompt&#x27;" in page
+    assert "raise KeyError(&#x27;no such prompt&#x27;)" in page  # the failing cell's source
+    run_module.run_series("smoke", only=["95"], out_dir=out)
+    assert "left" in capsys.readouterr().out.split("no earlier run")[0]  # estimated from run.json now
+
+
+def test_the_summary_wraps_key_numbers_to_the_width():
+    runs = [run_module.NotebookRun("03_batching", "ok", 12.0,
+                                   results={"r": {"summary": {f"number_{i}": i / 3 for i in range(12)}}})]
+    text = run_module.summary_table(runs, width=60)
+    assert all(len(line) <= 60 for line in text.splitlines()[3:]) and "number_11=3.667" in text
+
+
 def test_unknown_notebook_is_a_clear_error(notebooks_dir):
     with pytest.raises(ValueError, match="no such notebook"):
         run_module.find_notebooks(["42"])
