@@ -173,8 +173,13 @@ REHEARSAL: dict[str, dict] = {
            "NORM_PAIRS": 4},
     "06": {"STEPS": "steps", "N_ENTRIES": 1, "CONDITIONING_SCALES": [0.0, 1.0], "GUIDANCE_WINDOWS": [[0.0, 0.5]],
            "ASPECT_SEEDS": 1, "ASPECTS": ["1:1", "16:9"]},
+    # 07's gpu combinations run at 20 and 10 steps: an SD 1.5-shaped fp16 step with its ControlNet takes ~11 s on one
+    # CPU thread even at 64² (fp16 has no fast CPU kernels), an hour in all; here each lever in combination at 1 step
     "07": {"N_PROMPTS": 1, "BASELINE_STEPS": "steps", "REPEATS": 1, "MIN_RUN_S": 0.0, "QUALITY_BATCH": 1,
-           "STEP_RUNGS": [1], "FINALISTS": 1, "HEAD_TO_HEAD_ROUNDS": 1},
+           "STEP_RUNGS": [1], "FINALISTS": 1, "HEAD_TO_HEAD_ROUNDS": 1, "SCHEDULER_RUNGS": ["dpm++"],
+           "COMBINED_RUNGS": ["dpm++ 1 + classic_attention", "dpm++ 1 + channels_last + fused_qkv + compile",
+                              "dpm++ 1 + channels_last + fused_qkv + cfg_cutoff + tiny_vae",
+                              "dpm++ 1 + deepcache + tiny_vae", "dpm++ 1 + tome + control_end"]},
     "08": {"N_CLASS_IMAGES": 2, "CLASS_BATCH_SIZE": 1, "TRAIN_STEPS": 2, "STEPS": "steps", "N_CONTEXT_SEEDS": 1,
            "SEEDS": [100], "N_HELDOUT": 1, "N_VALIDATION": 1},
 }

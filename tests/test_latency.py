@@ -606,3 +606,19 @@ def test_notebook_07_gpu_profile_fits_a_t4_in_about_15_minutes():
     total = ladder + bottlenecks + head_to_head + compile_s
     assert total < 16 * 60, f"{total / 60:.0f} minutes on a T4"
     assert GPU["QUALITY_BATCH"] <= 4 and GPU["FINALISTS"] <= 2
+
+
+def test_notebook_07_under_the_rehearsal_stays_affordable_on_a_cpu():
+    """The rehearsal computes the T4's fp16 rungs on a CPU (~11 s an SD 1.5-shaped step with its ControlNet at 64²):
+    after its shrinks, the gpu profile's ladder asks for a few dozen denoising steps, not hundreds."""
+    from helpers.profiles import rehearsal_shrinks
+
+    params = {**GPU, **rehearsal_shrinks("07", steps=2, size=64)}
+    baseline = latency.Config(steps=params["BASELINE_STEPS"], half="fp16")
+    names = ([f"{s} {n}" for s in params["SCHEDULER_RUNGS"] for n in params["STEP_RUNGS"]]
+             + params["OPTIMISATION_RUNGS"] + params["COMBINED_RUNGS"])
+    requests = 1 + params["REPEATS"] + params["N_PROMPTS"]
+    steps = requests * sum(latency.parse_rung(name, baseline=baseline).steps for name in ["baseline", *names])
+    assert steps <= 60, f"{steps} denoising steps"
+    levers = {part.strip().split()[0] for name in names for part in name.split(" + ")}
+    assert {"channels_last", "fused_qkv", "cfg_cutoff", "deepcache", "tome", "tiny_vae"} <= levers
