@@ -125,3 +125,28 @@ def test_partial_loading_table_moved_here_from_01(r):
     text = next(row for row in r["partial_loading"]["rows"] if row["component"] == "text_encoder")
     assert text["tensor_share"] < 0.2, "the text encoder is a small share of the toy file"
     assert "te_read_share" in r["summary"]
+
+
+def test_under_a_small_memory_budget_sizes_that_do_not_fit_are_halved_or_skipped(tmp_path, monkeypatch):
+    """SD_MEMORY_BUDGET_GIB between the toy's estimated decode of 2 and of 4 (as SD 1.5's decode of 32 at 512² on a
+    T4): the notebook finishes; the batched calls (and their warm-ups, and the grid's) halve to 2, the sweep skips 4
+    with the reason, and "auto" picks a size that ran."""
+    from helpers import limits
+    from helpers.models import load_pipeline
+    from helpers.run import find_notebooks, run_notebook
+    from helpers.stages import default_size
+
+    pipe = load_pipeline("toy")
+    height, width = default_size(pipe)
+    two, four = (limits.estimate_bytes(pipe.vae, b, height, width, "decode") for b in (2, 4))
+    monkeypatch.setenv("SD_MEMORY_BUDGET_GIB", repr((two + four) / 2 / 2**30))
+    run = run_notebook(find_notebooks(["03"])[0], "smoke", tmp_path)
+    assert run.status == "ok", run.error
+    r = next(iter(run.results.values()))
+    for row in r["compare"][1:]:  # denoise, decode, generate
+        assert row["chunk_sizes"] == [2, 2] and row["oom_halvings"] == [4], row
+    for stage in ("denoise", "decode"):
+        rows = {row["batch_size"]: row for row in r["sweep"][stage]}
+        assert rows[4]["skipped"] == "out of memory" and "GiB" in rows[4]["skipped_reason"]
+        assert rows[4]["throughput"] is None and rows[2]["throughput"] > 0
+        assert r["auto"][stage]["batch_size"] in (1, 2) and r["best_batch_size"][stage] in (1, 2)
