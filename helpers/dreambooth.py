@@ -21,16 +21,20 @@ training loss and noising are the toy's own (`helpers.toy.train`: v-prediction o
 epsilon on SD 1.5).
 
     check_identifier(tokenizer, identifier, known_words)  -> token id (one token, no meaning yet), else ValueError
+    fill_prompt(template, phrase)                           -> "a photo of {}" + "sks dog" -> "a photo of a sks dog"
     subject_images(n, colour, subject, seed)                -> InstanceImages (toy renders + captions)
     load_instance_folder(folder, size, fit=False)           -> InstanceImages from the user's photos (SD 1.5)
+    subject_photos(instance_dir, prompt, size)              -> the user's photos, else diffusers' sample dog (SD 1.5)
     training_data(pipe, instance, class_prompts, class_pictures=None, ...) -> DreamBoothData (latents + embeddings)
     add_lora(unet, rank) -> trainable parameter count;  train_lora(pipe, data, steps, ...) -> TrainingLog
+                            (an fp16 UNet trains under autocast with a gradient scaler, the adapter in fp32)
     save_lora(pipe, folder) -> file;  load_lora(pipe, file)  (refuses an adapter made for another model)
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -99,6 +103,45 @@ def toy_known_words() -> list[str]:
     from helpers.tokenizer import DEFAULT_WORDS
 
     return sorted({*world.VOCABULARY, *DEFAULT_WORDS})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts: a template and the subject (or its class), with the article English needs
+
+ARTICLE = "{a}"  # in a template: "a" or "an", whichever the subject after it takes
+# Words after which a bare "{}" would leave the noun without an article ("a photo of {}" -> "a photo of dog")
+PREPOSITIONS = ("of", "in", "on", "at", "with", "by", "for", "from", "like", "to", "as", "near", "beside", "under",
+                "behind", "and")
+# Spelling misleads the simple rule (a vowel letter -> "an") for these starts: "a unicorn", "an hour"
+CONSONANT_SOUND_STARTS = ("uni", "use", "usu", "uti", "ure", "euro", "eu", "one", "once", "ewe")
+VOWEL_SOUND_STARTS = ("hour", "honest", "honor", "honour", "heir")
+
+
+def indefinite_article(phrase: str) -> str:
+    """"a" or "an" for a noun phrase, by the sound of its first word as spelt ("an apple", "a unicorn", "a sks dog":
+    an identifier is read as a word, as the DreamBooth paper writes it)."""
+    word = phrase.strip().split()[0].lower() if phrase.strip() else ""
+    if word.startswith(VOWEL_SOUND_STARTS):
+        return "an"
+    if word.startswith(CONSONANT_SOUND_STARTS):
+        return "a"
+    return "an" if word[:1] in tuple("aeiou") else "a"
+
+
+def fill_prompt(template: str, phrase: str) -> str:
+    """`template` with `{}` replaced by the noun phrase `phrase` ("sks dog", "dog") and its article right:
+    `{a}` becomes "a" or "an" as the phrase sounds ("{a} {}" + "apple" -> "an apple"); an "a"/"an" written just
+    before `{}` is matched the same way ("a {}" + "apple" -> "an apple"); a `{}` that starts the template or follows
+    a preposition ("a photo of {}") would leave the noun bare, so it gets an article ("a photo of a dog"). To keep
+    another determiner, write it before `{}` ("the {}", "my {}", "two {}s")."""
+    if "{}" not in template:
+        raise ValueError(f"prompt template {template!r} has no {{}} where the subject goes, e.g. 'a photo of {{}}'")
+    article = indefinite_article(phrase)
+    text = re.sub(r"\b([Aa]n?) \{\}", lambda m: f"{article.capitalize() if m[1][0] == 'A' else article} {{}}",
+                  template)
+    bare = r"(^|\b(?:" + "|".join(PREPOSITIONS) + r") )\{\}"
+    text = re.sub(bare, lambda m: f"{m[1]}{article} {{}}", text)
+    return text.replace(ARTICLE, article).replace("{}", phrase)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -378,6 +421,78 @@ def load_instance_folder(folder: str | Path, prompt: str, size: tuple[int, int],
     return InstanceImages(images, [prompt] * len(images))
 
 
+SAMPLE_SUBJECT_REPO = "diffusers/dog-example"  # diffusers' DreamBooth docs train on it: 5 photos of one dog
+SAMPLE_SUBJECT_CLASS = "dog"
+
+
+def instance_dir_candidates(instance_dir: str | Path) -> list[Path]:
+    """Where `instance_dir` may be, as absolute paths: itself when absolute; else in the working directory, then in
+    the outputs folder. The working directory differs between runs (papermill: notebooks/; Colab: /content)."""
+    from helpers.results import outputs_dir
+
+    path = Path(instance_dir).expanduser()
+    if path.is_absolute():
+        return [path]
+    return list(dict.fromkeys([(Path.cwd() / path).resolve(), (outputs_dir() / path).resolve()]))
+
+
+def picture_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+
+
+def find_instance_dir(instance_dir: str | Path) -> tuple[Path | None, str]:
+    """(the folder of the user's photos, what was found): the first candidate (`instance_dir_candidates`) that
+    holds pictures, else None and where it looked."""
+    if not str(instance_dir).strip():
+        return None, "INSTANCE_DIR is empty"
+    candidates = instance_dir_candidates(instance_dir)
+    for folder in candidates:
+        if picture_files(folder):
+            return folder, f"INSTANCE_DIR {str(instance_dir)!r}: the photos in {folder}"
+    looked = "; ".join(f"{c} ({'holds no pictures' if c.is_dir() else 'does not exist'})" for c in candidates)
+    return None, f"INSTANCE_DIR {str(instance_dir)!r} holds no photos: looked in {looked}"
+
+
+def upload_hint(instance_dir: str | Path) -> str:
+    """Where to put the photos so that INSTANCE_DIR finds them."""
+    folder = instance_dir_candidates(str(instance_dir).strip() or "my_subject")[0]
+    return (f"upload 3-5 photos of one subject ({', '.join(IMAGE_SUFFIXES)}) into {folder} (Colab: the Files panel "
+            "on the left; Kaggle: Add Input > Upload, then set INSTANCE_DIR to its folder under /kaggle/input) and set "
+            f"INSTANCE_DIR = {str(instance_dir).strip() or 'my_subject'!r}")
+
+
+def download_sample_subject(instance_dir: str | Path = "") -> Path:
+    """The folder of diffusers' sample subject (`SAMPLE_SUBJECT_REPO`, through the hub cache); a clear error, with
+    where to upload your own photos, when it cannot be had (no internet, HF_HUB_OFFLINE without it in the cache)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(SAMPLE_SUBJECT_REPO, repo_type="dataset", ignore_patterns=[".gitattributes"]))
+    except Exception as error:
+        raise FileNotFoundError(
+            f"No photos of a subject, and diffusers' sample subject {SAMPLE_SUBJECT_REPO} could not be fetched "
+            f"({type(error).__name__}: {error}): {upload_hint(instance_dir)}") from error
+    if not picture_files(folder):
+        raise FileNotFoundError(f"{SAMPLE_SUBJECT_REPO} ({folder}) holds no pictures: {upload_hint(instance_dir)}")
+    return folder
+
+
+def subject_photos(instance_dir: str | Path, prompt: str, size: tuple[int, int], fit: bool = True,
+                   class_noun: str = SAMPLE_SUBJECT_CLASS) -> InstanceImages:
+    """The user's photos from `instance_dir` (found by `find_instance_dir`), or, when there are none, diffusers'
+    sample dog from the hub, said so, with where to upload your own. A sample dog is captioned `prompt` too, so a
+    `class_noun` other than "dog" is pointed out."""
+    folder, found = find_instance_dir(instance_dir)
+    print(found)
+    if folder is None:
+        folder = download_sample_subject(instance_dir)
+        print(f"using diffusers' sample subject {SAMPLE_SUBJECT_REPO} ({len(picture_files(folder))} photos of a "
+              f"{SAMPLE_SUBJECT_CLASS}, {folder}); to use yours, {upload_hint(instance_dir)}")
+        if class_noun != SAMPLE_SUBJECT_CLASS:
+            print(f"note: the sample subject is a {SAMPLE_SUBJECT_CLASS}, but CLASS_NOUN is {class_noun!r}")
+    return load_instance_folder(folder, prompt, size, fit=fit)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Training data: the subject's pictures and the prior-preservation pictures, as latents and prompt embeddings
 
@@ -514,6 +629,9 @@ class TrainingLog:
     eval_loss_before: float  # subject pictures at fixed noise and timesteps: lower = the subject is learned
     eval_loss_after: float
     trainable_parameters: int
+    precision: str = "float32"  # the UNet's: "float16" trains under autocast with a gradient scaler
+    grad_scaler: bool = False  # fp16: the loss was scaled so that the adapter's small gradients do not underflow
+    skipped_steps: int = 0  # fp16: steps the scaler skipped (a gradient overflowed), lowering its scale instead
 
 
 def eval_loss(pipe, data: DreamBoothData, scheduler, seed: int = 0, repeats: int = 4) -> float:
@@ -531,9 +649,10 @@ def eval_loss(pipe, data: DreamBoothData, scheduler, seed: int = 0, repeats: int
 
 
 def unet_prediction(unet, noisy: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-    """The UNet's output in float32 (autocast to the UNet's half precision on a GPU)."""
+    """The UNet's output in float32; a half-precision UNet runs under autocast to its dtype (its fp32 adapter and
+    fp32 inputs meet its fp16 weights there), on whatever device holds it."""
     device, dtype = unet.device, unet.dtype
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda"):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
         prediction = unet(noisy.to(device), timesteps.to(device), encoder_hidden_states=prompt_embeds.to(device)).sample
     return prediction.float().cpu()  # (B, 4, h, w)
 
@@ -554,12 +673,17 @@ def train_lora(pipe, data: DreamBoothData, *, steps: int, learning_rate: float =
     that made the noisy latents, whose random part the adapter chases as noise; or "base model", the frozen base
     model's own prediction for the same noisy latents and caption (the adapter switched off): the adapter is pulled
     back exactly where it changes the model, and an untouched model has zero prior loss. On the toy, 400 steps on its
-    own guided pictures with "picture" lost 28 points of held-out prompt adherence without ever seeing the star."""
+    own guided pictures with "picture" lost 28 points of held-out prompt adherence without ever seeing the star.
+
+    An fp16 UNet (SD 1.5 on a T4) trains as diffusers' train_dreambooth_lora does with mixed_precision="fp16": the
+    adapter's weights in fp32, the forward pass under fp16 autocast, and the loss scaled by a gradient scaler, since
+    a LoRA's gradients are small enough to underflow to zero in fp16; a step whose gradients overflow is skipped and
+    the scale lowered (`TrainingLog.skipped_steps`)."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
-    from helpers.toy.train import cosine_lr, diffusion_loss, noisy_latents_batch, optimizer_step, set_lr
+    from helpers.toy.train import cosine_lr, diffusion_loss, noisy_latents_batch, set_lr
 
     check_training_settings(data, steps, batch_size, prior_loss_weight, prior_caption_dropout, prior_target)
     unet = pipe.unet
@@ -571,6 +695,8 @@ def train_lora(pipe, data: DreamBoothData, *, steps: int, learning_rate: float =
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=1e-2)
+    scaler = grad_scaler(unet)  # disabled (a pass-through) unless the UNet is fp16
+    skipped = 0
     generator = torch.Generator().manual_seed(seed)
     latents, scaling_factor = {"mean": data.latents}, pipe.vae.config.scaling_factor
     losses, started = [], time.perf_counter()
@@ -591,10 +717,36 @@ def train_lora(pipe, data: DreamBoothData, *, steps: int, learning_rate: float =
                 target[batch_size:] = base_prediction(unet, noisy[batch_size:], timesteps[batch_size:],
                                                       prompt_embeds[batch_size:])
             prior_loss = diffusion_loss(prediction[batch_size:], target[batch_size:], part(weight, batch_size, None))
-        losses.append(optimizer_step(optimizer, instance_loss + prior_loss_weight * prior_loss))
+        loss, stepped = scaled_step(optimizer, scaler, instance_loss + prior_loss_weight * prior_loss)
+        losses.append(loss)
+        skipped += not stepped
     seconds = time.perf_counter() - started
     unet.eval()
-    return TrainingLog(losses, seconds, steps, before, eval_loss(pipe, data, scheduler, seed), trainable)
+    return TrainingLog(losses, seconds, steps, before, eval_loss(pipe, data, scheduler, seed), trainable,
+                       precision=str(unet.dtype).removeprefix("torch."), grad_scaler=scaler.is_enabled(),
+                       skipped_steps=skipped)
+
+
+def grad_scaler(unet) -> torch.amp.GradScaler:
+    """A gradient scaler for an fp16 UNet (fp16's smallest normal number, 6e-5, is above many of a LoRA's
+    gradients); disabled, a pass-through, for fp32 and bf16 (which has fp32's range)."""
+    return torch.amp.GradScaler(unet.device.type, enabled=unet.dtype == torch.float16)
+
+
+def scaled_step(optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
+                max_grad_norm: float = 1.0) -> tuple[float, bool]:
+    """Backpropagate the scaled loss, clip the unscaled gradients' norm to `max_grad_norm` and step, unless a
+    gradient overflowed (the scaler then skips the step and lowers its scale); (the loss, whether it stepped).
+    With a disabled scaler this is helpers.toy.train.optimizer_step."""
+    optimizer.zero_grad()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item(), not scaler.is_enabled() or scaler.get_scale() >= scale
 
 
 @torch.no_grad()

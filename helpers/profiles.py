@@ -129,7 +129,15 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
                   "STEPS": 4, "SEEDS": [100, 101], "N_CONTEXT_SEEDS": 1, "N_HELDOUT": 4, "N_VALIDATION": 8,
                   "CONTEXT_PROMPTS": ["a {} on the right on a brown background", "a green {}"]},
         "cpu": {},
-        "gpu": {  # SD 1.5 on your photos in fp16 on a T4: upload 3-5 photos of one subject to my_subject/
+        # SD 1.5 on your photos (3-5 in my_subject/; none there: diffusers' sample dog) in fp16 on a T4, 512², 25
+        # steps, in its (UNet steps of batch 2 at 64² latents, 1.61 TFLOP; a 512² decode, 2.5 TFLOP, counted as 2):
+        # 5 + 9 pictures before and after (4 seeds, the unrelated prompt, the reloaded adapter) ~380, 100 class
+        # pictures ~2,700, 8 context pictures ~220, 400 LoRA steps of 1 subject + 1 class picture ~1,240 (a step is
+        # ~3.1 its: forward and backward to the activations 3.45 TFLOP, plus the forward again that gradient
+        # checkpointing recomputes), eval losses ~20: ~4,560 its ≈ 10 min at a T4's ~7.6 it/s, plus the download and
+        # two loads: about 12-13 min. Peak ~9 GiB (SD 1.5 fp16 ~2.6 GB, twice while the reloaded adapter is checked;
+        # a decode of 8 at 512² 6 GiB); training with checkpointing ~5 GiB.
+        "gpu": {
             "IDENTIFIER": "sks", "CLASS_NOUN": "dog", "PROMPT_TEMPLATE": "a photo of {}", "INSTANCE_DIR": "my_subject",
             "CLASS_PROMPTS": "class noun", "CLASS_PICTURES": "generated", "N_CLASS_IMAGES": 100, "CLASS_BATCH_SIZE": 4,
             "TRAIN_STEPS": 400, "LEARNING_RATE": 0.0001, "LORA_RANK": 4, "LORA_TARGETS": "attention", "BATCH_SIZE": 1,
