@@ -5,6 +5,7 @@
   python -m helpers list                      the notebooks and benchmarks there are
   python -m helpers app [--port 7860]         the web page: text in, image out (helpers/app.py)
   python -m helpers batch PROMPTS --out DIR   generate a prompt file (helpers/batch.py; also under accelerate launch)
+  python -m helpers hub build [--cache DIR]   the local hub: random weights at SD 1.5's shapes under the real repo ids
   python -m helpers rehearse [--only 03]      the series as a T4 user meets it, offline (helpers/rehearse.py)
 """
 
@@ -18,6 +19,7 @@ import sys
 import helpers.bench
 from helpers import app as web_app  # light: gradio and torch are imported when the page is built
 from helpers import batch as batch_job  # light: torch is imported when a batch runs
+from helpers import hub as local_hub  # light: torch and diffusers are imported when it builds
 from helpers import rehearse as rehearsal_run
 
 
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     rehearsal = commands.add_parser("rehearse", help="run the series as a badge user on a T4 would, offline, "
                                     "against a local hub of SD 1.5-shaped random weights")
     rehearsal_run.add_arguments(rehearsal)
+    local_hub.add_arguments(commands.add_parser("hub", help="build the local hub (an HF_HUB_CACHE) for offline runs"))
     args = parser.parse_args(argv)
 
     if args.command == "run":
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(f"helpers.bench.{args.name}").main(args.args)
     if args.command == "batch":
         return batch_job.run_from_args(args)
+    if args.command == "hub":
+        return local_hub.run_from_args(args)
     if args.command == "rehearse":
         return rehearsal_run.run_from_args(args)
     from helpers.run import find_notebooks

@@ -1,0 +1,177 @@
+"""The local hub (`helpers.hub`): built once per session into a temporary folder, then read offline through the code
+a user runs, each check in a fresh Python with `HF_HUB_OFFLINE=1 HF_HUB_CACHE=<folder>` set before any import (the
+hub library reads both once, at import).
+
+The session builds SD 1.5, the depth ControlNet, TAESD, the depth estimator and the dataset (about 1.5 minutes and
+6 GB of disk here); the other two ControlNets come from the same builder under other ids.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from helpers import hub
+from helpers.models import SD15_CONTROLNET_HUB_IDS, SD15_HUB_ID, TAESD_HUB_ID
+
+BUILT = [SD15_HUB_ID, SD15_CONTROLNET_HUB_IDS["depth"], TAESD_HUB_ID, hub.DEPTH_HUB_ID, hub.DOG_DATASET_ID]
+
+
+@pytest.fixture(scope="module")
+def local_hub(tmp_path_factory):
+    """(cache folder, what the build printed): `python -m helpers hub build` into a temporary folder."""
+    cache = tmp_path_factory.mktemp("hub")
+    result = subprocess.run(
+        [sys.executable, "-m", "helpers", "hub", "build", "--cache", str(cache), "--repos", *BUILT],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    yield cache, result.stdout
+    shutil.rmtree(cache)  # ~6 GB: not left for pytest's kept temporary folders
+
+
+def offline(cache, code: str, tmp_path, **env) -> dict:
+    """Run `code` in a fresh Python, offline against `cache`, from a working directory outside the repo; the last
+    line it prints is JSON, returned."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1", **env}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=environment,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_build_reports_time_and_disk_and_a_second_build_is_a_no_op(local_hub):
+    cache, printed = local_hub
+    assert "GB of disk" in printed and "built 5 repo(s) in" in printed, printed
+    markers = {r: hub.repo_folder(cache, r, hub.hub_repos()[r][0]) / hub.MARKER for r in BUILT}
+    before = {r: m.stat().st_mtime_ns for r, m in markers.items()}
+    lines = []
+    start = time.perf_counter()
+    hub.build_local_hub(cache, repos=BUILT, progress=lines.append)
+    assert time.perf_counter() - start < 10
+    assert {r: m.stat().st_mtime_ns for r, m in markers.items()} == before
+    assert "all 5 repos already built" in lines[-1]
+
+
+def test_forced_rebuild_is_reproducible(local_hub):
+    """--force rebuilds from scratch; one seed per repo makes the files byte for byte the same."""
+    cache, _ = local_hub
+    repos = [TAESD_HUB_ID, hub.DOG_DATASET_ID]
+
+    def files():
+        out = {}
+        for repo_id in repos:
+            folder = hub.repo_folder(cache, repo_id, hub.hub_repos()[repo_id][0])
+            out.update({str(p.relative_to(cache)): p.read_bytes() for p in folder.rglob("*")
+                        if p.is_file() and p.name != hub.MARKER})
+        return out
+
+    before = files()
+    hub.build_local_hub(cache, repos=repos, force=True, progress=lambda line: None)
+    assert files() == before
+
+
+def test_sd15_loads_from_the_local_hub_with_the_real_shapes(local_hub, tmp_path):
+    cache, _ = local_hub
+    got = offline(cache, """
+        import json, torch, numpy as np
+        from diffusers import StableDiffusionPipeline
+        from helpers.hub import SD15_PROMPT_WORDS
+        from helpers.testing import count_parameters
+        pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", variant="fp16",
+                                                       dtype=torch.float16)
+        counts = {name: count_parameters(getattr(pipe, name))
+                  for name in ("unet", "vae", "text_encoder", "safety_checker")}
+        images = np.random.default_rng(0).random((1, 64, 64, 3)).astype(np.float32)
+        pipe.safety_checker.float()  # fp16 matmuls crawl on a CPU
+        _, flagged = pipe.run_safety_checker(images, "cpu", torch.float32)
+        words = ["sks", "dog", "astronaut", "photograph", "watercolor", "painting", "mountain"]
+        pieces = {w: len(pipe.tokenizer(w, add_special_tokens=False).input_ids) for w in words}
+        print(json.dumps({"counts": counts, "flagged": [bool(f) for f in flagged], "pieces": pieces,
+                          "dtype": str(pipe.unet.dtype), "feature_extractor": type(pipe.feature_extractor).__name__,
+                          "scheduler": type(pipe.scheduler).__name__}))
+        """, tmp_path)
+    from helpers.testing import SD15_UNET_PARAMS
+
+    assert got["counts"]["unet"] == SD15_UNET_PARAMS
+    assert got["counts"]["text_encoder"] == 123_060_480  # CLIP ViT-L/14's text tower
+    assert got["counts"]["vae"] == 83_653_863
+    assert got["counts"]["safety_checker"] > 300_000_000  # CLIP ViT-L/14's image tower
+    assert got["dtype"] == "torch.float16" and got["scheduler"] == "PNDMScheduler"
+    assert got["feature_extractor"].startswith("CLIPImageProcessor")
+    assert got["flagged"] == [False]  # a random image passes the random safety checker
+    assert set(got["pieces"].values()) == {1}, got["pieces"]
+
+
+def test_load_pipeline_auto_and_a_controlnet_on_a_t4(local_hub, tmp_path):
+    cache, _ = local_hub
+    got = offline(cache, """
+        import json, torch
+        from diffusers import ControlNetModel
+        from helpers import accelerator
+        from helpers.models import load_pipeline, resolve_model
+        from helpers.testing import count_parameters, sd15_unet_on_meta
+        accelerator.accelerator.cache_clear()
+        pipe = load_pipeline("auto", controlnet="depth", safety_checker=False)
+        with torch.device("meta"):
+            expected = count_parameters(ControlNetModel.from_unet(sd15_unet_on_meta()))
+        print(json.dumps({"model": resolve_model("auto"), "dtype": str(pipe.unet.dtype),
+                          "pipeline": type(pipe).__name__, "unet": pipe.unet.config._name_or_path,
+                          "controlnet": count_parameters(pipe.controlnet), "expected": expected,
+                          "embedding": list(pipe.controlnet.config.conditioning_embedding_out_channels)}))
+        """, tmp_path, SD_PRETEND_ACCELERATOR="t4")
+    assert got["model"] == SD15_HUB_ID  # "auto" on a T4 when the hub (here its local cache) answers
+    assert got["unet"].startswith(str(hub.repo_folder(cache, SD15_HUB_ID)))  # read from the local hub
+    assert got["dtype"] == "torch.float16"  # the fp16 variant, as on a T4
+    assert got["pipeline"] == "StableDiffusionControlNetPipeline"
+    assert got["controlnet"] == got["expected"]
+    assert got["embedding"] == [16, 32, 96, 256]
+
+
+def test_the_single_file_downloads_and_loads_with_the_cached_config(local_hub, tmp_path):
+    cache, _ = local_hub
+    got = offline(cache, """
+        import json, os, torch
+        from diffusers import AutoencoderKL, StableDiffusionPipeline
+        from huggingface_hub import hf_hub_download
+        from helpers.ldm import load_component_from_single_file
+        from helpers.testing import count_parameters
+        path = hf_hub_download("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
+        config = os.path.dirname(path)  # the cached repo: its configs, tokenizer and scheduler
+        pipe = StableDiffusionPipeline.from_single_file(path, config=config, local_files_only=True)
+        vae = load_component_from_single_file(path, "vae", config, partial=True)
+        folder_vae = AutoencoderKL.from_pretrained(config, subfolder="vae", variant="fp16")
+        same = all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), folder_vae.state_dict().values()))
+        print(json.dumps({"unet": count_parameters(pipe.unet), "text_encoder": count_parameters(pipe.text_encoder),
+                          "vae_same_as_folder": same, "bytes": os.path.getsize(path)}))
+        """, tmp_path)
+    from helpers.testing import SD15_UNET_PARAMS
+
+    assert got["unet"] == SD15_UNET_PARAMS and got["text_encoder"] == 123_060_480
+    assert got["vae_same_as_folder"]  # one set of networks, in both layouts
+    assert 2.0e9 < got["bytes"] < 2.3e9  # fp16: half the hub's 4.27 GB
+
+
+def test_depth_estimator_and_the_sample_subject_dataset(local_hub, tmp_path):
+    cache, _ = local_hub
+    got = offline(cache, """
+        import json, os
+        import PIL.Image
+        from huggingface_hub import snapshot_download
+        from helpers.control import estimate_depth
+        depth = estimate_depth(PIL.Image.new("RGB", (96, 64), (120, 90, 60)))
+        folder = snapshot_download("diffusers/dog-example", repo_type="dataset")
+        sizes = [PIL.Image.open(os.path.join(folder, name)).size for name in sorted(os.listdir(folder))
+                 if name.endswith(".jpeg")]
+        readme = open(os.path.join(folder, "README.md")).read()
+        print(json.dumps({"depth": list(depth.depth.shape), "range": [float(depth.depth.min()),
+                          float(depth.depth.max())], "sizes": sizes, "stand_in": "STAND-IN" in readme}))
+        """, tmp_path)
+    assert got["depth"] == [64, 96] and got["range"] == [0.0, 1.0]
+    assert got["sizes"] == [[512, 512]] * 5
+    assert got["stand_in"]
