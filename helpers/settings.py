@@ -93,6 +93,8 @@ def use_settings(number: str, namespace: dict, *, folder: str | Path | None = No
     from helpers.models import resolve_model
 
     acc = accelerator.check_usable()  # a P100 fails here, with what to pick instead
+    if acc.pretended:
+        accelerator.compute_fp16_in_fp32_on_cpu()  # the rehearsal: the CPU's fp16 convolution is ~100x slower
     defaults = notebook_defaults(number, folder)
     model = resolve_model(namespace.get("MODEL", "auto"))
     profile, why = pick_profile(namespace.get("PROFILE", "auto"), model)

@@ -21,6 +21,7 @@ def fresh(monkeypatch):
     accelerator.accelerator.cache_clear()
     yield monkeypatch
     accelerator.accelerator.cache_clear()
+    accelerator.restore_fp16_kernels()  # use_settings under a pretended T4 installs them
 
 
 def fake_gpu(monkeypatch, name: str, capability: tuple[int, int], arch_list: list[str], total_gib: float = 16):
@@ -149,3 +150,19 @@ def test_a_profile_knob_the_notebook_lacks_is_an_error(fresh, monkeypatch):
     monkeypatch.setitem(profiles.NOTEBOOK_OVERRIDES, "03", {"cpu": {"NO_SUCH_KNOB": 1}})
     with pytest.raises(KeyError, match="NO_SUCH_KNOB"):
         use_settings("03", notebook_defaults("03"), show=False)
+
+
+def test_the_rehearsal_computes_fp16_convolutions_in_fp32_and_keeps_fp16_tensors(fresh):
+    import torch.nn.functional as F
+
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).half()
+    x = torch.randn(1, 8, 6, 6).half()
+    accelerator.compute_fp16_in_fp32_on_cpu()
+    accelerator.compute_fp16_in_fp32_on_cpu()  # idempotent: wrapped once
+    assert F.conv2d.__name__ == "in_fp32" and F.linear.__name__ == "in_fp32"
+    out = conv(x)
+    expected = F.conv2d.__kwdefaults__["_original"](x.float(), conv.weight.float(), conv.bias.float(), 1, 1)
+    assert out.dtype == torch.float16 and torch.allclose(out.float(), expected, atol=1e-2)
+    assert F.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.float32  # other dtypes untouched
+    accelerator.restore_fp16_kernels()
+    assert F.conv2d.__name__ == "conv2d"
