@@ -82,10 +82,10 @@ def pick_profile(profile: str, model: str) -> tuple[str, str]:
     if profile != "auto":
         return profile, "asked for"
     if model in TOY_MODELS:
-        return "cpu", f"MODEL resolves to {model!r}"
+        return "cpu", f"the {model} model"
     if not accelerator.on_gpu():
-        return "gpu", f"MODEL is {model!r}, sized for a GPU: on this {accelerator.accelerator().kind} it is slow"
-    return "gpu", f"{model} on {accelerator.accelerator().name}"
+        return "gpu", f"a real Stable Diffusion, sized for a GPU: slow on this {accelerator.accelerator().kind}"
+    return "gpu", "a real Stable Diffusion on a GPU"
 
 
 def use_settings(number: str, namespace: dict, *, folder: str | Path | None = None, show: bool = True) -> Settings:
@@ -107,7 +107,7 @@ def use_settings(number: str, namespace: dict, *, folder: str | Path | None = No
         if namespace[knob] == defaults[knob]:
             if value != namespace[knob]:
                 namespace[knob] = value
-                origins[knob] = f"{profile} profile" + (f": {why}" if knob == "MODEL" else "")
+                origins[knob] = f"{profile} profile" + (f" ({why})" if knob == "MODEL" else "")
         elif namespace[knob] != value:
             origins[knob] = "yours (kept)"
     plan = rehearsal()
