@@ -13,6 +13,7 @@ True and the first kernel fails. `accelerator()` notices (the arch list of the i
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,6 +23,7 @@ import torch
 
 PRETEND_ENV = "SD_PRETEND_ACCELERATOR"  # "t4": decide as on a T4 (the rehearsal sets it)
 MEMORY_BUDGET_ENV = "SD_MEMORY_BUDGET_GIB"  # cap on the device memory every check counts on (the rehearsal: 15)
+REHEARSAL_ENV = "SD_REHEARSAL"  # JSON from `helpers.rehearse`: {"shrink": {"NN": {knob: value}}, "size": px, ...}
 GIB = 2**30
 
 # What the rehearsal pretends to be. A T4 has 16 GB (15.1 GiB usable); published SD 1.5 rate ~7.6 it/s at 512² fp16.
@@ -30,6 +32,12 @@ PRETEND_SPECS = {
            "capability": (7, 5), "sd15_it_per_s": 7.6},
 }
 T4_SD15_IT_PER_S = PRETEND_SPECS["t4"]["sd15_it_per_s"]  # one UNet step of batch 2 (CFG) at 64×64 latents
+
+
+def rehearsal() -> dict:
+    """The rehearsal's instructions to this process ({} outside `python -m helpers rehearse`)."""
+    value = os.environ.get(REHEARSAL_ENV)
+    return json.loads(value) if value else {}
 
 
 class UnsupportedGPUError(RuntimeError):

@@ -25,11 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers.accelerator import MEMORY_BUDGET_ENV, PRETEND_ENV
+from helpers.accelerator import MEMORY_BUDGET_ENV, PRETEND_ENV, REHEARSAL_ENV
 from helpers.profiles import rehearsal_shrinks
 from helpers.results import format_table, outputs_dir
 from helpers.run import find_notebooks, run_notebook
-from helpers.settings import REHEARSAL_ENV
 
 NOT_COVERED = [
     "fp16 CUDA kernels: tensors were fp16, but convolutions and linear layers computed in fp32 on the CPU and were "

@@ -17,14 +17,13 @@ from __future__ import annotations
 import ast
 import atexit
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers import accelerator
+from helpers.accelerator import rehearsal
 from helpers.profiles import parameters_for
 
-REHEARSAL_ENV = "SD_REHEARSAL"  # JSON: {"shrink": {"NN": {knob: value}}, "size": px, "record": "path.json"}
 SOURCE_NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 TOY_MODELS = ("toy", "tiny-random")
 
@@ -69,12 +68,6 @@ def notebook_defaults(number: str, folder: str | Path | None = None) -> dict:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             defaults[node.targets[0].id] = ast.literal_eval(node.value)
     return defaults
-
-
-def rehearsal() -> dict:
-    """The rehearsal's instructions to this kernel ({} outside a rehearsal)."""
-    value = os.environ.get(REHEARSAL_ENV)
-    return json.loads(value) if value else {}
 
 
 def pick_profile(profile: str, model: str) -> tuple[str, str]:

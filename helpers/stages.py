@@ -22,9 +22,9 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from helpers.accelerator import rehearsal
 from helpers.limits import check_fits_in_memory, check_size_is_sane, is_offloaded, placement
 from helpers.models import make_scheduler
-from helpers.settings import rehearsal
 from helpers.timing import timed
 
 # ---------------------------------------------------------------------------------------------------

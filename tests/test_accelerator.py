@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from helpers import accelerator, limits, models
-from helpers.settings import REHEARSAL_ENV, notebook_defaults, use_settings
+from helpers.accelerator import REHEARSAL_ENV
+from helpers.settings import notebook_defaults, use_settings
 
 GIB = 2**30
 
