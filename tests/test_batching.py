@@ -403,3 +403,21 @@ def test_single_file_for_the_toy_a_given_file_and_other_models(tmp_path):
     assert given.path == Path(TOY_LDM_FILE) and given.config_dir == str(tmp_path)
     other = batching.single_file_for("tiny-random")
     assert other.path is None and "SINGLE_FILE" in other.reason
+
+
+def test_each_stage_runs_with_only_its_part_of_sd15s_single_file_from_the_hub(local_hub, tmp_path, tiny_pipe):
+    """The SD 1.5 path end to end on a local hub holding tiny-random under SD 1.5's id: the single file from
+    hf_hub_download, the configs (tokenizer and scheduler included) from the hub folder, every part alone."""
+    from helpers.ldm import export_ldm_checkpoint
+
+    folder = tmp_path / "export"
+    tiny_pipe.save_pretrained(folder)
+    export_ldm_checkpoint(tiny_pipe, folder / "v1-5-pruned-emaonly.safetensors")
+    local_hub(SD15, {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()})
+    found = batching.single_file_for(SD15)
+    assert found.reason is None, found.reason
+    job = StageJob(tiny_pipe, ["a red circle", "a blue square"], [3, 4], num_inference_steps=STEPS)
+    job.ensure_inputs("decode", 2)
+    for stage in batching.STAGE_COMPONENTS:
+        part = batching.load_stage(str(found.path), stage, config_dir=found.config_dir, dtype=torch.float32)
+        assert batching.max_abs_diff(job.call(stage, 0, 2, pipe=part), job.call(stage, 0, 2)) <= 1e-5, stage
