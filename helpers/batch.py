@@ -326,11 +326,12 @@ def run(args: argparse.Namespace) -> dict:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
+    from helpers import accelerator
     from helpers.models import load_pipeline, resolve_model
 
     started = time.perf_counter()
     entries = read_prompt_file(args.prompts, args.seed)
-    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
+    state = PartialState(cpu=args.cpu or accelerator.compute_device().type != "cuda")
     threads = threads_per_process(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
     torch.set_num_threads(threads)
     out_dir = Path(args.out)

@@ -20,8 +20,7 @@ import argparse
 import json
 import time
 
-import torch
-
+from helpers import accelerator
 from helpers.batching import (
     COMPARE_COLUMNS,
     MIN_RUN_S,
@@ -60,7 +59,7 @@ def parse_args(argv: list[str] | None):
     for name in ("max_batch", "height", "width"):
         if getattr(args, name) is not None:
             check_count(f"--{name.replace('_', '-')}", getattr(args, name))
-    if args.model == "sd15-random" and not torch.cuda.is_available():  # 512×512 would take hours here
+    if args.model == "sd15-random" and not accelerator.on_gpu():  # 512×512 would take hours here
         args.height, args.width = args.height or CPU_SD15_SIZE, args.width or args.height or CPU_SD15_SIZE
     return args
 

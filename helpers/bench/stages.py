@@ -12,6 +12,7 @@ import argparse
 
 import torch
 
+from helpers import accelerator
 from helpers.models import load_pipeline
 from helpers.results import format_table, record_results
 from helpers.stages import decode, default_size, denoise, encode_text
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for model in args.models:
             big = model.startswith("sd15") or "/" in model
-            repeats = 1 if big and not torch.cuda.is_available() else args.repeats
+            repeats = 1 if big and not accelerator.on_gpu() else args.repeats
             rows += bench_model(model, args.sd15_steps if big else args.steps, args.batch_size, repeats)
     columns = ["model", "stage", "output shape", "median s", "s per image", "share", "s per UNet step", "repeats"]
     print(format_table(rows, columns))
