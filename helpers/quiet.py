@@ -7,11 +7,17 @@ Never blanket-silenced: each filter names the one logger and the one message it 
 - diffusers: "There are modules in UNet2DConditionModel that should be kept in float32: []" on every `.to(dtype)`.
   With an empty list nothing is kept in float32, so there is nothing inconsistent to warn about; a non-empty list
   still warns.
+- PyTorch's profiler (kineto) prints "USDT: ... profiler_start" / "profiler_stop" to stderr around every profile
+  (notebook 07 profiles its requests): its log level, `KINETO_LOG_LEVEL`, defaults to 6 here (the lines are
+  trace markers for system tracers). It is read when torch is first imported, so `helpers` sets it on import
+  (the notebooks import `helpers` first) and kernels started by `python -m helpers run` inherit it; a value you set
+  is kept.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 FILTERS = {
@@ -29,8 +35,12 @@ class DropMessage(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
+KINETO_QUIET_LEVEL = "6"  # below it kineto prints its USDT trace markers
+
+
 def install() -> None:
-    """Add the filters (once) to the loggers that emit those lines."""
+    """Add the filters (once) to the loggers that emit those lines; quiet kineto unless told otherwise."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_QUIET_LEVEL)
     for name, pattern in FILTERS.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropMessage) and f.pattern is pattern for f in logger.filters):

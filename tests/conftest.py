@@ -81,3 +81,12 @@ def browser_path() -> str:
         pytest.skip(f"no browser found (Playwright's own, or {', '.join(BROWSER_NAMES)} on the PATH): install one "
                     f"with {how}")
     return path
+
+
+@pytest.fixture(scope="session")
+def local_hub_cache() -> Path:
+    """The local hub (random weights at SD 1.5's real shapes under the real repo ids), built once into
+    outputs/cache/hub as `python -m helpers hub build` does, and reused by later sessions (a marker per repo)."""
+    from helpers.hub import build_local_hub
+
+    return build_local_hub()

@@ -1,6 +1,7 @@
 """Library log lines a user cannot act on are dropped, precisely: the same loggers' other lines still show."""
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,15 @@ def test_importing_the_pipeline_and_casting_prints_nothing_a_user_cannot_act_on(
     assert done.returncode == 0, done.stderr
     assert "requires torchvision" not in done.stderr
     assert "should be kept in float32" not in done.stderr
+
+
+def test_profiling_prints_no_trace_markers():
+    code = ("import helpers, torch\nfrom torch.profiler import profile, ProfilerActivity\n"
+            "with profile(activities=[ProfilerActivity.CPU]):\n    torch.ones(3) + 1")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "USDT" not in done.stderr and "profiler_start" not in done.stderr
 
 
 def test_only_the_named_messages_are_dropped(caplog):
