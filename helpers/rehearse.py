@@ -22,11 +22,13 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 from helpers.accelerator import MEMORY_BUDGET_ENV, PRETEND_ENV, REHEARSAL_ENV
 from helpers.profiles import rehearsal_shrinks
+from helpers.progress import NotebookProgress
 from helpers.results import format_table, outputs_dir
 from helpers.run import find_notebooks, run_notebook
 
@@ -62,8 +64,8 @@ def rehearse(only: list[str] | None = None, *, memory_gib: float = 15.0, size: i
     print(f"Rehearsing {len(notebooks)} notebook(s) as on a T4 ({memory_gib:g} GiB), SD 1.5 from the local hub "
           f"{cache}, in {workdir}", flush=True)
     try:
-        for notebook in notebooks:
-            plan["notebooks"].append(_rehearse_one(notebook, out_dir, workdir, size, steps))
+        for index, notebook in enumerate(notebooks, 1):
+            plan["notebooks"].append(_rehearse_one(notebook, out_dir, workdir, size, steps, index, len(notebooks)))
             _write(plan, out_dir)
     finally:
         for key, value in saved.items():
@@ -74,15 +76,16 @@ def rehearse(only: list[str] | None = None, *, memory_gib: float = 15.0, size: i
     return plan
 
 
-def _rehearse_one(notebook: Path, out_dir: Path, workdir: Path, size: int, steps: int) -> dict:
+def _rehearse_one(notebook: Path, out_dir: Path, workdir: Path, size: int, steps: int, index: int = 1,
+                  total: int = 1) -> dict:
     number = notebook.name[:2]
     record_path = out_dir / f"{number}_rehearsal_record.json"
     record_path.unlink(missing_ok=True)
     os.environ[REHEARSAL_ENV] = json.dumps({"size": size, "record": str(record_path),
                                             "shrink": {number: rehearsal_shrinks(number, steps, size)}})
-    print(f"  {notebook.name} ...", flush=True)
     start = time.perf_counter()
-    run = run_notebook(notebook, None, out_dir, cwd=workdir)  # no parameters: the cell as written
+    progress = NotebookProgress(notebook, index, total, None)
+    run = run_notebook(notebook, None, out_dir, cwd=workdir, progress=progress)  # no parameters: the cell as written
     entry = {"notebook": notebook.stem, "status": run.status, "seconds": round(time.perf_counter() - start, 1),
              "error": run.error}
     if record_path.exists():
@@ -90,8 +93,7 @@ def _rehearse_one(notebook: Path, out_dir: Path, workdir: Path, size: int, steps
         record_path.unlink()
     elif run.status == "ok":
         entry.update(status="failed", error="the notebook never called helpers.settings.use_settings")
-    print(f"  {notebook.name}: {entry['status']} in {entry['seconds']:.0f}s, model {entry.get('model')}, "
-          f"{entry.get('dtype')}, peak {entry.get('peak_memory_gib')} GiB {entry['error']}", flush=True)
+    print(f"  model {entry.get('model')}, {entry.get('dtype')}, peak {entry.get('peak_memory_gib')} GiB", flush=True)
     return entry
 
 
@@ -101,13 +103,20 @@ def _write(plan: dict, out_dir: Path) -> Path:
     return path
 
 
-def summary_table(plan: dict) -> str:
+def summary_table(plan: dict, width: int | None = None) -> str:
+    """The table (status, seconds, model, dtype, peak memory), then what each notebook had shrunk and what the
+    rehearsal does not cover, wrapped to the terminal."""
+    width = width or shutil.get_terminal_size((120, 24)).columns
     rows = [{"notebook": n["notebook"], "status": n["status"], "seconds": n["seconds"], "model": n.get("model"),
-             "dtype": n.get("dtype"), "peak GiB": n.get("peak_memory_gib"),
-             "shrunk": ", ".join(f"{k}={v}" for k, v in (n.get("shrunk") or {}).items())}
-            for n in plan["notebooks"]]
-    failures = [f"{n['notebook']} failed at {n['error']}" for n in plan["notebooks"] if n["status"] != "ok"]
-    lines = [format_table(rows), *failures, "Not covered by this rehearsal:", *(f"  - {n}" for n in NOT_COVERED)]
+             "dtype": n.get("dtype"), "peak GiB": n.get("peak_memory_gib")} for n in plan["notebooks"]]
+    lines = [format_table(rows), "shrunk (a CPU cannot afford more):"]
+    for n in plan["notebooks"]:
+        shrunk = ", ".join(f"{k}={v}" for k, v in (n.get("shrunk") or {}).items()) or "nothing"
+        lines += textwrap.wrap(shrunk, width, initial_indent=f"  {n['notebook']}: ", subsequent_indent="      ")
+    lines += [f"{n['notebook']} failed at {n['error']}" for n in plan["notebooks"] if n["status"] != "ok"]
+    lines.append("Not covered by this rehearsal:")
+    for item in NOT_COVERED:
+        lines += textwrap.wrap(item, width, initial_indent="  - ", subsequent_indent="    ")
     return "\n".join(lines)
 
 
