@@ -51,12 +51,13 @@ def use_lcm_lora(pipe, source: str | Path | None = None):
 
 def evaluate(n_prompts: int = 64, seed: int = 0, lcm_steps=(4, 2, 1), baseline_steps: int = 50,
              guidance_scale: float = 7.5, source: str | Path | None = None, controlnet: str | None = None,
-             batch_size: int = 16) -> dict:
+             batch_size: int = 16, without_lora: bool = False) -> dict:
     """Prompt adherence (toy oracle) of the LCM-LoRA at `lcm_steps` against the teacher at DDIM `baseline_steps`,
     guidance `guidance_scale`, on notebook 07's requests: `sample_scenes(n_prompts, seed)`, image i seeded seed + i
-    (and its depth map when `controlnet="depth"`, as notebook 07's baseline runs)."""
+    (and its depth map when `controlnet="depth"`, as notebook 07's baseline runs). `without_lora`: also the teacher
+    under LCMScheduler at the same steps and guidance 1, without the adapter (what the distillation adds)."""
     from helpers.bench.toy import generate_images
-    from helpers.models import load_pipeline
+    from helpers.core.models import load_pipeline
     from helpers.toy import control_adherence, prompt_adherence, sample_scenes
 
     scenes = sample_scenes(n_prompts, seed=seed)
@@ -77,14 +78,21 @@ def evaluate(n_prompts: int = 64, seed: int = 0, lcm_steps=(4, 2, 1), baseline_s
 
     if baseline_steps:  # 0: the LCM rungs only
         score("ddim (teacher)", load_pipeline("toy", controlnet=controlnet), baseline_steps, guidance_scale)
-    student = use_lcm_lora(load_pipeline("toy", controlnet=controlnet), source)
+    student = use_lcm_lora(load_pipeline("toy", controlnet=controlnet), source) if lcm_steps else None
     for steps in lcm_steps:
         score("lcm-lora", student, steps, LCM_GUIDANCE_SCALE)
+    if without_lora:
+        from diffusers import LCMScheduler
+
+        bare = load_pipeline("toy", controlnet=controlnet)
+        bare.scheduler = LCMScheduler.from_config(bare.scheduler.config)
+        for steps in lcm_steps:
+            score("LCMScheduler, no LoRA", bare, steps, LCM_GUIDANCE_SCALE)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    from helpers.results import format_table
+    from helpers.core.results import format_table
 
     parser = argparse.ArgumentParser(prog="python -m helpers.toy.lcm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--controlnet", default=None, help="e.g. depth: notebook 07's baseline runs with it")
     parser.add_argument("--baseline-steps", type=int, default=50, help="the teacher's DDIM steps (0: skip it)")
     parser.add_argument("--lcm-steps", type=int, nargs="*", default=[4, 2, 1])
+    parser.add_argument("--without-lora", action="store_true", help="also the teacher under LCMScheduler alone")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = evaluate(args.n_prompts, args.seed, args.lcm_steps, args.baseline_steps, source=args.source,
-                       controlnet=args.controlnet)
+                       controlnet=args.controlnet, without_lora=args.without_lora)
     print(format_table(results["rows"]))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))

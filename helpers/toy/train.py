@@ -15,12 +15,12 @@ Stages (each resumable from its checkpoint in --work-dir, each skipped when its 
   controlnet  ControlNetModel.from_unet on depth maps, base model frozen           -> weights/controlnet-depth/
   controlnet-normal, controlnet-canny
               fine-tuned from the depth net on normal maps / Canny edges derived from the depth maps
-              (helpers.control, as notebook 06 derives them)
+              (helpers.studies.control, as notebook 06 derives them)
                                                                           -> weights/controlnet-normal/, -canny/
   tiny-vae    an AutoencoderTiny (TAESD's architecture) distilled from the shipped VAE: its encoder learns the
               VAE's scaled latents, its decoder the pictures from (noisy) latents; notebook 07's tiny decoder
                                                                           -> weights/tiny-vae/
-  ldm         single-file export in the original LDM key layout (helpers.ldm)      -> weights/toy-sd-ldm.safetensors
+  ldm         single-file export in the original LDM key layout (core.ldm)      -> weights/toy-sd-ldm.safetensors
   lcm         a latent consistency model distilled from the shipped UNet as a LoRA, the way LCM-LoRA ships for
               SD 1.5 (guidance folded in, sampled with diffusers' LCMScheduler in 1-4 steps; not in `all`)
                                                                           -> weights/lcm-lora/
@@ -39,6 +39,7 @@ same).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -120,6 +121,7 @@ class Budget:
     tiny_vae_steps: int = 1500
     lcm_steps: int = 2000  # ~40 min on one thread (1.2 s a step: student, target and the teacher's two passes)
     lcm_batch_size: int = 16
+    lcm_target_ema: float = 0.0  # 0: the student is its own target (LCM-LoRA); the LCM paper's EMA: 0.95
     n_scenes: int = 20000
 
 
@@ -171,7 +173,7 @@ def make_unet(cross_attention_dim: int):
 
 
 def make_tokenizer():
-    from helpers.tokenizer import DEFAULT_WORDS, build_clip_tokenizer
+    from helpers.core.tokenizer import DEFAULT_WORDS, build_clip_tokenizer
 
     return build_clip_tokenizer([*world.VOCABULARY, *DEFAULT_WORDS])
 
@@ -769,7 +771,7 @@ def stage_pipeline(work: Path, budget: Budget) -> None:
 def control_condition(depths: torch.Tensor, kind: str) -> torch.Tensor:
     """(B, H, W) depth maps -> (B, 3, H, W) control images in [0, 1], as the ControlNet pipeline feeds them.
     Normal maps and edges are derived from the depth map rounded to 8 bits, as it comes from a PNG."""
-    from helpers.control import canny_edges, normal_map
+    from helpers.studies.control import canny_edges, normal_map
 
     if kind == "depth":
         return depths.float()[:, None].expand(-1, 3, -1, -1)  # (B, H, W) -> (B, 3, H, W)
@@ -907,7 +909,7 @@ def stage_tiny_vae(work: Path, budget: Budget) -> list[float]:
 def stage_ldm(work: Path, budget: Budget) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from helpers.ldm import export_ldm_checkpoint
+    from helpers.core.ldm import export_ldm_checkpoint
 
     pipe = StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR / "sd", local_files_only=True)
     path = WEIGHTS_DIR / "toy-sd-ldm.safetensors"
@@ -986,10 +988,11 @@ def ddim_solver_step(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod_prev:
 
 def lcm_targets_step(student, teacher, clean: torch.Tensor, prompt_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
                      alphas_cumprod: torch.Tensor, prediction_type: str, generator: torch.Generator,
-                     guidance_scale: float = LCM_GUIDANCE_SCALE) -> tuple[torch.Tensor, torch.Tensor]:
+                     guidance_scale: float = LCM_GUIDANCE_SCALE, target_net=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One consistency-distillation sample: (the student's f(x_{t+k}, t+k), the stop-gradient target f(x_t, t) at the
-    teacher's guided DDIM step from x_{t+k}). The target network is the student itself without gradients, as in
-    LCM-LoRA (no EMA copy)."""
+    teacher's guided DDIM step from x_{t+k}). The target network is `target_net` (an EMA copy, as in the LCM paper) or,
+    by default, the student itself without gradients, as in LCM-LoRA."""
+    target_net = student if target_net is None else target_net
     grid = lcm_solver_timesteps(len(alphas_cumprod))
     k = int(grid[1] - grid[0])
     index = torch.randint(0, len(grid), (len(clean),), generator=generator)
@@ -1011,7 +1014,7 @@ def lcm_targets_step(student, teacher, clean: torch.Tensor, prompt_embeds: torch
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         prev_alphas = torch.where(index > 0, alphas_cumprod[grid[(index - 1).clamp(min=0)]], alphas_cumprod[0])
         x_prev = ddim_solver_step(x0, eps, prev_alphas)
-        target = consistency_function(student(x_prev, end, encoder_hidden_states=prompt_embeds).sample, end, x_prev,
+        target = consistency_function(target_net(x_prev, end, encoder_hidden_states=prompt_embeds).sample, end, x_prev,
                                       alphas_cumprod, prediction_type)
     return prediction, target
 
@@ -1065,6 +1068,10 @@ def stage_lcm(work: Path, budget: Budget) -> list[float]:
     teacher = UNet2DConditionModel.from_pretrained(sd / "unet", dtype=torch.float32).eval().requires_grad_(False)
     student = UNet2DConditionModel.from_pretrained(sd / "unet", dtype=torch.float32)
     params = add_lcm_lora(student)
+    target_net, target_params = None, []
+    if budget.lcm_target_ema:  # the LCM paper's EMA target network; 0: the student itself (LCM-LoRA)
+        target_net = copy.deepcopy(student).eval().requires_grad_(False)
+        target_params = [param for name, param in target_net.named_parameters() if "lora_" in name]
     scheduler = DDPMScheduler.from_pretrained(sd / "scheduler")  # the teacher's own (zero-SNR) schedule
     alphas_cumprod, prediction_type = scheduler.alphas_cumprod, scheduler.config.prediction_type
     token_ids = tokenize(tokenizer, data["captions"])
@@ -1072,7 +1079,8 @@ def stage_lcm(work: Path, budget: Budget) -> list[float]:
         uncond = text_encoder(tokenize(tokenizer, [""]))[0]  # (1, 77, hidden)
     optimizer = torch.optim.AdamW(params, lr=LCM_LR, weight_decay=0.0)
     generator = torch.Generator().manual_seed(8)
-    checkpointer = Checkpointer(work / "lcm.ckpt", optimizer, generator, unet=student)
+    ema_modules = {} if target_net is None else {"target": target_net}
+    checkpointer = Checkpointer(work / "lcm.ckpt", optimizer, generator, unet=student, **ema_modules)
     index_batches = batches(len(token_ids), budget.lcm_batch_size, generator)
 
     def step_fn(step: int, progress: float) -> float:
@@ -1082,9 +1090,13 @@ def stage_lcm(work: Path, budget: Budget) -> list[float]:
             prompt_embeds = text_encoder(token_ids[idx])[0]  # (B, 77, hidden)
         prediction, lcm_target = lcm_targets_step(student, teacher, latents[idx] * scaling_factor, prompt_embeds,
                                                   uncond.expand_as(prompt_embeds), alphas_cumprod, prediction_type,
-                                                  generator)
+                                                  generator, target_net=target_net)
         pixel_weight = object_pixel_weight(data["depths"][idx], prediction.shape[-1], OBJECT_LOSS_WEIGHT)
-        return optimizer_step(optimizer, pseudo_huber(prediction, lcm_target, pixel_weight))
+        loss = optimizer_step(optimizer, pseudo_huber(prediction, lcm_target, pixel_weight))
+        with torch.no_grad():
+            for ema_param, param in zip(target_params, params):
+                ema_param.lerp_(param, 1 - budget.lcm_target_ema)
+        return loss
 
     losses = train_loop("lcm", budget.lcm_steps, step_fn, checkpointer, budget.max_minutes)
     save_lcm_lora(student, target)
@@ -1125,6 +1137,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
                         help="wall-time cap per training stage")
+    parser.add_argument("--lcm-target-ema", type=float, default=defaults.lcm_target_ema,
+                        help="the LCM stage's target network: EMA decay of the student (0: the student itself)")
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)
 
