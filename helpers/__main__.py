@@ -3,10 +3,10 @@
   python -m helpers run [--profile smoke|cpu|gpu|auto] [--only 02 03] [--outputs DIR]
   python -m helpers bench NAME [args...]      (NAME: a module in helpers/bench/, e.g. load, toy)
   python -m helpers list                      the notebooks and benchmarks there are
-  python -m helpers app [--port 7860]         the web page: text in, image out (helpers/app.py)
-  python -m helpers batch PROMPTS --out DIR   generate a prompt file (helpers/batch.py; also under accelerate launch)
+  python -m helpers app [--port 7860]         the web page: text in, image out (helpers/serving/app.py)
+  python -m helpers batch PROMPTS --out DIR   a prompt file, also under accelerate launch (helpers/serving/batch.py)
   python -m helpers hub build [--cache DIR]   the local hub: random weights at SD 1.5's shapes under the real repo ids
-  python -m helpers rehearse [--only 03]      the series as a T4 user meets it, offline (helpers/rehearse.py)
+  python -m helpers rehearse [--only 03]      the series as a T4 user meets it, offline (helpers/series/rehearse.py)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import helpers.bench
 from helpers import app as web_app  # light: gradio and torch are imported when the page is built
 from helpers import batch as batch_job  # light: torch is imported when a batch runs
 from helpers import hub as local_hub  # light: torch and diffusers are imported when it builds
-from helpers import rehearse as rehearsal_run
+from helpers.series import rehearse as rehearsal_run
 
 
 def benchmarks() -> list[str]:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        from helpers.run import run_series, summary_table
+        from helpers.series.run import run_series, summary_table
 
         runs = run_series(args.profile, args.only, args.outputs)
         print(summary_table(runs))
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return local_hub.run_from_args(args)
     if args.command == "rehearse":
         return rehearsal_run.run_from_args(args)
-    from helpers.run import find_notebooks
+    from helpers.series.run import find_notebooks
 
     print("notebooks:", *[nb.stem for nb in find_notebooks()], sep="\n  ")
     print("benchmarks:", *benchmarks(), sep="\n  ")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.run import find_notebooks, run_notebook
+from helpers.series.run import find_notebooks, run_notebook
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 @pytest.fixture
 def tiny_pipe():
     """A fresh tiny random SD per test (pipelines hold state such as the scheduler's)."""
-    from helpers.testing import tiny_random_pipeline
+    from helpers.core.random_models import tiny_random_pipeline
 
     return tiny_random_pipeline(seed=0)
 
@@ -87,6 +87,6 @@ def browser_path() -> str:
 def local_hub_cache() -> Path:
     """The local hub (random weights at SD 1.5's real shapes under the real repo ids), built once into
     outputs/cache/hub as `python -m helpers hub build` does, and reused by later sessions (a marker per repo)."""
-    from helpers.hub import build_local_hub
+    from helpers.checkpoints.hub import build_local_hub
 
     return build_local_hub()

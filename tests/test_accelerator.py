@@ -1,4 +1,4 @@
-"""helpers.accelerator: the one place that asks which accelerator this is, and helpers.settings, which picks the
+"""core.accelerator: the one place that asks which accelerator this is, and series.settings, which picks the
 settings that follow the model and the device."""
 
 import json
@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import accelerator, limits, models
-from helpers.accelerator import REHEARSAL_ENV
-from helpers.settings import notebook_defaults, use_settings
+from helpers.core import accelerator, limits, models
+from helpers.core.accelerator import REHEARSAL_ENV
+from helpers.series.settings import notebook_defaults, use_settings
 
 GIB = 2**30
 
@@ -97,11 +97,11 @@ def test_a_memory_budget_refuses_what_does_not_fit(fresh, tiny_pipe):
 
 
 # ---------------------------------------------------------------------------------------------------
-# helpers.settings
+# helpers.series.settings
 
 
 def test_every_parameters_cell_leaves_the_profile_to_the_model_and_device():
-    from helpers.run import find_notebooks
+    from helpers.series.run import find_notebooks
 
     for notebook in find_notebooks():
         assert notebook_defaults(notebook.name[:2])["PROFILE"] == "auto", notebook.name
@@ -115,7 +115,7 @@ def test_on_a_cpu_the_toy_keeps_the_parameters_cell(fresh):
 
 
 def test_on_a_t4_sd15_gets_the_gpu_profile_and_what_you_changed_is_kept(fresh, tmp_path):
-    from helpers.profiles import parameters_for
+    from helpers.series.profiles import parameters_for
 
     fresh.setenv(accelerator.PRETEND_ENV, "t4")
     fresh.setattr(models, "hub_reachable", lambda timeout=3.0: True)
@@ -146,7 +146,7 @@ def test_the_rehearsal_shrinks_on_top_and_records(fresh, tmp_path):
 
 
 def test_a_profile_knob_the_notebook_lacks_is_an_error(fresh, monkeypatch):
-    from helpers import profiles
+    from helpers.series import profiles
 
     monkeypatch.setitem(profiles.NOTEBOOK_OVERRIDES, "03", {"cpu": {"NO_SUCH_KNOB": 1}})
     with pytest.raises(KeyError, match="NO_SUCH_KNOB"):

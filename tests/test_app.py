@@ -21,10 +21,10 @@ import pytest
 import torch
 from playwright.sync_api import sync_playwright
 
-from helpers.app import make_request
-from helpers.models import load_pipeline
-from helpers.results import outputs_dir
-from helpers.stages import generate
+from helpers.core.models import load_pipeline
+from helpers.core.results import outputs_dir
+from helpers.core.stages import generate
+from helpers.serving.app import make_request
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]

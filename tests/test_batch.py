@@ -20,8 +20,8 @@ import PIL.Image
 import pytest
 import torch
 
-from helpers import batch
 from helpers.__main__ import main
+from helpers.serving import batch
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRIES = [

@@ -1,4 +1,4 @@
-"""helpers.batching: chunked calls, the out-of-memory fallback, the sweep and "auto", stage-only loading, bad input."""
+"""studies.batching: chunked calls, the out-of-memory fallback, the sweep and "auto", stage-only loading, bad input."""
 
 import json
 import time
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import batching, timing
-from helpers.batching import StageJob, auto_batch_size, run_in_chunks
+from helpers.core import timing
+from helpers.studies import batching
+from helpers.studies.batching import StageJob, auto_batch_size, run_in_chunks
 
 STEPS = 2
 
@@ -240,7 +241,7 @@ def test_sweep_rows_are_consistent(tiny_pipe):
 
 @pytest.mark.parametrize("source", ["folder", "single_file"])
 def test_each_stage_runs_with_only_its_part_loaded(source):
-    from helpers.models import load_pipeline
+    from helpers.core.models import load_pipeline
     from helpers.toy import TOY_LDM_FILE
 
     pipe = load_pipeline("toy")
@@ -284,14 +285,14 @@ def test_bench_refuses_bad_counts():
         bench.main(["--model", "tiny-random", "--n", "0"])
 
 
-# --- memory: the warm-up, the sweep and "auto" follow the same fit rule (helpers.limits under a budget) ----------
+# --- memory: the warm-up, the sweep and "auto" follow the same fit rule (helpers.core.limits under a budget) ----------
 
 
 @pytest.fixture
 def budget_for_two_decodes(tiny_pipe, monkeypatch):
     """SD_MEMORY_BUDGET_GIB between the estimated decode of 2 and of 4 tiny-random latents: 4 is refused."""
-    from helpers import limits
-    from helpers.stages import default_size
+    from helpers.core import limits
+    from helpers.core.stages import default_size
 
     height, width = default_size(tiny_pipe)
     two, four = (limits.estimate_bytes(tiny_pipe.vae, b, height, width, "decode") for b in (2, 4))
@@ -336,7 +337,7 @@ def test_accelerator_decisions_go_through_helpers_accelerator():
     import inspect
 
     assert "torch.cuda.is_available" not in inspect.getsource(batching), \
-        "ask helpers.accelerator (the rehearsal pretends a T4), not torch.cuda"
+        "ask helpers.core.accelerator (the rehearsal pretends a T4), not torch.cuda"
 
 
 def test_prompts_follow_the_model():
@@ -408,7 +409,7 @@ def test_single_file_for_the_toy_a_given_file_and_other_models(tmp_path):
 def test_each_stage_runs_with_only_its_part_of_sd15s_single_file_from_the_hub(local_hub, tmp_path, tiny_pipe):
     """The SD 1.5 path end to end on a local hub holding tiny-random under SD 1.5's id: the single file from
     hf_hub_download, the configs (tokenizer and scheduler included) from the hub folder, every part alone."""
-    from helpers.ldm import export_ldm_checkpoint
+    from helpers.core.ldm import export_ldm_checkpoint
 
     folder = tmp_path / "export"
     tiny_pipe.save_pretrained(folder)

@@ -1,4 +1,4 @@
-"""helpers.control: depth maps from files, normal maps and edges, the metadata folder, sizes and fitting; and the
+"""studies.control: depth maps from files, normal maps and edges, the metadata folder, sizes and fitting; and the
 toy's ControlNets (depth, normal, canny) following their maps."""
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from helpers import control
+from helpers.studies import control
 from helpers.toy import world
 
 METADATA_DIR = Path(__file__).resolve().parents[1] / "notebooks" / "metadata"
@@ -280,14 +280,14 @@ def test_toy_controlnets_follow_their_maps(kind):
 
 @pytest.fixture(scope="module")
 def depth_pipe():
-    from helpers.models import load_pipeline
+    from helpers.core.models import load_pipeline
 
     return load_pipeline("toy", controlnet="depth")
 
 
 @pytest.mark.parametrize("aspect", ["1:1", "3:2", "2:3", "16:9", "9:16"])
 def test_generation_has_the_requested_size_at_every_aspect(depth_pipe, aspect):
-    from helpers.stages import default_size, generate
+    from helpers.core.stages import default_size, generate
 
     pipe = depth_pipe
     size = control.size_for_aspect(aspect, default_size(pipe)[0], pipe.vae_scale_factor)
@@ -302,7 +302,7 @@ def test_generation_has_the_requested_size_at_every_aspect(depth_pipe, aspect):
 def test_generate_says_when_it_stretches_a_control_image(depth_pipe):
     import warnings
 
-    from helpers.stages import generate
+    from helpers.core.stages import generate
 
     wide = PIL.Image.new("RGB", (128, 64))
     with pytest.warns(UserWarning, match=r"image: a control image of 128×64 \(W×H\) is stretched to the target 64×64"):

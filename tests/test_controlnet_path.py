@@ -8,9 +8,9 @@ from diffusers import StableDiffusionControlNetPipeline
 from diffusers.callbacks import SDCFGCutoffCallback
 from diffusers.models.controlnets import MultiControlNetModel
 
-from helpers import limits
-from helpers.models import load_controlnet, load_pipeline
-from helpers.stages import generate, make_generators
+from helpers.core import limits
+from helpers.core.models import load_controlnet, load_pipeline
+from helpers.core.stages import generate, make_generators
 from helpers.toy import sample_scenes
 
 STEPS = 4

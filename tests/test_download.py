@@ -14,8 +14,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from helpers import download as D
-from helpers.swarm import (
+from helpers.checkpoints import download as D
+from helpers.checkpoints.swarm import (
     LEECHER_KWARGS,
     CorruptPeer,
     LoopbackSeeder,

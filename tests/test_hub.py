@@ -1,5 +1,5 @@
-"""The local hub (`helpers.hub`): the full hub is built once (conftest's `local_hub_cache`, into outputs/cache/hub, as
-a user's `python -m helpers hub build` does; the rehearsal reads the same one), then read offline through the code a
+"""The local hub (`checkpoints.hub`): the full hub is built once (conftest's `local_hub_cache`, into outputs/cache/hub,
+as a user's `python -m helpers hub build` does; the rehearsal reads the same one), then read offline through the code a
 user runs, each check in a fresh Python with `HF_HUB_OFFLINE=1 HF_HUB_CACHE=<folder>` set before any import (the
 hub library reads both once, at import). The build itself (its report, a second build, a forced rebuild) is checked
 on the two small repos, built by the command line into a temporary folder.
@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from helpers import hub
-from helpers.models import SD15_HUB_ID, TAESD_HUB_ID
+from helpers.checkpoints import hub
+from helpers.core.models import SD15_HUB_ID, TAESD_HUB_ID
 
 SMALL = [TAESD_HUB_ID, hub.DOG_DATASET_ID]
 
@@ -85,8 +85,8 @@ def test_sd15_loads_from_the_local_hub_with_the_real_shapes(local_hub, tmp_path)
     got = offline(cache, """
         import json, torch, numpy as np
         from diffusers import StableDiffusionPipeline
-        from helpers.hub import SD15_PROMPT_WORDS
-        from helpers.testing import count_parameters
+        from helpers.checkpoints.hub import SD15_PROMPT_WORDS
+        from helpers.core.random_models import count_parameters
         pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", variant="fp16",
                                                        dtype=torch.float16)
         counts = {name: count_parameters(getattr(pipe, name))
@@ -100,7 +100,7 @@ def test_sd15_loads_from_the_local_hub_with_the_real_shapes(local_hub, tmp_path)
                           "dtype": str(pipe.unet.dtype), "feature_extractor": type(pipe.feature_extractor).__name__,
                           "scheduler": type(pipe.scheduler).__name__}))
         """, tmp_path)
-    from helpers.testing import SD15_UNET_PARAMS
+    from helpers.core.random_models import SD15_UNET_PARAMS
 
     assert got["counts"]["unet"] == SD15_UNET_PARAMS
     assert got["counts"]["text_encoder"] == 123_060_480  # CLIP ViT-L/14's text tower
@@ -117,9 +117,9 @@ def test_load_pipeline_auto_and_a_controlnet_on_a_t4(local_hub, tmp_path):
     got = offline(cache, """
         import json, torch
         from diffusers import ControlNetModel
-        from helpers import accelerator
-        from helpers.models import load_pipeline, resolve_model
-        from helpers.testing import count_parameters, sd15_unet_on_meta
+        from helpers.core import accelerator
+        from helpers.core.models import load_pipeline, resolve_model
+        from helpers.core.random_models import count_parameters, sd15_unet_on_meta
         accelerator.accelerator.cache_clear()
         pipe = load_pipeline("auto", controlnet="depth", safety_checker=False)
         with torch.device("meta"):
@@ -143,8 +143,8 @@ def test_the_single_file_downloads_and_loads_with_the_cached_config(local_hub, t
         import json, os, torch
         from diffusers import AutoencoderKL, StableDiffusionPipeline
         from huggingface_hub import hf_hub_download
-        from helpers.ldm import load_component_from_single_file
-        from helpers.testing import count_parameters
+        from helpers.core.ldm import load_component_from_single_file
+        from helpers.core.random_models import count_parameters
         path = hf_hub_download("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
         config = os.path.dirname(path)  # the cached repo: its configs, tokenizer and scheduler
         pipe = StableDiffusionPipeline.from_single_file(path, config=config, local_files_only=True)
@@ -154,7 +154,7 @@ def test_the_single_file_downloads_and_loads_with_the_cached_config(local_hub, t
         print(json.dumps({"unet": count_parameters(pipe.unet), "text_encoder": count_parameters(pipe.text_encoder),
                           "vae_same_as_folder": same, "bytes": os.path.getsize(path)}))
         """, tmp_path)
-    from helpers.testing import SD15_UNET_PARAMS
+    from helpers.core.random_models import SD15_UNET_PARAMS
 
     assert got["unet"] == SD15_UNET_PARAMS and got["text_encoder"] == 123_060_480
     assert got["vae_same_as_folder"]  # one set of networks, in both layouts
@@ -167,7 +167,7 @@ def test_depth_estimator_and_the_sample_subject_dataset(local_hub, tmp_path):
         import json, os
         import PIL.Image
         from huggingface_hub import snapshot_download
-        from helpers.control import estimate_depth
+        from helpers.studies.control import estimate_depth
         depth = estimate_depth(PIL.Image.new("RGB", (96, 64), (120, 90, 60)))
         folder = snapshot_download("diffusers/dog-example", repo_type="dataset")
         sizes = [PIL.Image.open(os.path.join(folder, name)).size for name in sorted(os.listdir(folder))

@@ -5,7 +5,8 @@ import re
 import pytest
 from diffusers import DDIMScheduler
 
-from helpers.interactive import (
+from helpers.core.stages import default_size, generate
+from helpers.serving.interactive import (
     MAX_BATCH_SIZE,
     MAX_SIDE_FACTOR,
     ModelLoadError,
@@ -17,7 +18,6 @@ from helpers.interactive import (
     memory_settings,
     run_generation,
 )
-from helpers.stages import default_size, generate
 
 
 @pytest.mark.parametrize(("change", "message"), [

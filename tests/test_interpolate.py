@@ -1,4 +1,4 @@
-"""lerp and slerp (helpers.interpolate) against independent formulas written here with numpy, one vector at a time."""
+"""lerp and slerp (studies.interpolate) against independent formulas written here with numpy, one vector at a time."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.interpolate import (
+from helpers.studies.interpolate import (
     PARALLEL_THRESHOLD,
     expected_lerp_norm_ratio,
     interpolate,
@@ -166,8 +166,8 @@ def test_interpolation_alphas_and_sequences():
 
 def test_midpoint_contrast_needs_no_oracle(tiny_pipe):
     """Notebook 05 on SD 1.5: the midpoints and their contrast ratios, from pixels alone (the oracle is the toy's)."""
-    from helpers.interpolate import MIDPOINT_METHODS, contrast_ratios, midpoint_images
-    from helpers.stages import default_size
+    from helpers.core.stages import default_size
+    from helpers.studies.interpolate import MIDPOINT_METHODS, contrast_ratios, midpoint_images
 
     height, width = default_size(tiny_pipe)
     images = midpoint_images(tiny_pipe, [["a photograph of a horse", "a watercolor of a fox"]], [0, 1],

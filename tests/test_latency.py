@@ -1,12 +1,12 @@
-"""helpers.latency: rung names, what a platform can run, part timers, quality scores, the Pareto front and the
+"""helpers.studies.latency: rung names, what a platform can run, part timers, quality scores, the Pareto front and the
 recommendation, FLOPs and the roofline; the rungs themselves on the toy (small: 4-8 steps, one prompt)."""
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import latency
-from helpers.models import load_pipeline
+from helpers.core.models import load_pipeline
+from helpers.studies import latency
 from helpers.toy import sample_scenes
 
 
@@ -189,7 +189,7 @@ def test_deepcache_after_a_guidance_cutoff_still_runs(toy_control_pipe, inputs):
 def test_tiny_decoder_of_the_toy_decodes_like_its_vae(toy_control_pipe, inputs):
     from diffusers import AutoencoderTiny
 
-    from helpers.stages import vae_scale_factor
+    from helpers.core.stages import vae_scale_factor
 
     config = latency.parse_rung("ddim 8 + tiny_vae")
     pipe = latency.configure(toy_control_pipe, config)
@@ -205,7 +205,7 @@ def test_tiny_decoder_of_the_toy_decodes_like_its_vae(toy_control_pipe, inputs):
 def test_openvino_runs_every_network_and_draws_what_torch_draws(toy_control_pipe, inputs):
     """The OpenVINO peer converts the text encoder, UNet, ControlNet and VAE decoder (as optimum-intel does); in f32
     its pictures are PyTorch's, and the part timers still see each network."""
-    from helpers.openvino_engine import OpenVINOControlNet, OpenVINOTextEncoder, OpenVINOUNet, OpenVINOVAE
+    from helpers.studies.openvino_engine import OpenVINOControlNet, OpenVINOTextEncoder, OpenVINOUNet, OpenVINOVAE
 
     config = latency.parse_rung("ddim 4 + openvino")
     pipe = latency.configure(toy_control_pipe, config)
@@ -309,7 +309,7 @@ def test_stage_bottlenecks_report_flops_rate_and_top_ops(toy_control_pipe, input
 def test_unet_step_timing_on_a_unet_alone():
     from diffusers import DDIMScheduler
 
-    from helpers.testing import tiny_random_pipeline
+    from helpers.core.random_models import tiny_random_pipeline
 
     pipe = tiny_random_pipeline(seed=0)
     holder = latency.UNetOnly(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config))
@@ -363,7 +363,7 @@ def test_bench_latency_times_torch_and_openvino_again_in_turn(tmp_path, monkeypa
 @pytest.fixture
 def pretend_t4(monkeypatch):
     """Decide as on a T4 while computing on this CPU (what `python -m helpers rehearse` does)."""
-    from helpers import accelerator
+    from helpers.core import accelerator
 
     monkeypatch.setenv(accelerator.PRETEND_ENV, "t4")
     accelerator.accelerator.cache_clear()
@@ -401,7 +401,7 @@ def test_configure_casts_a_copy_without_touching_the_base(toy_control_pipe):
 
 def _memory_budget_for(pipe, images_that_fit: int) -> float:
     """A memory budget (GiB) in which a decode of `images_that_fit` images fits and one more does not."""
-    from helpers import limits
+    from helpers.core import limits
 
     height, width = 64, 64
     decode = [limits.estimate_bytes(pipe.vae, n, height, width, "decode") for n in (images_that_fit,
@@ -504,8 +504,8 @@ def test_a_t4_measures_the_fp16_roofline(pretend_t4):
 
 def test_the_gpu_half_is_fp16_on_a_cuda_machine(monkeypatch):
     """`torch.cuda.is_bf16_supported()` says True on a T4 (emulated): the half rung and bf16 ask
-    helpers.accelerator."""
-    from helpers import accelerator
+    helpers.core.accelerator."""
+    from helpers.core import accelerator
 
     monkeypatch.setattr(accelerator, "on_gpu", lambda: True)
     monkeypatch.setattr(accelerator, "fast_half_dtype", lambda: torch.float16)
@@ -517,8 +517,8 @@ def test_the_gpu_half_is_fp16_on_a_cuda_machine(monkeypatch):
 
 def test_a_pretended_t4_runs_an_fp16_ladder_on_the_cpu(pretend_t4):
     """The rehearsal's path: tiny-random in the T4's dtype on the CPU, its baseline fp16, a GPU compile skipped."""
-    from helpers.accelerator import compute_device, default_dtype
-    from helpers.models import load_pipeline
+    from helpers.core.accelerator import compute_device, default_dtype
+    from helpers.core.models import load_pipeline
 
     pipe = load_pipeline("tiny-random", dtype=default_dtype(), device=compute_device(), safety_checker=False)
     assert pipe.unet.dtype == torch.float16 and pipe.device.type == "cpu"
@@ -546,7 +546,7 @@ def test_sd15_prompts_are_real_prompts_that_fit_the_depth_maps():
 def _notebook_07():
     import nbformat
 
-    from helpers.run import find_notebooks
+    from helpers.series.run import find_notebooks
 
     return nbformat.read(find_notebooks(["07"])[0], as_version=4)
 
@@ -558,11 +558,11 @@ def test_notebook_07_takes_its_settings_from_the_profile_that_fits():
     assert 'PROFILE = "auto"' in code[index].source
     assert 'settings = use_settings("07", globals())' in code[index + 1].source
     source = "\n".join(cell.source for cell in code[1:])
-    assert "torch.cuda.is_available()" not in source, "device decisions go through helpers.accelerator"
+    assert "torch.cuda.is_available()" not in source, "device decisions go through helpers.core.accelerator"
     assert "compute_device()" in source and "safety_checker=False" in source
 
 
-GPU = __import__("helpers.profiles", fromlist=["parameters_for"]).parameters_for("07", "gpu")
+GPU = __import__("helpers.series.profiles", fromlist=["parameters_for"]).parameters_for("07", "gpu")
 T4_STEP_S = (1607 + 567) / (1607 * 7.6)  # UNet + ControlNet, batch 2 at 64×64 latents: FLOPs at the T4's 7.6 it/s
 T4_DECODE_S = 2515 / (1607 * 7.6)  # the VAE decoder at 512² (one image)
 
@@ -611,7 +611,7 @@ def test_notebook_07_gpu_profile_fits_a_t4_in_about_15_minutes():
 def test_notebook_07_under_the_rehearsal_stays_affordable_on_a_cpu():
     """The rehearsal computes the T4's fp16 rungs on a CPU (~11 s an SD 1.5-shaped step with its ControlNet at 64²):
     after its shrinks, the gpu profile's ladder asks for a few dozen denoising steps, not hundreds."""
-    from helpers.profiles import rehearsal_shrinks
+    from helpers.series.profiles import rehearsal_shrinks
 
     params = {**GPU, **rehearsal_shrinks("07", steps=2, size=64)}
     baseline = latency.Config(steps=params["BASELINE_STEPS"], half="fp16")

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import ldm
+from helpers.core import ldm
 
 # A few keys of the real v1-5-pruned-emaonly.safetensors, one per kind of mapping rule.
 REAL_SD15_KEYS = [
@@ -43,7 +43,7 @@ REAL_SD15_KEYS = [
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from helpers.testing import tiny_random_pipeline
+    from helpers.core.random_models import tiny_random_pipeline
 
     pipe = tiny_random_pipeline(seed=0)
     folder = tmp_path_factory.mktemp("tiny")
@@ -58,7 +58,7 @@ def test_sd15_shapes_map_to_the_real_ldm_keys():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from helpers.testing import sd15_configs
+    from helpers.core.random_models import sd15_configs
 
     configs = sd15_configs()
     with torch.device("meta"):
@@ -159,7 +159,7 @@ def test_partial_load_never_touches_other_components_bytes(exported, tmp_path):
 
 def test_partial_measurement_reads_only_its_share(tmp_path):
     """A cold load of one component's tensors reads about its bytes, not the file (subprocess, /proc/self/io)."""
-    from helpers.partial import io_read_bytes, measure
+    from helpers.studies.partial import io_read_bytes, measure
 
     if io_read_bytes() < 0:
         pytest.skip("/proc/self/io is not available")
@@ -216,8 +216,8 @@ def test_bench_load_runs_small(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_a_damaged_checkpoint_is_named_as_damaged(tmp_path, damage):
     """Truncated downloads and garbage files got diffusers' generic 'Unable to load weights'."""
-    from helpers.ldm import DamagedCheckpointError
-    from helpers.models import load_pipeline
+    from helpers.core.ldm import DamagedCheckpointError
+    from helpers.core.models import load_pipeline
     from helpers.toy import TOY_LDM_FILE
 
     path = tmp_path / "v1-5-pruned-emaonly.safetensors"

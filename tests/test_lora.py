@@ -1,4 +1,4 @@
-"""helpers.dreambooth: the rare token, the star subject and its fidelity check, input checks, and a short LoRA
+"""helpers.studies.dreambooth: the rare token, the star subject and its fidelity check, input checks, and a short LoRA
 fine-tune on the toy (loss down, subject prompt changed, unrelated prompt nearly unchanged, save/load reproduces it,
 an adapter of another model refused)."""
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import dreambooth
-from helpers.models import load_pipeline
-from helpers.stages import default_size, generate
+from helpers.core.models import load_pipeline
+from helpers.core.stages import default_size, generate
+from helpers.studies import dreambooth
 from helpers.toy import sample_scenes, world
 from helpers.toy.train import tokenize
 
@@ -317,7 +317,7 @@ def test_scaled_step_keeps_gradients_that_fp16_underflows():
 def test_fp16_unet_trains_with_a_gradient_scaler_and_an_fp32_adapter(monkeypatch):
     """SD 1.5 on a T4 trains an fp16 UNet: under autocast, with the adapter in fp32 and the loss scaled (here on the
     CPU, which runs fp16 autocast too, with the tiny random SD); the loss of a few steps falls."""
-    from helpers.testing import tiny_random_pipeline
+    from helpers.core.random_models import tiny_random_pipeline
 
     torch.manual_seed(0)
     pipe = tiny_random_pipeline(seed=0, dtype=torch.float16)

@@ -5,9 +5,9 @@ import torch
 from diffusers import DDPMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from helpers import testing
-from helpers.models import default_dtype, load_component, load_pipeline, make_scheduler, pick_device
-from helpers.tokenizer import build_clip_tokenizer
+from helpers.core import random_models as testing
+from helpers.core.models import default_dtype, load_component, load_pipeline, make_scheduler, pick_device
+from helpers.core.tokenizer import build_clip_tokenizer
 
 
 def test_tokenizer_reads_words_whole_and_pads_like_sd():
@@ -120,7 +120,7 @@ def test_cpu_offload_needs_cuda():
 
 def test_hub_ids_stay_offline_here():
     """With HF_HUB_OFFLINE=1 a hub id fails fast instead of trying the network."""
-    from helpers.models import ModelNotAvailableError
+    from helpers.core.models import ModelNotAvailableError
 
     with pytest.raises(ModelNotAvailableError, match="HF_HUB_OFFLINE=1 is set and it is not in the local cache"):
         load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cpu")
@@ -132,8 +132,8 @@ def test_generation_panel_generates_from_its_widgets(tiny_pipe):
     """The widgets' values (prompt, seed, steps, scheduler) are what the click generates with."""
     import numpy as np
 
-    from helpers.stages import make_generators
-    from helpers.ui import GenerationPanel
+    from helpers.core.stages import make_generators
+    from helpers.serving.ui import GenerationPanel
 
     panel = GenerationPanel(tiny_pipe, prompt="a red circle", steps=2, scheduler="ddim")
     panel.seed.value, panel.prompt.value, panel.steps.value = 7, "a blue square", 3

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from hub_cache import put_in_hub_cache, use_hub_cache
 
-from helpers import download as dl
-from helpers.run import find_notebooks
+from helpers.checkpoints import download as dl
+from helpers.series.run import find_notebooks
 from helpers.toy import TOY_LDM_FILE, TOY_SD_DIR
 
 pytestmark = pytest.mark.notebook

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from helpers.batching import STAGE_COMPONENTS, sweep_sizes
-from helpers.profiles import parameters_for
+from helpers.series.profiles import parameters_for
+from helpers.studies.batching import STAGE_COMPONENTS, sweep_sizes
 
 pytestmark = pytest.mark.notebook
 
@@ -23,7 +23,7 @@ def params():
     """The parameters the smoke run really used: the notebook's defaults, overridden by the smoke profile."""
     import nbformat
 
-    from helpers.run import find_notebooks
+    from helpers.series.run import find_notebooks
 
     nb = nbformat.read(find_notebooks(["03"])[0], 4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
@@ -131,10 +131,10 @@ def test_under_a_small_memory_budget_sizes_that_do_not_fit_are_halved_or_skipped
     """SD_MEMORY_BUDGET_GIB between the toy's estimated decode of 2 and of 4 (as SD 1.5's decode of 32 at 512² on a
     T4): the notebook finishes; the batched calls (and their warm-ups, and the grid's) halve to 2, the sweep skips 4
     with the reason, and "auto" picks a size that ran."""
-    from helpers import limits
-    from helpers.models import load_pipeline
-    from helpers.run import find_notebooks, run_notebook
-    from helpers.stages import default_size
+    from helpers.core import limits
+    from helpers.core.models import load_pipeline
+    from helpers.core.stages import default_size
+    from helpers.series.run import find_notebooks, run_notebook
 
     pipe = load_pipeline("toy")
     height, width = default_size(pipe)

@@ -8,15 +8,21 @@ import PIL.Image
 import pytest
 import torch
 
-from helpers.interpolate import MIDPOINT_METHODS, colour_purity, colour_tolerance, morph_midpoints, noise_latents
-from helpers.profiles import parameters_for
-from helpers.show import save_gif
-from helpers.stages import default_size, denoise, encode_text
+from helpers.core.show import save_gif
+from helpers.core.stages import default_size, denoise, encode_text
+from helpers.series.profiles import parameters_for
+from helpers.studies.interpolate import (
+    MIDPOINT_METHODS,
+    colour_purity,
+    colour_tolerance,
+    morph_midpoints,
+    noise_latents,
+)
 from helpers.toy import world
 from helpers.toy.oracle import Reading
 
 
-def expected_lerp_norm(alpha: float) -> float:  # independent of helpers.interpolate
+def expected_lerp_norm(alpha: float) -> float:  # independent of helpers.studies.interpolate
     return math.sqrt((1 - alpha) ** 2 + alpha**2)
 
 
@@ -157,7 +163,7 @@ def test_save_gif_bounces_and_refuses_one_frame(tmp_path):
 
 
 def test_alpha_slider_swaps_the_frame():
-    from helpers.ui import AlphaSlider
+    from helpers.serving.ui import AlphaSlider
 
     frames = [np.full((8, 8, 3), value, np.uint8) for value in (0, 120, 250)]
     slider = AlphaSlider(frames, [0.0, 0.5, 1.0])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers.profiles import parameters_for
+from helpers.series.profiles import parameters_for
 
 pytestmark = pytest.mark.notebook
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from helpers import latency
-from helpers.profiles import parameters_for
+from helpers.series.profiles import parameters_for
+from helpers.studies import latency
 
 pytestmark = pytest.mark.notebook
 

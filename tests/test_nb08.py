@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.profiles import parameters_for
+from helpers.series.profiles import parameters_for
 
 pytestmark = pytest.mark.notebook
 
@@ -82,9 +82,9 @@ def test_08_badge_users_on_sd15_get_the_gpu_profile_not_the_toys_stars(monkeypat
     work), and the notebook calls it at the top of the first code cell after the parameters, before any model."""
     import nbformat
 
-    from helpers import accelerator, models
-    from helpers.run import find_notebooks
-    from helpers.settings import notebook_defaults, use_settings
+    from helpers.core import accelerator, models
+    from helpers.series.run import find_notebooks
+    from helpers.series.settings import notebook_defaults, use_settings
 
     monkeypatch.setenv(accelerator.PRETEND_ENV, "t4")
     monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
@@ -125,7 +125,7 @@ def on_a_t4(tmp_path_factory):
     import nbformat
     import papermill as pm
 
-    from helpers.run import find_notebooks
+    from helpers.series.run import find_notebooks
     from tests.test_lora import dog_example_cache
 
     monkeypatch = pytest.MonkeyPatch()

@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from helpers.run import find_notebooks
+from helpers.series.run import find_notebooks
 
 pytestmark = pytest.mark.notebook
 
@@ -29,7 +29,7 @@ def controlnets(tmp_path_factory) -> dict:
     """Three tiny random ControlNets (from the tiny UNet) in folders, standing in for lllyasviel's nets."""
     from diffusers import ControlNetModel
 
-    from helpers.testing import tiny_random_pipeline
+    from helpers.core.random_models import tiny_random_pipeline
 
     unet = tiny_random_pipeline(seed=0).unet
     folders = {}
@@ -75,7 +75,7 @@ def as_on_a_t4(tmp_path_factory, controlnets):
 
 
 def test_02_runs_on_the_gpu_path_with_real_prompts(as_on_a_t4):
-    from helpers.profiles import parameters_for
+    from helpers.series.profiles import parameters_for
 
     results, text = as_on_a_t4("02")
     assert results["model"] == "tiny-random" and results["profile"] == "gpu" and results["dtype"] == "torch.float16"
@@ -105,7 +105,7 @@ def test_05_measures_the_contrast_it_reports_without_the_oracle(as_on_a_t4):
 
 
 def test_06_finds_its_metadata_from_colabs_working_directory_and_scores_nothing_it_cannot(as_on_a_t4):
-    from helpers.profiles import parameters_for
+    from helpers.series.profiles import parameters_for
 
     results, text = as_on_a_t4("06")
     shipped = Path(__file__).resolve().parents[1] / "notebooks" / "metadata" / "metadata.jsonl"

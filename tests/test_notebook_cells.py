@@ -2,7 +2,7 @@
 runs offline without installing anything; its parameters cell parses, has Colab forms, and holds every value the
 profiles override with a compatible type; its title carries the Open in Colab / Kaggle badges.
 
-`helpers.colab.update_notebooks("notebooks")` writes the setup cell and badge line into every notebook; the last test
+`series.colab.update_notebooks("notebooks")` writes the setup cell and badge line into every notebook; the last test
 checks on a copy of the folder that after it every check here passes.
 """
 
@@ -20,9 +20,9 @@ import nbformat
 import pytest
 import torch
 
-from helpers import colab
-from helpers.profiles import COMMON, NOTEBOOK_OVERRIDES, parameters_for
-from helpers.run import find_notebooks
+from helpers.series import colab
+from helpers.series.profiles import COMMON, NOTEBOOK_OVERRIDES, parameters_for
+from helpers.series.run import find_notebooks
 
 NOTEBOOKS = find_notebooks()
 PROFILES = tuple(COMMON)  # smoke, cpu, gpu ("auto" becomes one of them)
@@ -50,7 +50,8 @@ def check_setup_cell(notebook, name: str) -> None:
     cells = code_cells(notebook)
     assert cells, f"{name} has no code cell"
     assert cells[0].source == colab.setup_cell_source(), (
-        f"{name}: the first code cell is not the canonical setup cell; run helpers.colab.update_notebooks('notebooks')")
+        f"{name}: the first code cell is not the canonical setup cell; run "
+        "helpers.series.colab.update_notebooks('notebooks')")
     assert cells[0] is not parameters_cell(notebook, name)
 
 
@@ -182,7 +183,7 @@ def check_first_cells_run_offline(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The real notebooks (these pass once helpers.colab.update_notebooks("notebooks") has been run)
+# The real notebooks (these pass once helpers.series.colab.update_notebooks("notebooks") has been run)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)

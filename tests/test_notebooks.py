@@ -6,8 +6,8 @@ numbers in outputs/NN_*.json, so a notebook that "runs" but measures nonsense st
 
 import pytest
 
-from helpers.profiles import parameters_for
-from helpers.run import find_notebooks
+from helpers.series.profiles import parameters_for
+from helpers.series.run import find_notebooks
 
 pytestmark = pytest.mark.notebook
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.models import SD15_HUB_ID
-from helpers.rehearse import NOT_COVERED, rehearse
-from helpers.run import find_notebooks
+from helpers.core.models import SD15_HUB_ID
+from helpers.series.rehearse import NOT_COVERED, rehearse
+from helpers.series.run import find_notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMBERS = [notebook.name[:2] for notebook in find_notebooks()]

@@ -5,9 +5,9 @@ import json
 import nbformat
 import pytest
 
-from helpers import run as run_module
 from helpers.__main__ import main
-from helpers.profiles import parameters_for, resolve_profile
+from helpers.series import run as run_module
+from helpers.series.profiles import parameters_for, resolve_profile
 
 
 def write_notebook(path, sources, parameters_cell=0):
@@ -51,7 +51,7 @@ def test_parameters_reach_the_notebook_and_results_are_collected(notebooks_dir, 
         notebooks_dir / "97_echo.ipynb",
         [
             "PROFILE = 'cpu'\nMODEL = 'auto'",
-            "from helpers.results import record_results\n"
+            "from helpers.core.results import record_results\n"
             "record_results('97_echo', {'summary': {'model': MODEL, 'profile': PROFILE}})",
         ],
     )
@@ -76,7 +76,7 @@ def test_progress_report_and_run_record(notebooks_dir, tmp_path, capsys):
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell("PROFILE = 'cpu'"), nbformat.v4.new_markdown_cell("## Drawing a square"),
                 nbformat.v4.new_code_cell(
-                    "import matplotlib.pyplot as plt\nfrom helpers.results import record_results\n"
+                    "import matplotlib.pyplot as plt\nfrom helpers.core.results import record_results\n"
                     "plt.plot([0, 1], [0, 1]); plt.show()\nrecord_results('95_draws', {'summary': {'side': 2}})")]
     nb.cells[0].metadata["tags"] = ["parameters"]
     nbformat.write(nb, notebooks_dir / "95_draws.ipynb")

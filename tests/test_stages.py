@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-from helpers.models import make_scheduler
-from helpers.stages import decode, denoise, encode_image, encode_text, generate, make_generators
+from helpers.core.models import make_scheduler
+from helpers.core.stages import decode, denoise, encode_image, encode_text, generate, make_generators
 
 PROMPTS = ["a red circle on a blue background", "a small green square on the left", "a photo of a cat"]
 STEPS = 4
@@ -175,8 +175,8 @@ def test_execution_device_reads_the_weights_unless_a_network_is_offloaded(tiny_p
     import copy
     from types import SimpleNamespace
 
-    from helpers.limits import placement
-    from helpers.stages import _execution_device
+    from helpers.core.limits import placement
+    from helpers.core.stages import _execution_device
 
     assert _execution_device(tiny_pipe) == torch.device("cpu") == tiny_pipe._execution_device
     assert placement(tiny_pipe.unet) == (tiny_pipe.unet.device, tiny_pipe.unet.dtype)

@@ -11,10 +11,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from helpers.interactive import PipelineCache, count_timesteps
-from helpers.models import load_pipeline
-from helpers.stages import default_size, generate
-from helpers.ui import GenerationPanel, frontend_status
+from helpers.core.models import load_pipeline
+from helpers.core.stages import default_size, generate
+from helpers.serving.interactive import PipelineCache, count_timesteps
+from helpers.serving.ui import GenerationPanel, frontend_status
 
 PROMPT = "a large red circle on the left on a white background"
 
@@ -210,7 +210,8 @@ def test_show_under_papermill_draws_a_static_result(tmp_path):
 
     notebook = nbformat.v4.new_notebook()
     notebook.cells = [
-        nbformat.v4.new_code_cell("from helpers.ui import GenerationPanel, frontend_status\nprint(frontend_status())"),
+        nbformat.v4.new_code_cell(
+            "from helpers.serving.ui import GenerationPanel, frontend_status\nprint(frontend_status())"),
         nbformat.v4.new_code_cell(f"GenerationPanel(model='toy', prompt={PROMPT!r}, steps=3, batch_size=2).show()"),
     ]
     nbformat.write(notebook, tmp_path / "panel.ipynb")

@@ -9,7 +9,7 @@ thread of an AMD EPYC: denoise 1.90× faster batched (38.5 s against 20.3 s an i
 matrices have a few hundred rows at most, far below what the kernels need to run at speed, and a batch multiplies
 them), text encoding 1.17×, decode 0.80× (slower batched).
 On a GPU the default is 512×512: try `--n 16`.
-`--model toy` runs the shipped toy model. The same code as notebook 03 (`helpers.batching.compare`): the same
+`--model toy` runs the shipped toy model. The same code as notebook 03 (`helpers.studies.batching.compare`): the same
 seeds both ways, and the outputs' largest difference is reported. Prints the table and its rows as JSON, and
 writes outputs/bench_batching.json.
 """
@@ -20,8 +20,10 @@ import argparse
 import json
 import time
 
-from helpers import accelerator
-from helpers.batching import (
+from helpers.core import accelerator
+from helpers.core.models import load_pipeline
+from helpers.core.results import format_table, record_results
+from helpers.studies.batching import (
     COMPARE_COLUMNS,
     MIN_RUN_S,
     STAGES,
@@ -31,8 +33,6 @@ from helpers.batching import (
     load_prompts,
     threads_report,
 )
-from helpers.models import load_pipeline
-from helpers.results import format_table, record_results
 
 CPU_SD15_SIZE = 128  # pixels: SD 1.5-shaped compute at a size that fits ~10 minutes on 2 CPU cores
 

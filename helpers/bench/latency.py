@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from helpers import latency
-from helpers.models import load_component
-from helpers.results import cpu_model, format_table, record_results
+from helpers.core.models import load_component
+from helpers.core.results import cpu_model, format_table, record_results
+from helpers.studies import latency
 
 DEFAULT_RUNGS = ["baseline", "classic_attention", "attention_slicing", "fused_qkv", "channels_last",
                  "fused_qkv + channels_last", "bf16", "bf16 + channels_last", "bf16 + channels_last + fused_qkv",
@@ -134,8 +134,8 @@ def _scheduler(model: str):
     """The model's scheduler (its timesteps feed DeepCache); random models have SD 1.5's."""
     from diffusers import PNDMScheduler
 
-    from helpers.models import RANDOM_MODELS
-    from helpers.testing import SD15_SCHEDULER_CONFIG
+    from helpers.core.models import RANDOM_MODELS
+    from helpers.core.random_models import SD15_SCHEDULER_CONFIG
 
     return PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG) if model in RANDOM_MODELS else load_component(
         model, "scheduler")

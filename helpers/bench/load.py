@@ -3,11 +3,11 @@
     python -m helpers bench load [--repeats 3] [--modes tensors,model] [--cache-dir DIR] [--small]
 
 The checkpoint is SD 1.5-shaped (UNet 859.5 M params, CLIP ViT-L/14 text encoder, the real VAE) with random
-fp16 weights, in the original LDM key layout (`helpers.ldm`), ~2.1 GB. It is generated once into the cache
+fp16 weights, in the original LDM key layout (`helpers.core.ldm`), ~2.1 GB. It is generated once into the cache
 folder (default `outputs/cache/`, git-ignored) and reused. `--small` uses the tiny test model instead (a
 few MB, seconds) to check the machinery.
 
-Every load runs in a fresh process with the file evicted from the page cache (see `helpers.partial`), so
+Every load runs in a fresh process with the file evicted from the page cache (see `helpers.studies.partial`), so
 each row is a cold load. Prints the table and writes `outputs/bench_load.json`.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import ldm
+from helpers.core import ldm
 
 CHECKPOINT_NAME = "sd15-random-fp16-ldm.safetensors"
 
@@ -73,7 +73,7 @@ def write_random_ldm_checkpoint(configs: dict, path: Path, dtype: torch.dtype = 
 
 def ensure_checkpoint(cache_dir: Path, small: bool = False) -> tuple[Path, Path]:
     """(checkpoint path, config folder), generating them on the first call."""
-    from helpers.testing import TINY_TEXT_ENCODER_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, sd15_configs
+    from helpers.core.random_models import TINY_TEXT_ENCODER_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, sd15_configs
 
     if small:
         configs = {"unet": TINY_UNET_CONFIG, "vae": TINY_VAE_CONFIG, "text_encoder": TINY_TEXT_ENCODER_CONFIG}
@@ -91,8 +91,8 @@ def ensure_checkpoint(cache_dir: Path, small: bool = False) -> tuple[Path, Path]
 
 
 def main(argv: list[str]) -> int:
-    from helpers.partial import TABLE_COLUMNS, compare
-    from helpers.results import format_table, outputs_dir, record_results
+    from helpers.core.results import format_table, outputs_dir, record_results
+    from helpers.studies.partial import TABLE_COLUMNS, compare
 
     parser = argparse.ArgumentParser(prog="python -m helpers bench load", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)

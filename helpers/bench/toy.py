@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from helpers.results import format_table, record_results
+from helpers.core.results import format_table, record_results
 
 CFG_CUTOFF = 0.4  # share of steps with guidance in the cfg-cutoff run (denoise(cfg_cutoff=...))
 
@@ -38,9 +38,9 @@ def oracle_accuracy(n: int, seed: int) -> float:
 
 
 def seconds_per_image(pipe, steps: int, guidance_scale: float, repeats: int) -> float:
-    """Median wall time of one 20-step image through `helpers.stages.generate` (warm-up excluded)."""
-    from helpers.stages import generate
-    from helpers.timing import measure
+    """Median wall time of one 20-step image through `helpers.core.stages.generate` (warm-up excluded)."""
+    from helpers.core.stages import generate
+    from helpers.core.timing import measure
 
     run = lambda: generate(pipe, ["a red circle on the left"], seeds=[0], num_inference_steps=steps,
                            guidance_scale=guidance_scale, progress=False)
@@ -48,10 +48,10 @@ def seconds_per_image(pipe, steps: int, guidance_scale: float, repeats: int) -> 
 
 
 def generate_images(pipe, prompts: list[str], seed: int, batch_size: int = 64, **generate_kwargs) -> list:
-    """PIL images of `prompts` through `helpers.stages.generate`, image i seeded `seed + i` (so the result does
+    """PIL images of `prompts` through `helpers.core.stages.generate`, image i seeded `seed + i` (so the result does
     not depend on `batch_size`), in batches of `batch_size` to bound memory. Control images, if any, are sliced
     along with the prompts."""
-    from helpers.stages import generate
+    from helpers.core.stages import generate
 
     control_images = generate_kwargs.pop("image", None)
     images = []
@@ -79,7 +79,7 @@ def adherence_by_stated_position(key: str, readings: list, specs: list, scenes: 
 
 def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeats: int,
         scheduler: str = "default") -> dict:
-    from helpers.models import load_controlnet, load_pipeline
+    from helpers.core.models import load_controlnet, load_pipeline
     from helpers.toy import control_adherence, load_oracle, prompt_adherence, sample_scenes
     from helpers.toy.oracle import adherence, attribute_accuracy, read_images, scene_spec
 
@@ -134,9 +134,9 @@ def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeat
 
 def derived_control_iou(pipe, control, seed: int, steps: int) -> dict[str, float]:
     """Mask IoU of the toy's normal and Canny ControlNets on the same held-out scenes as the depth one, their maps
-    derived from the 8-bit depth maps as notebook 06 derives them (helpers.control.control_images)."""
-    from helpers.control import control_images
-    from helpers.models import load_controlnet
+    derived from the 8-bit depth maps as notebook 06 derives them (helpers.studies.control.control_images)."""
+    from helpers.core.models import load_controlnet
+    from helpers.studies.control import control_images
     from helpers.toy import control_adherence
 
     results = {}
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scheduler", default="default",
-                        help="the model's own (DDIM), or a helpers.models.SCHEDULERS name, e.g. euler_a")
+                        help="the model's own (DDIM), or a helpers.core.models.SCHEDULERS name, e.g. euler_a")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs for seconds per image")
     args = parser.parse_args(argv)
     results = run(args.n_single, args.n_two, args.n_control, args.steps, args.seed, args.repeats, args.scheduler)

@@ -325,7 +325,7 @@ def check_safetensors_header(path: str | Path) -> int:
     Raises TruncatedFileError if the tensors need more bytes than the file holds, VerificationError if the
     header is not a valid safetensors header.
     """
-    from helpers.ldm import read_header
+    from helpers.core.ldm import read_header
 
     try:
         header, _ = read_header(path)

@@ -28,11 +28,13 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
+from helpers import DATA_DIR
+
 # Bump when what a repo holds changes: every cache built by an older version is rebuilt.
 HUB_BUILD_VERSION = 1
 MARKER = ".sd-dissected-complete.json"
 
-DEPTH_HUB_ID = "depth-anything/Depth-Anything-V2-Small-hf"  # helpers.control.estimate_depth's default
+DEPTH_HUB_ID = "depth-anything/Depth-Anything-V2-Small-hf"  # helpers.studies.control.estimate_depth's default
 DOG_DATASET_ID = "diffusers/dog-example"  # the subject of diffusers' DreamBooth docs (notebook 08's sample)
 SD15_SINGLE_FILE = "v1-5-pruned-emaonly.safetensors"
 
@@ -173,7 +175,7 @@ holds 5 photos of one dog (the subject of diffusers' DreamBooth docs).
 
 
 def default_cache_dir() -> Path:
-    from helpers.results import outputs_dir
+    from helpers.core.results import outputs_dir
 
     return outputs_dir() / "cache" / "hub"
 
@@ -255,11 +257,11 @@ def sd15_prompt_words() -> list[str]:
     files (`helpers/data/sd_prompts_*.txt`)."""
     import re
 
-    from helpers.tokenizer import DEFAULT_WORDS
+    from helpers.core.tokenizer import DEFAULT_WORDS
     from helpers.toy import world
 
     words = {*SD15_PROMPT_WORDS, *world.VOCABULARY, *DEFAULT_WORDS}
-    for path in sorted((Path(__file__).parent / "data").glob("sd_prompts_*.txt")):
+    for path in sorted(DATA_DIR.glob("sd_prompts_*.txt")):
         words.update(re.findall(r"[a-z0-9]+", path.read_text().lower()))
     return sorted(words)
 
@@ -267,7 +269,7 @@ def sd15_prompt_words() -> list[str]:
 def sd15_tokenizer():
     """The project's CLIP tokenizer (the real vocabulary is out of reach) with `sd15_prompt_words()` as single
     tokens."""
-    from helpers.tokenizer import build_clip_tokenizer
+    from helpers.core.tokenizer import build_clip_tokenizer
 
     return build_clip_tokenizer(sd15_prompt_words())
 
@@ -283,8 +285,13 @@ def _build_sd15(snapshot: Path, repo_id: str, fp32: bool, progress) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from helpers.ldm import export_ldm_checkpoint
-    from helpers.testing import SD15_SCHEDULER_CONFIG, SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+    from helpers.core.ldm import export_ldm_checkpoint
+    from helpers.core.random_models import (
+        SD15_SCHEDULER_CONFIG,
+        SD15_TEXT_ENCODER_CONFIG,
+        SD15_UNET_CONFIG,
+        SD15_VAE_CONFIG,
+    )
 
     _write_json(snapshot / "model_index.json", SD15_MODEL_INDEX)
     _write_json(snapshot / "scheduler" / "scheduler_config.json",  # written as is: keeps DDIM's keys, as SD's does
@@ -319,7 +326,7 @@ def _build_safety_checker(folder: Path, fp32: bool) -> None:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig
 
-    from helpers.testing import SD15_TEXT_ENCODER_CONFIG
+    from helpers.core.random_models import SD15_TEXT_ENCODER_CONFIG
 
     text_config = {k: v for k, v in SD15_TEXT_ENCODER_CONFIG.items() if k != "vocab_size"}
     config = CLIPConfig(text_config=text_config, vision_config=CLIP_VIT_L14_VISION_CONFIG, projection_dim=768)
@@ -417,9 +424,9 @@ def dog_picture(index: int, generator=None, size: int = 512):
 
 @functools.cache
 def hub_repos() -> dict[str, tuple[str, Callable]]:
-    """repo id -> (repo type, builder), in build order. (A function: helpers.models imports diffusers, which the
+    """repo id -> (repo type, builder), in build order. (A function: helpers.core.models imports diffusers, which the
     command line's other subcommands should not wait for.)"""
-    from helpers.models import SD15_CONTROLNET_HUB_IDS, SD15_HUB_ID, TAESD_HUB_ID
+    from helpers.core.models import SD15_CONTROLNET_HUB_IDS, SD15_HUB_ID, TAESD_HUB_ID
 
     return {
         SD15_HUB_ID: ("model", _build_sd15),

@@ -40,7 +40,7 @@ LOOPBACK_SETTINGS = {
 }
 
 
-# Keyword arguments of `helpers.download.download_torrent` for a leecher in a loopback swarm: no DHT, listen on
+# Keyword arguments of `download.download_torrent` for a leecher in a loopback swarm: no DHT, listen on
 # 127.0.0.1 only, and TCP rather than uTP: uTP's delay-based congestion control (LEDBAT) crawls on loopback
 # (~30 MB/s against ~150 MB/s for TCP on the test VM).
 LEECHER_KWARGS = {
@@ -61,7 +61,7 @@ def generate_safetensors_file(path: str | Path, size: int, seed: int = 0, chunk:
     def header_for(n_data: int) -> bytes:
         meta = {
             "data": {"dtype": "U8", "shape": [n_data], "data_offsets": [0, n_data]},
-            "__metadata__": {"generated_by": "helpers.swarm"},
+            "__metadata__": {"generated_by": "helpers.checkpoints.swarm"},
         }
         raw = json.dumps(meta, separators=(",", ":")).encode()
         return raw + b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
@@ -92,7 +92,7 @@ def make_torrent(path: str | Path, piece_size: int = 0, torrent_path: str | Path
     path = Path(path).resolve()
     entries = lt.list_files(str(path))
     ct = lt.create_torrent(entries, piece_size, lt.create_torrent.v1_only)
-    ct.set_creator("helpers.swarm")
+    ct.set_creator("helpers.checkpoints.swarm")
     lt.set_piece_hashes(ct, str(path.parent))
     torrent_path = Path(torrent_path) if torrent_path else path.with_name(path.name + ".torrent")
     torrent_path.write_bytes(lt.bencode(ct.generate()))

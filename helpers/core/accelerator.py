@@ -23,7 +23,7 @@ import torch
 
 PRETEND_ENV = "SD_PRETEND_ACCELERATOR"  # "t4": decide as on a T4 (the rehearsal sets it)
 MEMORY_BUDGET_ENV = "SD_MEMORY_BUDGET_GIB"  # cap on the device memory every check counts on (the rehearsal: 15)
-REHEARSAL_ENV = "SD_REHEARSAL"  # JSON from `helpers.rehearse`: {"shrink": {"NN": {knob: value}}, "size": px, ...}
+REHEARSAL_ENV = "SD_REHEARSAL"  # JSON from the rehearsal: {"shrink": {"NN": {knob: value}}, "size": px, ...}
 GIB = 2**30
 
 # What the rehearsal pretends to be. A T4 has 16 GB (15.1 GiB usable); published SD 1.5 rate ~7.6 it/s at 512² fp16.

@@ -17,7 +17,7 @@ exported keys and checks that they give back every original key (`verify=True`).
 `load_component_from_single_file` loads one network back through diffusers' `from_single_file` machinery
 with a local config folder (no network). With `partial=True` it first reads only the tensors under the
 component's prefix with safetensors' lazy `safe_open` (no pickle), so the other networks' bytes are never
-touched; see `helpers.partial` for the measurements.
+touched; see `helpers.studies.partial` for the measurements.
 """
 
 from __future__ import annotations

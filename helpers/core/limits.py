@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from helpers import accelerator
+from helpers.core import accelerator
 
 MAX_PIXEL_FACTOR = 64
 UNET_LIVE_TENSORS = 48  # measured ~41 on the toy UNet (fp32, CPU, SDPA attention)
@@ -38,7 +38,7 @@ def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory where the tensors will live, within any memory budget (`helpers.accelerator.free_memory_bytes`:
+    """Free memory where the tensors will live, within any memory budget (`helpers.core.accelerator.free_memory_bytes`:
     on CUDA it counts PyTorch's cached blocks as free)."""
     return accelerator.free_memory_bytes(device)
 

@@ -2,7 +2,7 @@
 
 `MODEL` can be:
 - `"toy"`: the project's miniature SD trained on a synthetic world, shipped in `helpers/toy/weights/`;
-- `"tiny-random"` / `"sd15-random"`: random weights at tiny / SD 1.5 shapes (`helpers.testing`);
+- `"tiny-random"` / `"sd15-random"`: random weights at tiny / SD 1.5 shapes (`helpers.core.random_models`);
 - a hub id such as `"stable-diffusion-v1-5/stable-diffusion-v1-5"`;
 - a local diffusers folder (with `model_index.json`) or a single `.safetensors` file in the original LDM layout.
 """
@@ -30,8 +30,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from helpers import accelerator
-from helpers.ldm import check_checkpoint
+from helpers.core import accelerator
+from helpers.core.ldm import check_checkpoint
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # ControlNets by name: the toy's ship in helpers/toy/weights/controlnet-<name>; SD 1.5's come from the hub.
@@ -42,6 +42,7 @@ SD15_CONTROLNET_HUB_IDS = {
 }
 TAESD_HUB_ID = "madebyollin/taesd"  # SD 1.5's tiny decoder (AutoencoderTiny), notebook 07's tiny_vae rung
 RANDOM_MODELS = ("tiny-random", "sd15-random")
+TOY_MODELS = ("toy", "tiny-random")  # the models with the toy's settings (tiny-random tests the toy's code paths)
 
 # Short names users type in a widget, mapped to diffusers' scheduler classes; "default" keeps the model's own.
 DEFAULT_SCHEDULER = "default"
@@ -58,7 +59,7 @@ SCHEDULERS = {
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The device asked for, else where `helpers.accelerator` computes (CUDA, MPS, else the CPU)."""
+    """The device asked for, else where `helpers.core.accelerator` computes (CUDA, MPS, else the CPU)."""
     if device is not None:
         return torch.device(device)
     return accelerator.compute_device()
@@ -228,7 +229,7 @@ def load_pipeline(
     device = pick_device(device)
     dtype = dtype or default_dtype(device)
     if model in RANDOM_MODELS:
-        from helpers import testing
+        from helpers.core import random_models as testing
 
         build = testing.tiny_random_pipeline if model == "tiny-random" else testing.sd15_random_pipeline
         pipe = build(dtype=dtype)
@@ -353,7 +354,7 @@ def load_component(
     if model in RANDOM_MODELS:
         return getattr(load_pipeline(model, device=device, dtype=dtype), component)
     if Path(model).is_file():
-        from helpers.ldm import load_component_from_single_file
+        from helpers.core.ldm import load_component_from_single_file
         from helpers.toy import TOY_LDM_FILE
 
         if config_dir is None and Path(model).resolve() == Path(TOY_LDM_FILE).resolve():

@@ -5,7 +5,7 @@
 - `sd15_random_pipeline()`: SD 1.5's real architecture (UNet 859.5 M params, CLIP ViT-L/14 text encoder,
   the real VAE) with random weights. Compute and memory cost equal the real model's, so timings are real;
   the images are noise.
-Both use the project's own CLIP tokenizer (`helpers.tokenizer`), since the hub's is out of reach.
+Both use the project's own CLIP tokenizer (`helpers.core.tokenizer`), since the hub's is out of reach.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from helpers.tokenizer import build_clip_tokenizer
+from helpers.core.tokenizer import build_clip_tokenizer
 
 # --- SD 1.5's configs, as in stable-diffusion-v1-5/stable-diffusion-v1-5 on the hub -------------------
 SD15_UNET_CONFIG = {

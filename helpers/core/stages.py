@@ -22,10 +22,10 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from helpers.accelerator import rehearsal
-from helpers.limits import check_fits_in_memory, check_size_is_sane, is_offloaded, placement
-from helpers.models import make_scheduler
-from helpers.timing import timed
+from helpers.core.accelerator import rehearsal
+from helpers.core.limits import check_fits_in_memory, check_size_is_sane, is_offloaded, placement
+from helpers.core.models import make_scheduler
+from helpers.core.timing import timed
 
 # ---------------------------------------------------------------------------------------------------
 # Input checks: each names the argument that is wrong and says what would be right.
@@ -205,7 +205,7 @@ def denoise(
     Returns latents (batch, 4, height/8, width/8).
 
     - `seeds`: one per sample (default 0, 1, 2, ...), so a batch equals the same samples made one by one.
-    - `scheduler`: a name from `helpers.models.SCHEDULERS`, a class or an instance; default: the pipeline's.
+    - `scheduler`: a name from `helpers.core.models.SCHEDULERS`, a class or an instance; default: the pipeline's.
       A fresh copy is used, so calls never share scheduler state.
     - `latents`: the starting noise (default: drawn from the seeds); with `strength` < 1 (img2img) they are
       instead the clean latents of an image (`encode_image`), noised to `strength` and denoised from there.
@@ -480,7 +480,7 @@ def _prepare_control_image(processor, image, batch_size, height, width, device, 
 
 def _warn_if_stretched(image, height: int, width: int, name: str) -> None:
     """Say so when a control image is not height × width: it is stretched, as the pipeline does (a changed aspect
-    distorts what the ControlNet follows; helpers.control.fit_control_image crops or pads instead)."""
+    distorts what the ControlNet follows; helpers.studies.control.fit_control_image crops or pads instead)."""
     sizes = set()
     for im in image if isinstance(image, (list, tuple)) else [image]:
         if isinstance(im, PIL.Image.Image):  # (W, H)
@@ -492,7 +492,8 @@ def _warn_if_stretched(image, height: int, width: int, name: str) -> None:
     if wrong:
         warnings.warn(f"{name}: a control image of {', '.join(wrong)} (W×H) is stretched to the target "
                       f"{width}×{height} as StableDiffusionControlNetPipeline does; fit it first "
-                      "(helpers.control.fit_control_image: resize, crop or pad) to keep its aspect", stacklevel=4)
+                      "(helpers.studies.control.fit_control_image: resize, crop or pad) to keep its aspect",
+                      stacklevel=4)
 
 
 def scheduler_step_kwargs(scheduler, generator, eta: float = 0.0) -> dict:

@@ -1,4 +1,4 @@
-"""Timers that tell the truth on a GPU, and repeated measurements (results and tables: `helpers.results`)."""
+"""Timers that tell the truth on a GPU, and repeated measurements (results and tables: `helpers.core.results`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Kaggle and Colab: the repository's URL (written here and nowhere else), every notebook's setup cell, the
 "Open in Colab" / "Open in Kaggle" badges, and `update_notebooks(folder)`, which writes both into the notebooks.
 
-The setup cell installs the project only when `import helpers.colab` fails, i.e. on a fresh Colab/Kaggle machine:
+The setup cell installs the project only when `import helpers.series.colab` fails, i.e. on a fresh Colab/Kaggle machine:
 it clones REPO_URL and `pip install -e`s it, which keeps their CUDA torch (requirements.txt asks for torch>=2.1
 and pins no build). Anywhere else the project must already be installed (README), and the cell says so.
 `SD_SETUP_DRY_RUN=1` makes it print the commands instead of running them (tests/test_notebook_cells.py).
@@ -26,7 +26,7 @@ KAGGLE_BADGE_SVG = "https://kaggle.com/static/images/open-in-kaggle.svg"
 
 SETUP_CELL_TEMPLATE = '''\
 {marker}, install this project unless it is importable (their CUDA torch is kept); elsewhere
-# it must be installed already (`pip install -e .`, see the README). Written by helpers/colab.py: edit it there.
+# it must be installed already (`pip install -e .`, see the README). Written by helpers/series/colab.py: edit it there.
 import os
 import subprocess
 import sys
@@ -37,7 +37,7 @@ ON_COLAB_OR_KAGGLE = "google.colab" in sys.modules or any(
     key in os.environ for key in ("COLAB_RELEASE_TAG", "KAGGLE_KERNEL_RUN_TYPE"))
 DRY_RUN = os.environ.get("{dry_run_env}") == "1"  # print the commands instead of running them (the tests do)
 try:
-    import helpers.colab
+    import helpers.series.colab
     INSTALLED = True
 except ImportError:
     INSTALLED = False
@@ -55,9 +55,9 @@ if not INSTALLED:  # only what the notebooks need (requirements.txt): no harness
                                f"and is REPO_URL = {{REPO_URL!r}} a public repository?")
     sys.path.insert(0, os.path.abspath(CLONE_DIR))  # this kernel started before the install: look in the clone
     if not DRY_RUN:
-        import helpers.colab
-if ON_COLAB_OR_KAGGLE and "helpers.colab" in sys.modules:
-    helpers.colab.print_environment()
+        import helpers.series.colab
+if ON_COLAB_OR_KAGGLE and "helpers.series.colab" in sys.modules:
+    helpers.series.colab.print_environment()
 '''
 
 
@@ -156,9 +156,9 @@ def update_notebooks(folder: str | Path, repo_url: str = REPO_URL) -> list[Path]
 
 def environment_lines() -> list[str]:
     """GPU, hub and token, each with what to do when it is missing."""
-    from helpers import accelerator
-    from helpers.interactive import memory_settings
-    from helpers.models import SD15_HUB_ID, hub_reachable
+    from helpers.core import accelerator
+    from helpers.core.models import SD15_HUB_ID, hub_reachable
+    from helpers.serving.interactive import memory_settings
 
     acc = accelerator.accelerator()
     if acc.kind == "cuda" and not acc.supported:
@@ -191,11 +191,11 @@ def print_environment() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m helpers.colab [FOLDER]`: update every notebook of FOLDER (default: notebooks/), then print the
+    """`python -m helpers.series.colab [FOLDER]`: update every notebook of FOLDER (default: notebooks/), then print the
     README's badge lines."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m helpers.colab", description=main.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m helpers.series.colab", description=main.__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", default=NOTEBOOKS_FOLDER)
     folder = parser.parse_args(argv).folder
     changed = update_notebooks(folder)

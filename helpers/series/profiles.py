@@ -15,7 +15,7 @@ PROFILE_NAMES = ("smoke", "cpu", "gpu", "auto")
 COMMON = {
     "smoke": {"MODEL": "toy"},
     "cpu": {"MODEL": "toy"},
-    "gpu": {"MODEL": "stable-diffusion-v1-5/stable-diffusion-v1-5"},  # helpers.models.SD15_HUB_ID
+    "gpu": {"MODEL": "stable-diffusion-v1-5/stable-diffusion-v1-5"},  # helpers.core.models.SD15_HUB_ID
 }
 
 # Per-notebook overrides, keyed by the notebook's two-digit number.
@@ -48,7 +48,7 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
         # one-step warm-ups ≈ 0.2 min, decodes ~330 (warm-ups, short-run repeats) ≈ 1.2 min; with three pipeline
         # loads, the single file's download (4.27 GB, once) and the cold loads (tensors, 1 repeat: ~2 reads of it),
         # ~12 min in all.
-        # Memory (helpers.limits): a 512² decode ≈ 0.75 GiB an image, so a decode of 16 is at the edge of the ~12 GiB
+        # Memory (core.limits): a 512² decode ≈ 0.75 GiB an image, so a decode of 16 is at the edge of the ~12 GiB
         # beside the weights (halved in chunks, skipped in the sweep); 32 (~24 GiB) never fits. Prompts: the SD ones.
         "gpu": {"N": 16, "MAX_BATCH": 16, "CHUNK_DEMO_MAX_BATCH": 6, "OOM_DEMO_LIMIT": 4, "LOAD_MODES": ["tensors"],
                 "LOAD_REPEATS": 1},
@@ -155,8 +155,8 @@ def resolve_profile(profile: str) -> str:
         raise ValueError(f"profile={profile!r} is unknown; choose one of {PROFILE_NAMES}")
     if profile != "auto":
         return profile
-    from helpers.accelerator import on_gpu
-    from helpers.models import hub_reachable
+    from helpers.core.accelerator import on_gpu
+    from helpers.core.models import hub_reachable
 
     return "gpu" if on_gpu() and hub_reachable() else "cpu"
 

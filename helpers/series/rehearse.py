@@ -2,14 +2,14 @@
 
 A badge user opens a notebook, leaves `MODEL = "auto"` and presses "run all" on a T4 with SD 1.5 from the hub. The
 rehearsal does exactly that, with three stand-ins, each said out loud:
-- the hub is a local hub cache (`helpers.hub`: random weights at SD 1.5's real shapes and configs, under the real
+- the hub is a local hub cache (`checkpoints.hub`: random weights at SD 1.5's real shapes and configs, under the real
   repo ids), read through the code a user runs (`from_pretrained`, `hf_hub_download`, `snapshot_download`) with
   `HF_HUB_OFFLINE=1`;
 - the device answers "a T4" (`SD_PRETEND_ACCELERATOR=t4`): the model `auto` picks, the dtype (fp16), the settings,
   the latency rungs and every memory decision are a T4's; the arithmetic runs on this CPU;
 - a device memory budget (`--memory`, 15 GiB) caps every memory check (`SD_MEMORY_BUDGET_GIB`).
 Each notebook runs from a working directory outside the repository with no parameter passed: its parameters cell as
-written. What a CPU cannot afford is shrunk (the image size, steps and counts of `helpers.profiles.REHEARSAL`),
+written. What a CPU cannot afford is shrunk (the image size, steps and counts of `helpers.series.profiles.REHEARSAL`),
 and recorded as such. `outputs/rehearsal.json` holds, per notebook, its status, seconds, model, device, dtype, the
 parameters in force, what was shrunk and the peak memory (the kernel's peak resident set on a CPU).
 """
@@ -26,15 +26,15 @@ import textwrap
 import time
 from pathlib import Path
 
-from helpers.accelerator import MEMORY_BUDGET_ENV, PRETEND_ENV, REHEARSAL_ENV
-from helpers.profiles import rehearsal_shrinks
-from helpers.progress import NotebookProgress
-from helpers.results import format_table, outputs_dir
-from helpers.run import find_notebooks, run_notebook
+from helpers.core.accelerator import MEMORY_BUDGET_ENV, PRETEND_ENV, REHEARSAL_ENV
+from helpers.core.results import format_table, outputs_dir
+from helpers.series.profiles import rehearsal_shrinks
+from helpers.series.progress import NotebookProgress
+from helpers.series.run import find_notebooks, run_notebook
 
 NOT_COVERED = [
     "fp16 CUDA kernels: tensors were fp16, but convolutions and linear layers computed in fp32 on the CPU and were "
-    "rounded to fp16 (helpers.accelerator.compute_fp16_in_fp32_on_cpu); cuDNN, cuBLAS, flash attention and CUDA "
+    "rounded to fp16 (helpers.core.accelerator.compute_fp16_in_fp32_on_cpu); cuDNN, cuBLAS, flash attention and CUDA "
     "graphs never ran",
     "real speed: a T4 runs SD 1.5 at ~7.6 it/s; minutes here say nothing about minutes there",
     "real weights: random weights at the real shapes, so pictures are noise and the safety checker flags nothing",
@@ -47,7 +47,7 @@ NOT_COVERED = [
 def rehearse(only: list[str] | None = None, *, memory_gib: float = 15.0, size: int = 64, steps: int = 2,
              cache: Path | None = None, out_dir: Path | None = None, workdir: Path | None = None) -> dict:
     """Run the notebooks as a badge user on a T4 would, against the local hub; the record it writes."""
-    from helpers.hub import build_local_hub
+    from helpers.checkpoints.hub import build_local_hub
 
     out_dir = Path(out_dir or outputs_dir() / "rehearsal").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def _rehearse_one(notebook: Path, out_dir: Path, workdir: Path, size: int, steps
         entry.update({k: v for k, v in json.loads(record_path.read_text()).items() if k != "notebook"})
         record_path.unlink()
     elif run.status == "ok":
-        entry.update(status="failed", error="the notebook never called helpers.settings.use_settings")
+        entry.update(status="failed", error="the notebook never called helpers.series.settings.use_settings")
     print(f"  model {entry.get('model')}, {entry.get('dtype')}, peak {entry.get('peak_memory_gib')} GiB", flush=True)
     return entry
 

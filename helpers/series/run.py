@@ -10,14 +10,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.profiles import parameters_for, resolve_profile
-from helpers.progress import NotebookProgress
-from helpers.report import write_index
-from helpers.results import format_table, outputs_dir
+from helpers import SOURCE_NOTEBOOKS_DIR
+from helpers.core.results import format_table, outputs_dir
+from helpers.series.profiles import parameters_for, resolve_profile
+from helpers.series.progress import NotebookProgress
+from helpers.series.report import write_index
 
 # The series lives beside the package in a clone (editable install); a non-editable install runs the
 # notebooks/ folder of the working directory, or $SD_NOTEBOOKS.
-SOURCE_NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS_DIR: Path | None = None  # set to pin the folder (tests do)
 
 
@@ -71,7 +71,7 @@ def _failing_cell(error) -> str:
 
 # The kernel talks to us over local sockets (IPC) rather than loopback TCP: over TCP every kernel warns that its
 # traffic is unencrypted, a line no user of this series can act on.
-IPC_KERNEL_MANAGER = "helpers.run.IPCKernelManager"
+IPC_KERNEL_MANAGER = "helpers.series.run.IPCKernelManager"
 
 
 def _ipc_kernel_manager():
@@ -84,7 +84,7 @@ def _ipc_kernel_manager():
     return IPCKernelManager
 
 
-def __getattr__(name: str):  # helpers.run.IPCKernelManager, built on first use (jupyter_client is a harness extra)
+def __getattr__(name: str):  # IPCKernelManager, built on first use (jupyter_client is a harness extra)
     if name == "IPCKernelManager":
         return _ipc_kernel_manager()
     raise AttributeError(name)

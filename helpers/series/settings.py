@@ -5,7 +5,7 @@ what you changed. One call, right after the parameters cell:
 
 - The profile: `PROFILE` when papermill (or you) set it, else the one that fits: `gpu` (SD 1.5 sized for a 16 GB T4,
   each notebook in about 15 minutes) when `MODEL` resolves to a real Stable Diffusion, `cpu` (the toy at full size)
-  when it resolves to the toy. The profiles' values live in `helpers.profiles`, and only there.
+  when it resolves to the toy. The profiles' values live in `helpers.series.profiles`, and only there.
 - A knob still at its parameters-cell value takes the profile's value; a knob you changed (a Colab form field, an edit,
   `papermill -p`) is kept. Every knob that differs from the cell is printed with where its value came from.
 - Under `python -m helpers rehearse` the knobs a CPU cannot afford (image size, steps, counts) are shrunk on top,
@@ -20,12 +20,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import accelerator
-from helpers.accelerator import rehearsal
-from helpers.profiles import parameters_for
-
-SOURCE_NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-TOY_MODELS = ("toy", "tiny-random")
+from helpers import SOURCE_NOTEBOOKS_DIR
+from helpers.core import accelerator
+from helpers.core.accelerator import rehearsal
+from helpers.core.models import TOY_MODELS, default_dtype, resolve_model
+from helpers.series.profiles import parameters_for
 
 
 @dataclass
@@ -39,7 +38,7 @@ class Settings:
     values: dict = field(default_factory=dict)  # every knob in force
 
     def table(self) -> str:
-        from helpers.results import format_table
+        from helpers.core.results import format_table
 
         rows = [{"knob": k, "value": _short(self.values[k]), "from": v} for k, v in self.origins.items()]
         head = (f"notebook {self.notebook}: profile {self.profile!r} ({self.why}); model {self.model}; "
@@ -83,7 +82,6 @@ def pick_profile(profile: str, model: str) -> tuple[str, str]:
 
 def use_settings(number: str, namespace: dict, *, folder: str | Path | None = None, show: bool = True) -> Settings:
     """Put the settings in force into `namespace` (a notebook's `globals()`) and say where each came from."""
-    from helpers.models import resolve_model
 
     acc = accelerator.check_usable()  # a P100 fails here, with what to pick instead
     if acc.pretended:
@@ -122,8 +120,6 @@ def use_settings(number: str, namespace: dict, *, folder: str | Path | None = No
 
 def _record_at_exit(path: str, settings: Settings) -> None:
     """The rehearsal's record of this kernel: the settings now, the peak memory when the kernel ends."""
-    from helpers.models import default_dtype
-
     record = {"notebook": settings.notebook, "profile": settings.profile, "model": settings.model,
               "accelerator": settings.accelerator.describe(), "compute_device": str(accelerator.compute_device()),
               "dtype": str(default_dtype(accelerator.compute_device())).removeprefix("torch."),

@@ -1,8 +1,8 @@
 """The web page: text in, image out. `python -m helpers app [--port 7860] [--model toy] [--online] [--share]`.
 
 A Gradio page on 127.0.0.1: prompt, negative prompt, steps, guidance, seed, size and model in; the image and each
-stage's time out, through the same three stages as everything else (`helpers.interactive.run_generation`, which
-calls `helpers.stages.generate`). A progress bar follows the denoising loop; requests queue and are served one at
+stage's time out, through the same three stages as everything else (`helpers.serving.interactive.run_generation`, which
+calls `helpers.core.stages.generate`). A progress bar follows the denoising loop; requests queue and are served one at
 a time (one model, one device); bad input is answered with a message, not a crash (ours name the field; values
 past a slider's ends get Gradio's own "Value 300 is greater than maximum value 150").
 
@@ -39,7 +39,7 @@ def _as_int(name: str, value) -> int:
 
 
 def make_request(prompt, negative_prompt, steps, guidance_scale, seed, height, width):
-    from helpers.interactive import Request
+    from helpers.serving.interactive import Request
 
     return Request(
         prompt=prompt or "", negative_prompt=negative_prompt or "", num_inference_steps=_as_int("steps", steps),
@@ -50,7 +50,7 @@ def make_request(prompt, negative_prompt, steps, guidance_scale, seed, height, w
 
 def generate_image(cache, model: str, request, progress=None):
     """(image, info) for one request; ValueError/ModelLoadError with a message for the page if it cannot run."""
-    from helpers.interactive import run_generation
+    from helpers.serving.interactive import run_generation
 
     pipe = cache.get(model)
     report = None if progress is None else (lambda done, total: progress((done, total), desc="denoising"))
@@ -62,8 +62,8 @@ def generate_image(cache, model: str, request, progress=None):
 
 def size_sliders_for(pipe) -> tuple[dict, dict]:
     """Slider settings (value, step, range) for height and width: multiples of the VAE factor."""
-    from helpers.interactive import MAX_SIDE_FACTOR
-    from helpers.stages import default_size
+    from helpers.core.stages import default_size
+    from helpers.serving.interactive import MAX_SIDE_FACTOR
 
     factor = pipe.vae_scale_factor
     return tuple({"value": side, "step": factor, "minimum": factor, "maximum": MAX_SIDE_FACTOR * side}
@@ -72,11 +72,18 @@ def size_sliders_for(pipe) -> tuple[dict, dict]:
 
 def build_app(model: str = "toy", models=None, cache=None):
     """The Gradio Blocks page (not launched); `model` is the one selected and loaded first. `models`: (label, value)
-    choices (default `helpers.interactive.MODEL_CHOICES`); `cache`: a PipelineCache (default: the process's)."""
+    choices (default `helpers.serving.interactive.MODEL_CHOICES`); `cache`: a PipelineCache (default: the process's)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from helpers.interactive import GUIDANCE_RANGE, MAX_STEPS, MODEL_CHOICES, PIPELINES, ModelLoadError, random_seed
+    from helpers.serving.interactive import (
+        GUIDANCE_RANGE,
+        MAX_STEPS,
+        MODEL_CHOICES,
+        PIPELINES,
+        ModelLoadError,
+        random_seed,
+    )
 
     models, cache = models or MODEL_CHOICES, cache or PIPELINES
 
@@ -165,8 +172,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     if not args.online:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    from helpers.interactive import ModelLoadError
-    from helpers.models import resolve_model
+    from helpers.core.models import resolve_model
+    from helpers.serving.interactive import ModelLoadError
 
     model = resolve_model(args.model)
     print(f"Serving {model!r} on http://{args.host}:{args.port} (hub {'allowed' if args.online else 'offline'})",

@@ -7,7 +7,7 @@
 
 PROMPTS is a text file (one prompt a line, blank lines skipped) or a `.jsonl` file, one object a line with
 `prompt` and optionally `negative_prompt`, `seed`, `height`, `width`. Entry i (counting non-blank lines from 0)
-gets the seed `--seed + i` unless its line names one. Every entry is generated with `helpers.stages.generate`
+gets the seed `--seed + i` unless its line names one. Every entry is generated with `helpers.core.stages.generate`
 (encode_text → denoise → decode) in batches of up to `--batch-size` entries of one size, by index. The batches are
 planned before the work is split (and again on resume, from what is left, which gives the same batches), so a batch
 is the same whichever process makes it: one process, N processes and a killed-and-resumed run give the same
@@ -241,14 +241,14 @@ def settings_of(args: argparse.Namespace, model: str) -> dict:
 
 def check_scheduler(name: str | None, pipe) -> None:
     """Checked once before any work: a wrong name would fail every entry."""
-    from helpers.models import make_scheduler
+    from helpers.core.models import make_scheduler
 
     if name is not None:
         make_scheduler(name, pipe.scheduler)  # raises naming the schedulers there are
 
 
 def with_default_size(entries: Sequence[Entry], pipe) -> list[Entry]:
-    from helpers.stages import default_size
+    from helpers.core.stages import default_size
 
     height, width = default_size(pipe)
     return [replace(e, height=e.height if e.height is not None else height,
@@ -257,7 +257,7 @@ def with_default_size(entries: Sequence[Entry], pipe) -> list[Entry]:
 
 def generate_batch(pipe, batch: Sequence[Entry], settings: dict):
     """One `generate` call for entries of one size; returns the Generation (PIL images, timings)."""
-    from helpers.stages import generate
+    from helpers.core.stages import generate
 
     return generate(
         pipe,
@@ -326,8 +326,8 @@ def run(args: argparse.Namespace) -> dict:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from helpers import accelerator
-    from helpers.models import load_pipeline, resolve_model
+    from helpers.core import accelerator
+    from helpers.core.models import load_pipeline, resolve_model
 
     started = time.perf_counter()
     entries = read_prompt_file(args.prompts, args.seed)
@@ -395,7 +395,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="auto", help="toy, tiny-random, sd15-random, a hub id, folder or file")
     parser.add_argument("--steps", type=positive_int, default=20, help="num_inference_steps")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--scheduler", default=None, help="a name from helpers.models.SCHEDULERS (default: model's)")
+    parser.add_argument("--scheduler", default=None,
+                        help="a name from helpers.core.models.SCHEDULERS (default: the model's)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="prompts per generate call")
     parser.add_argument("--seed", type=int, default=0, help="entry i without its own seed gets seed + i")
     parser.add_argument("--threads", type=positive_int, default=None,
@@ -406,7 +407,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def report(result: dict) -> str:
-    from helpers.results import format_table
+    from helpers.core.results import format_table
 
     columns = ["rank", "device", "threads", "images", "errors", "load_s", "seconds", "images_per_s"]
     s = result["summary"]
@@ -427,7 +428,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     entry failed or is missing."""
     from accelerate import PartialState
 
-    from helpers.results import record_results
+    from helpers.core.results import record_results
 
     result = run(args)
     summary = result["summary"]

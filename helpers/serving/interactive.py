@@ -1,7 +1,7 @@
-"""What the widget panel (`helpers.ui`) and the web page (`helpers.app`) share: the models they offer, a cache that
+"""What the widget panel (`serving.ui`) and the web page (`serving.app`) share: the models they offer, a cache that
 loads each model once, the checks on a request, and one generation call with progress and previews.
 
-Both front ends call `run_generation`, which calls `helpers.stages.generate`: the one way this project generates.
+Both front ends call `run_generation`, which calls `helpers.core.stages.generate`: the one way this project generates.
 """
 
 from __future__ import annotations
@@ -12,8 +12,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from helpers.models import DEFAULT_SCHEDULER, RANDOM_MODELS, SD15_HUB_ID, hub_offline, load_pipeline, make_scheduler
-from helpers.stages import Generation, decode, default_size, generate
+from helpers.core.models import (
+    DEFAULT_SCHEDULER,
+    RANDOM_MODELS,
+    SD15_HUB_ID,
+    hub_offline,
+    load_pipeline,
+    make_scheduler,
+)
+from helpers.core.stages import Generation, decode, default_size, generate
 
 # (label, MODEL value): the toy model and SD 1.5-compatible checkpoints in diffusers layout on the hub
 MODEL_CHOICES: tuple[tuple[str, str], ...] = (
@@ -58,7 +65,7 @@ def explain_load_error(model: str, error: Exception) -> str:
 
 def memory_settings(model: str) -> dict:
     """`load_pipeline` options that fit SD 1.5 on the GPU there is (a T4 has 15 GiB: fp16 alone fits)."""
-    from helpers import accelerator
+    from helpers.core import accelerator
 
     if model == "toy" or model in RANDOM_MODELS or not accelerator.on_gpu():
         return {}

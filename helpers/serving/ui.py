@@ -23,7 +23,10 @@ from collections.abc import Callable, Sequence
 import ipywidgets as widgets
 from IPython.display import display
 
-from helpers.interactive import (
+from helpers.core.models import DEFAULT_SCHEDULER, SCHEDULERS
+from helpers.core.show import upscale
+from helpers.core.stages import Generation, default_size
+from helpers.serving.interactive import (
     MAX_BATCH_SIZE,
     MAX_SIDE_FACTOR,
     MAX_STEPS,
@@ -34,9 +37,6 @@ from helpers.interactive import (
     random_seed,
     run_generation,
 )
-from helpers.models import DEFAULT_SCHEDULER, SCHEDULERS
-from helpers.show import upscale
-from helpers.stages import Generation, default_size
 
 NOTEBOOK_PIPE = "pipe"  # the model value under which a panel's given pipeline is cached
 DISPLAY_PX = 256  # images smaller than this (the toy's 64 px) are enlarged, pixel for pixel, to look at
@@ -72,7 +72,7 @@ def _enlarged(image):
 
 
 class GenerationPanel:
-    """Widgets in, images out; each click runs `helpers.interactive.run_generation` (hence `generate`)."""
+    """Widgets in, images out; each click runs `helpers.serving.interactive.run_generation` (hence `generate`)."""
 
     def __init__(
         self,
@@ -307,7 +307,7 @@ class AlphaSlider:
         """All frames side by side, as one PIL image: what a run without a frontend shows."""
         from PIL import Image
 
-        from helpers.show import image_grid
+        from helpers.core.show import image_grid
 
         return image_grid([Image.open(io.BytesIO(frame)) for frame in self.frames], rows=1)
 

@@ -5,7 +5,7 @@
 - `StageJob`: the N inferences' inputs (prompts, seeds, embeddings, latents), so each stage runs alone on any
   slice: `job.call("denoise", start, stop)`. Stage "generate" is the whole chain.
 - `run_in_chunks(call, n, max_batch)`: one "call with N inputs", in chunks of at most `max_batch`; an
-  out-of-memory error (CUDA's, or `helpers.limits`' estimate against the free memory) halves the chunk and keeps the
+  out-of-memory error (CUDA's, or `core.limits`' estimate against the free memory) halves the chunk and keeps the
   chunks already finished. The untimed warm-up goes through it too, and the timed runs start at the size it found.
 - `compare(job, stage, max_batch)`: N calls of batch 1 against one chunked call: times, speed-up, max difference.
 - `sweep(job, stage, batch_sizes)`: throughput and peak memory per batch size; a size whose one call does not fit in
@@ -35,12 +35,14 @@ import numpy as np
 import psutil
 import torch
 
-from helpers import accelerator
-from helpers.stages import decode, denoise, encode_text, generate
-from helpers.timing import MIN_RUN_S, more_runs, synchronize
+from helpers import DATA_DIR
+from helpers.core import accelerator
+from helpers.core.models import TOY_MODELS
+from helpers.core.stages import decode, denoise, encode_text, generate
+from helpers.core.timing import MIN_RUN_S, more_runs, synchronize
 
-PROMPTS_FILE = Path(__file__).parent / "data" / "prompts_128.txt"  # the toy world's (make_prompts)
-SD_PROMPTS_FILE = Path(__file__).parent / "data" / "sd_prompts_64.txt"  # ordinary prompts, for a real SD
+PROMPTS_FILE = DATA_DIR / "prompts_128.txt"  # the toy world's (make_prompts)
+SD_PROMPTS_FILE = DATA_DIR / "sd_prompts_64.txt"  # ordinary prompts, for a real SD
 STAGES = ("encode_text", "denoise", "decode", "generate")  # "generate": the three in series
 STAGE_COMPONENTS = {  # what each stage reads of the model
     "encode_text": ("tokenizer", "text_encoder"),
@@ -97,8 +99,6 @@ def load_prompts(n: int, path: str | Path | None = None) -> list[str]:
 def default_prompts_file(model: str) -> Path:
     """The prompts a model is asked by default: the toy world's captions for the toy (and the tiny random test
     model, whose tokenizer is the toy's kind), ordinary Stable Diffusion prompts for a real SD."""
-    from helpers.settings import TOY_MODELS
-
     return PROMPTS_FILE if model in TOY_MODELS else SD_PROMPTS_FILE
 
 
@@ -461,7 +461,7 @@ def sweep(job: StageJob, stage: str, batch_sizes: Sequence[int], *, repeats: int
     """For each batch size b: one call of the first b inputs, timed (median while short), its throughput
     (inferences/s) and peak memory. Each point has its own warm-up call (of one denoising step).
 
-    A point is one call of b, never chunks: a b whose call does not fit in memory (`helpers.limits` refuses it
+    A point is one call of b, never chunks: a b whose call does not fit in memory (`helpers.core.limits` refuses it
     before allocating, or CUDA runs out) is skipped, and so are the larger ones; the row keeps the size with
     `skipped` ("out of memory") and `skipped_reason` (what was estimated against what was free) instead of times."""
     sizes = [check_count("batch size", b) for b in batch_sizes]
@@ -572,10 +572,10 @@ def threads_report() -> dict:
 
 
 def load_stage(model: str, stage: str, *, device=None, dtype=None, config_dir: str | Path | None = None):
-    """Only what `stage` uses (STAGE_COMPONENTS), each through `helpers.models.load_component`: one component
+    """Only what `stage` uses (STAGE_COMPONENTS), each through `helpers.core.models.load_component`: one component
     of a folder or hub repo, or, from a single file, only that component's tensors. Returns an object with those
     attributes, which the stage functions accept in place of a pipeline."""
-    from helpers.models import load_component, toy_paths
+    from helpers.core.models import load_component, toy_paths
 
     if stage not in STAGE_COMPONENTS:
         raise ValueError(f"stage={stage!r}: only {list(STAGE_COMPONENTS)} run on a part of the model")
@@ -612,7 +612,7 @@ def single_file_for(model: str, single_file: str = "", config_dir: str = "") -> 
     `v1-5-pruned-emaonly.safetensors` from SD 1.5's hub repo for SD 1.5 (`hf_hub_download`: the local cache
     offline, a 4.27 GB download once online). Where there is none, `path` is None and `reason` says why and what
     to set; nothing raises, so a notebook can skip that part and record the reason."""
-    from helpers.models import SD15_HUB_ID
+    from helpers.core.models import SD15_HUB_ID
     from helpers.toy import TOY_LDM_FILE, TOY_SD_DIR
 
     if single_file:
@@ -641,8 +641,8 @@ def _from_sd15_hub(path: Path | None) -> SingleFile:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    from helpers.ldm import COMPONENTS  # the networks a single LDM file holds
-    from helpers.models import SD15_HUB_ID, hub_offline, in_hub_cache
+    from helpers.core.ldm import COMPONENTS  # the networks a single LDM file holds
+    from helpers.core.models import SD15_HUB_ID, hub_offline, in_hub_cache
 
     offline = hub_offline()
     what = f"{SD15_HUB_ID}'s {SD15_SINGLE_FILE}" if path is None else f"{SD15_HUB_ID}'s configs"
@@ -674,7 +674,7 @@ def _toy_ldm_file() -> Path:
 def _vae_scale_factor(model: str) -> int:
     from diffusers import AutoencoderKL
 
-    from helpers.models import hub_offline, resolve_model, toy_paths
+    from helpers.core.models import hub_offline, resolve_model, toy_paths
 
     model = resolve_model(model)
     root = toy_paths()[0] if model == "toy" else model

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from helpers import SOURCE_NOTEBOOKS_DIR
+
 # Depth 1.0 stands this far (as a share of the image width) in front of depth 0.0 when normals are derived: the
 # toy's objects (0.25-0.35 in front of the ground) then get steep rims, and its ground plane stays nearly flat.
 NORMAL_DEPTH_SCALE = 0.125
@@ -103,7 +105,7 @@ def _depth_from_colour_channels(image: PIL.Image.Image, name: str) -> tuple[np.n
         raise ValueError(
             f"depth map {name} is a colour image (its channels differ by up to {spread.max():.0f} levels), not a "
             "grey depth map. A colour-mapped depth map must be converted back to grey first; for a photo, "
-            "estimate its depth (helpers.control.estimate_depth)")
+            "estimate its depth (helpers.studies.control.estimate_depth)")
     depth = colour.mean(-1) / 255.0  # (H, W)
     report = f"{image.mode} with grey channels"
     if alpha is None:
@@ -120,7 +122,7 @@ def estimate_depth(image: PIL.Image.Image, model: str = "depth-anything/Depth-An
     hub: offline it raises an error saying so."""
     from transformers import pipeline
 
-    from helpers.models import hub_offline
+    from helpers.core.models import hub_offline
 
     try:
         estimator = pipeline("depth-estimation", model=model, local_files_only=hub_offline())
@@ -222,7 +224,7 @@ class MetadataEntry:
 
     def size_for(self, pipe) -> SnappedSize:
         """The entry's (height, width) for `pipe`'s model: scaled by its trained size over SD 1.5's 512, snapped."""
-        from helpers.stages import _pipe_scale_factor, default_size
+        from helpers.core.stages import _pipe_scale_factor, default_size
 
         scale = default_size(pipe)[0] / METADATA_REFERENCE_SIZE
         return snap_size(self.height * scale, self.width * scale, _pipe_scale_factor(pipe))
@@ -232,9 +234,8 @@ REQUIRED_KEYS = {"prompt": str, "depth": str, "width": int, "height": int}
 OPTIONAL_KEYS = {"name": str, "negative_prompt": str, "seed": int}
 
 
-# A relative METADATA_DIR is looked for here after the working directory: the clone's notebooks/ folder beside the
-# package (an editable install). Papermill runs in notebooks/, but Colab's kernel runs in /content, not the clone.
-SOURCE_NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+# A relative METADATA_DIR is looked for in the clone's notebooks/ folder (helpers.SOURCE_NOTEBOOKS_DIR) after the
+# working directory: papermill runs in notebooks/, but Colab's kernel runs in /content, not the clone.
 
 
 def find_metadata_dir(folder: str | Path) -> Path:
@@ -406,7 +407,7 @@ def check_control_images(images, height: int, width: int, factor: int, *, resize
         if value < factor or value % factor:
             snapped = snap_size(height, width, factor)
             raise ValueError(f"{side}={value} is not a positive multiple of the VAE factor {factor}; "
-                             f"try height={snapped.height}, width={snapped.width} (helpers.control.snap_size)")
+                             f"try height={snapped.height}, width={snapped.width} (helpers.studies.control.snap_size)")
     single = not isinstance(images, (list, tuple))
     checked, notes = [], []
     for k, image in enumerate([images] if single else images):
@@ -420,7 +421,7 @@ def check_control_images(images, height: int, width: int, factor: int, *, resize
         if image.size != (width, height):
             if not resize:
                 raise ValueError(f"{label} is {image.width}×{image.height} (W×H) but the target is {width}×{height}: "
-                                 "fit it first (helpers.control.fit_control_image: resize, crop or pad), or pass "
+                                 "fit it first (control.fit_control_image: resize, crop or pad), or pass "
                                  "resize=True to stretch it")
             notes.append(f"{label}: {image.width}×{image.height} stretched to {width}×{height}")
             image = image.resize((width, height), PIL.Image.BILINEAR)

@@ -100,7 +100,7 @@ def rare_tokens(tokenizer, known_words: set[str], max_length: int = 3) -> list[s
 
 def toy_known_words() -> list[str]:
     """Every word the toy's tokenizer was built from: the world's captions plus common prompt words."""
-    from helpers.tokenizer import DEFAULT_WORDS
+    from helpers.core.tokenizer import DEFAULT_WORDS
 
     return sorted({*world.VOCABULARY, *DEFAULT_WORDS})
 
@@ -305,7 +305,7 @@ def validate_fidelity_check(pipe=None, n: int = 64, seed: int = 0, steps: int = 
     colour, position and background; the world's held-out scenes), raw and, with `pipe`, passed through its VAE as
     a generated picture would be, plus `n` pictures the model itself generates for held-out prompts (which must
     not count as stars). Accuracy = share right over stars and shapes."""
-    from helpers.stages import generate
+    from helpers.core.stages import generate
     from helpers.toy import sample_scenes
 
     rng = np.random.default_rng([13, seed])
@@ -393,7 +393,7 @@ def fit_images(images, size: tuple[int, int]) -> np.ndarray:
     """PIL images (or arrays) centre-cropped to the aspect of `size` and resized to it: uint8 (N, H, W, 3)."""
     from PIL import ImageOps
 
-    from helpers.show import to_pil
+    from helpers.core.show import to_pil
 
     height, width = size
     return np.stack([np.asarray(ImageOps.fit(to_pil(im).convert("RGB"), (width, height))) for im in images])
@@ -428,7 +428,7 @@ SAMPLE_SUBJECT_CLASS = "dog"
 def instance_dir_candidates(instance_dir: str | Path) -> list[Path]:
     """Where `instance_dir` may be, as absolute paths: itself when absolute; else in the working directory, then in
     the outputs folder. The working directory differs between runs (papermill: notebooks/; Colab: /content)."""
-    from helpers.results import outputs_dir
+    from helpers.core.results import outputs_dir
 
     path = Path(instance_dir).expanduser()
     if path.is_absolute():
@@ -540,7 +540,7 @@ def training_data(pipe, instance: InstanceImages, class_prompts: Sequence[str], 
                   object_weight: float = 1.0) -> DreamBoothData:
     """The instance pictures plus one prior-preservation picture per class prompt: `class_pictures` (uint8
     (N, H, W, 3), one per prompt: pictures of the kind the model was trained on, encoded by its VAE), or else
-    pictures the model itself generates through helpers.stages.generate (seeds seed, seed+1, ...), kept as the
+    pictures the model itself generates through helpers.core.stages.generate (seeds seed, seed+1, ...), kept as the
     latents it denoised.
 
     `object_weight` > 1 weighs latent pixels on an object (off the background colour, as the toy's pictures are)
@@ -567,7 +567,7 @@ def generated_class_latents(pipe, class_prompts: list[str], seed: int, num_infer
                             guidance_scale: float, batch_size: int) -> tuple[torch.Tensor, list]:
     """The model's own pictures for `class_prompts`: (N, 4, h, w) latents, unscaled like the VAE's means, and the
     PIL pictures."""
-    from helpers.stages import generate
+    from helpers.core.stages import generate
 
     latents, images = [], []
     for start in range(0, len(class_prompts), batch_size):
@@ -583,7 +583,7 @@ def given_class_latents(pipe, class_prompts: list[str], class_pictures) -> tuple
     """Class pictures the caller has (uint8 (N, H, W, 3), one per prompt) -> their VAE latents and PIL pictures."""
     from PIL import Image
 
-    from helpers.stages import default_size
+    from helpers.core.stages import default_size
 
     pictures = np.asarray(class_pictures)
     if len(pictures) != len(class_prompts):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from helpers.show import to_pil
+from helpers.core.show import to_pil
 from helpers.toy import world
 
 # |cos(angle)| above this and the two vectors count as parallel: sin(angle) is then so small that slerp's weights
@@ -160,7 +160,7 @@ def norm_curve(sequence: Sequence[torch.Tensor]) -> dict[str, list[float]]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The starting noise, drawn the way `helpers.stages.denoise` draws it
+# The starting noise, drawn the way `helpers.core.stages.denoise` draws it
 
 
 def noise_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
@@ -168,7 +168,7 @@ def noise_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torch.
     `denoise(..., latents=noise_latents(pipe, seeds, h, w))` equals `denoise(..., seeds=seeds)`."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    from helpers.stages import make_generators
+    from helpers.core.stages import make_generators
 
     factor = pipe.vae_scale_factor
     shape = (len(seeds), pipe.unet.config.in_channels, height // factor, width // factor)
@@ -252,13 +252,13 @@ def morph_midpoints(pipe, prompt_a: str, prompt_b: str, seeds_a: Sequence[int], 
     `alpha`: noise slerp and noise lerp (each denoised with the text embeddings lerped, so alpha 0 and 1 are A and B
     exactly), and the lerp of A's and B's final latents. Returns latents (batch, 4, h/8, w/8) keyed "A", "B" and by
     MIDPOINT_METHODS. `denoise_kwargs` must hold height and width (progress bars are off unless asked for)."""
-    from helpers.stages import denoise, encode_text
+    from helpers.core.stages import denoise, encode_text
 
     n = len(seeds_a)
     if n == 0 or len(seeds_b) != n:
         raise ValueError(f"seeds_a has {n} seeds and seeds_b {len(seeds_b)}: give one seed of B per seed of A (>= 1)")
     if "height" not in denoise_kwargs or "width" not in denoise_kwargs:
-        raise ValueError("morph_midpoints needs height= and width= (e.g. from helpers.stages.default_size(pipe))")
+        raise ValueError("morph_midpoints needs height= and width= (e.g. from helpers.core.stages.default_size(pipe))")
     height, width = denoise_kwargs.pop("height"), denoise_kwargs.pop("width")
     denoise_kwargs.setdefault("progress", False)
     prompt_embeds, negative_prompt_embeds = encode_text(pipe, [prompt_a, prompt_b])  # (2, 77, hidden) each
@@ -284,7 +284,7 @@ def midpoint_images(pipe, prompt_pairs: Sequence[Sequence[str]], seeds: Sequence
     method: images, pair-major}. Endpoint A uses seed s, endpoint B seed s + seed_offset (two different noises, as two
     separate generations have). `denoise_kwargs` (num_inference_steps, guidance_scale, height, width, scheduler) go to
     `denoise`. Needs no oracle: any model."""
-    from helpers.stages import decode
+    from helpers.core.stages import decode
 
     pairs = [_check_pair(pair) for pair in prompt_pairs]
     seeds = [int(s) for s in seeds]

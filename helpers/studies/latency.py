@@ -9,12 +9,12 @@ quality.
   says whether it can run here. The copy shares the base's weights; only what a rung changes (a cast, a re-laid or
   fused weight, a scheduler, a tiny decoder) is its own, and it is freed when the rung is done: SD 1.5 with a
   ControlNet and a copy of every network per rung did not fit a 16 GB T4.
-- Device decisions (which half, bf16, compile, OpenVINO) ask `helpers.accelerator`: under the rehearsal's pretended
+- Device decisions (which half, bf16, compile, OpenVINO) ask `helpers.core.accelerator`: under the rehearsal's pretended
   T4 the rungs are a T4's while the CPU computes, and a rung that cannot run on the compute device says so.
 - `part_timers(pipe)` times every part of a generation without touching the loop: forward hooks on the text
   encoder, ControlNet and UNet, wrappers around `scheduler.step`, `vae.decode`, the control-image preprocessing
   and the image postprocessing.
-- `run_rung` times a rung end to end (warm-up excluded, median of repeats, through `helpers.stages.generate`) and
+- `run_rung` times a rung end to end (warm-up excluded, median of repeats, through `helpers.core.stages.generate`) and
   generates its quality images; `quality` scores them (oracle prompt and control adherence on the toy,
   PSNR/SSIM against the baseline of the same seed with scikit-image); `pareto_front` and `recommend` close, after
   `Ladder.head_to_head` times the finalists and the baseline again in turn (a busy machine drifts between rungs).
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from helpers import accelerator
-from helpers.timing import measure, more_runs, synchronize, timed
+from helpers.core import accelerator
+from helpers.core.timing import measure, more_runs, synchronize, timed
 
 PARTS = ("preprocess", "text_encoder", "controlnet", "unet", "scheduler", "vae_decode", "postprocess")
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,7 +62,7 @@ class RungSkipped(Exception):
 
 @dataclass(frozen=True)
 class Config:
-    scheduler: str = "default"  # a name of helpers.models.SCHEDULERS, or the pipeline's own
+    scheduler: str = "default"  # a name of helpers.core.models.SCHEDULERS, or the pipeline's own
     steps: int = 50
     half: str | None = None  # "bf16" or "fp16" weights and activations; None: fp32
     channels_last: bool = False
@@ -77,7 +77,7 @@ class Config:
     engine: str = "torch"  # "torch" or "openvino"
 
     def generate_kwargs(self) -> dict:
-        """What `helpers.stages.generate` needs from this config (the rest is applied to the pipeline)."""
+        """What `helpers.core.stages.generate` needs from this config (the rest is applied to the pipeline)."""
         kwargs = {"num_inference_steps": self.steps, "control_guidance_end": self.control_guidance_end}
         if self.cfg_cutoff is not None:
             kwargs["cfg_cutoff"] = self.cfg_cutoff
@@ -120,7 +120,7 @@ OPTIMISATIONS: dict[str, Callable[[Knobs], dict]] = {
 
 def parse_rung(name: str, knobs: Knobs | None = None, baseline: Config | None = None) -> Config:
     """"baseline", "dpm++ 10" (a scheduler and its steps), an optimisation name, or several joined with " + "."""
-    from helpers.models import DEFAULT_SCHEDULER, SCHEDULERS
+    from helpers.core.models import DEFAULT_SCHEDULER, SCHEDULERS
 
     knobs = knobs or Knobs()
     config = baseline or Config()
@@ -199,7 +199,7 @@ def _apply_half(pipe, config: Config) -> None:
 
 
 def _apply_scheduler(pipe, config: Config) -> None:
-    from helpers.models import make_scheduler
+    from helpers.core.models import make_scheduler
 
     pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler)
     pipe.scheduler.set_timesteps(config.steps)  # DeepCache reads pipe.scheduler.timesteps (denoise uses a copy)
@@ -216,7 +216,7 @@ def _apply_attention(pipe, config: Config) -> None:
     if config.attention == "slicing":
         for module in _networks(pipe, text=False):
             if hasattr(module, "set_attention_slice"):
-                # as helpers.models.enable_attention_slicing: "auto" (half the heads) needs two heads or more
+                # as helpers.core.models.enable_attention_slicing: "auto" (half the heads) needs two heads or more
                 heads = [m.sliceable_head_dim for m in module.modules() if hasattr(m, "sliceable_head_dim")]
                 module.set_attention_slice("auto" if heads and min(heads) >= 2 else "max")
     elif config.attention == "classic":
@@ -268,7 +268,7 @@ def _refresh_deepcache_on_batch_change(pipe, helper) -> None:
 def _apply_tiny_vae(pipe, config: Config) -> None:
     from diffusers import AutoencoderTiny
 
-    from helpers.models import hub_offline, tiny_vae_source
+    from helpers.core.models import hub_offline, tiny_vae_source
 
     source = tiny_vae_source(pipe.vae)
     if source is None:
@@ -325,7 +325,7 @@ def _openvino_why_not(config: Config, device: torch.device) -> str | None:
 def _apply_openvino(pipe, config: Config) -> None:
     """Every network in OpenVINO (as optimum-intel's OVStableDiffusionPipeline): after the steps are cut, the text
     encoder and the decode are a fifth of the toy's request (the decoder: 2.3 ms in OpenVINO bf16 against 6.6 ms)."""
-    from helpers.openvino_engine import OpenVINOControlNet, OpenVINOTextEncoder, OpenVINOUNet, OpenVINOVAE
+    from helpers.studies.openvino_engine import OpenVINOControlNet, OpenVINOTextEncoder, OpenVINOUNet, OpenVINOVAE
 
     precision = "bf16" if config.half == "bf16" else "f32"
     engines = {"unet": OpenVINOUNet, "controlnet": OpenVINOControlNet, "text_encoder": OpenVINOTextEncoder,
@@ -475,7 +475,7 @@ def part_timers(pipe, device: torch.device | str | None = None) -> Iterator[dict
 
 
 def _image_processor(pipe):
-    from helpers.stages import _image_processor
+    from helpers.core.stages import _image_processor
 
     return _image_processor(pipe)
 
@@ -598,8 +598,8 @@ class RungResult:
 
 
 def generate_config(pipe, config: Config, inputs: Inputs, output_type: str = "pil"):
-    """One `helpers.stages.generate` call with the config's arguments (the one way this project generates)."""
-    from helpers.stages import generate
+    """One `helpers.core.stages.generate` call with the config's arguments (the one way this project generates)."""
+    from helpers.core.stages import generate
 
     control = {} if inputs.control_images is None else {"image": list(inputs.control_images)}
     return generate(pipe, inputs.prompts, seeds=inputs.seeds, guidance_scale=inputs.guidance_scale,
@@ -656,7 +656,7 @@ def run_rung(base_pipe, name: str, config: Config, inputs: Inputs, *, request_si
 
 
 def out_of_memory(error: BaseException) -> bool:
-    """A refusal before allocating (helpers.limits' MemoryError) or an allocation that failed (CUDA's OOM)."""
+    """A refusal before allocating (helpers.core.limits' MemoryError) or an allocation that failed (CUDA's OOM)."""
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error).lower()
 
 
@@ -941,7 +941,7 @@ def rooflines(device: torch.device | str = "cpu", dtypes=None, n: int = 2048) ->
     for dtype in dtypes or (torch.float32, fast_half):
         sources[dtype] = {"torch": matmul_roofline(dtype, device, n)}
         if decided_as(device) == "cpu" and importlib.util.find_spec("openvino") and dtype in OPENVINO_PRECISIONS:
-            from helpers.openvino_engine import matmul_rate
+            from helpers.studies.openvino_engine import matmul_rate
 
             sources[dtype]["openvino"] = matmul_rate(OPENVINO_PRECISIONS[dtype])
     return {dtype: max(rates.values()) for dtype, rates in sources.items()}, sources

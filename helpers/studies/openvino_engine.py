@@ -1,6 +1,6 @@
 """OpenVINO as a peer engine: every network of a pipeline (text encoder, UNet, ControlNet, VAE decoder, as
 optimum-intel's `OVStableDiffusionPipeline` runs them) converted offline from the loaded PyTorch modules
-(`openvino.convert_model`) and run by OpenVINO's CPU plugin, behind modules that `helpers.stages` calls exactly like
+(`openvino.convert_model`) and run by OpenVINO's CPU plugin, behind modules that `core.stages` calls exactly like
 the originals.
 
 Shapes are static, as OpenVINO runs fastest: one compiled model per set of input shapes (a guidance cut-off halves
@@ -25,7 +25,7 @@ def matmul_rate(precision: str, n: int = 2048, repeats: int = 5) -> float:
     against 92 GFLOP/s), so a roofline that ignored them would put OpenVINO above 100% of it."""
     import openvino
 
-    from helpers.timing import measure
+    from helpers.core.timing import measure
 
     class MatMul(torch.nn.Module):
         def forward(self, a, b):
@@ -155,7 +155,7 @@ class _FlatTextEncoder(torch.nn.Module):
 
 
 class OpenVINOTextEncoder(_OpenVINOModule):
-    """CLIP's last hidden state from token ids, as `helpers.stages.encode_text` reads it (`text_encoder(ids)[0]`)."""
+    """CLIP's last hidden state from token ids, as `core.stages.encode_text` reads it (`text_encoder(ids)[0]`)."""
 
     def flat_module(self) -> torch.nn.Module:
         return _FlatTextEncoder(self._source[0])

@@ -15,7 +15,7 @@ What is measured, per load:
 
 Two modes:
 - `tensors`: just the state dict. `component=None` reads every tensor (the full load); a component reads
-  the keys under its prefix with `safe_open` (helpers.ldm.load_ldm_state_dict);
+  the keys under its prefix with `safe_open` (helpers.core.ldm.load_ldm_state_dict);
 - `model`: a ready diffusers/transformers model. `partial=False` is diffusers' `from_single_file` on the
   path, which reads the whole checkpoint; `partial=True` reads only the component's tensors first.
 """
@@ -31,9 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from helpers.ldm import COMPONENTS, LDM_PREFIXES, component_byte_ranges, read_header
-
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+from helpers import PACKAGE_DIR
+from helpers.core.ldm import COMPONENTS, LDM_PREFIXES, component_byte_ranges, read_header
 
 
 def evict_from_page_cache(path: str | Path) -> None:
@@ -115,7 +114,7 @@ def measure_here(
 ) -> dict:
     """One load in *this* process (the subprocess side of `measure`). Returns the measurements."""
 
-    from helpers.ldm import load_component_from_single_file, load_ldm_state_dict
+    from helpers.core.ldm import load_component_from_single_file, load_ldm_state_dict
 
     path = Path(path)
     if mode == "model":  # import everything the load needs now, so the timing holds only the load
@@ -172,7 +171,7 @@ def measure(
     path = Path(path).resolve()
     if cold:
         evict_from_page_cache(path)
-    cmd = [sys.executable, "-m", "helpers.partial", "--path", str(path), "--mode", mode]
+    cmd = [sys.executable, "-m", "helpers.studies.partial", "--path", str(path), "--mode", mode]
     if component:
         cmd += ["--component", component]
     if not partial:
@@ -181,7 +180,7 @@ def measure(
         cmd += ["--config-dir", str(Path(config_dir).resolve())]
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH", "")]),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_VERBOSITY": "error",
     }

@@ -1,7 +1,7 @@
 """The toy model: a miniature Stable Diffusion trained by this project on a synthetic world of shapes.
 
 Shipped weights (diffusers layout, loadable with the same classes as SD 1.5; load them with
-`helpers.models.load_pipeline("toy", controlnet="depth")` and generate with `helpers.stages.generate`):
+`helpers.core.models.load_pipeline("toy", controlnet="depth")` and generate with `helpers.core.stages.generate`):
     TOY_SD_DIR          StableDiffusionPipeline folder (model_index.json, DDIM scheduler, no safety checker)
     TOY_CONTROLNET_DIR  ControlNetModel folder trained on the world's depth maps
     TOY_LDM_FILE        the same pipeline as one checkpoint in the original LDM key layout

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from helpers.control import METADATA_FILE, METADATA_REFERENCE_SIZE
+from helpers.studies.control import METADATA_FILE, METADATA_REFERENCE_SIZE
 from helpers.toy import world
 
 FOLDER = Path(__file__).parent
