@@ -83,16 +83,31 @@ def test_img2img_equals_diffusers_img2img(tiny_pipe):
     assert np.abs(ours - theirs).max() <= 1e-4
 
 
-def test_callback_sees_every_kth_step_and_the_last(tiny_pipe):
+def test_callback_on_step_end_sees_every_step_and_can_replace_the_latents(tiny_pipe):
+    """diffusers' step-end callback: (pipe, step_index, t, callback_kwargs) -> dict, after every step; the latents
+    it returns are the ones the loop goes on with (here: zeroed after step 5 of 7, so the result is the last step
+    taken from zeros), and our loop equals diffusers' with the same callback."""
     seen = []
+
+    def keep(pipe, i, t, callback_kwargs):
+        seen.append((i, int(t), callback_kwargs["latents"].clone()))
+        return callback_kwargs
+
     prompt_embeds, negative_prompt_embeds = encode_text(tiny_pipe, "a red circle")
-    latents = denoise(
-        tiny_pipe, prompt_embeds, negative_prompt_embeds, num_inference_steps=7, callback_steps=3, scheduler="ddim",
-        callback=lambda i, t, lat: seen.append((i, int(t), lat.clone())), progress=False,
-    )
-    assert [i for i, _, _ in seen] == [0, 3, 6]
+    run = dict(num_inference_steps=7, scheduler="ddim", progress=False, seeds=[0])
+    latents = denoise(tiny_pipe, prompt_embeds, negative_prompt_embeds, callback_on_step_end=keep, **run)
+    assert [i for i, _, _ in seen] == list(range(7))
     assert seen[0][1] > seen[-1][1], "timesteps run from noisy to clean"
     torch.testing.assert_close(seen[-1][2], latents)
+
+    def zero_at_5(pipe, i, t, callback_kwargs):
+        return {"latents": torch.zeros_like(callback_kwargs["latents"])} if i == 5 else callback_kwargs
+
+    edited = denoise(tiny_pipe, prompt_embeds, negative_prompt_embeds, callback_on_step_end=zero_at_5, **run)
+    assert not torch.equal(edited, latents)
+    with pytest.raises(ValueError, match="a step-end callback can see"):
+        denoise(tiny_pipe, prompt_embeds, negative_prompt_embeds, callback_on_step_end=keep,
+                callback_on_step_end_tensor_inputs=["noise_pred"], **run)
 
 
 def test_decode_returns_pil_numpy_and_tensors(tiny_pipe):

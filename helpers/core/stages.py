@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from helpers.core.accelerator import rehearsal
 from helpers.core.limits import check_fits_in_memory, check_size_is_sane, is_offloaded, placement
 from helpers.core.models import make_scheduler
-from helpers.core.timing import timed
+from helpers.core.measure import timed
 
 # ---------------------------------------------------------------------------------------------------
 # Input checks: each names the argument that is wrong and says what would be right.
@@ -197,8 +197,8 @@ def denoise(
     control_guidance_start: float | Sequence[float] = 0.0,
     control_guidance_end: float | Sequence[float] = 1.0,
     guess_mode: bool = False,
-    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-    callback_steps: int = 1,
+    callback_on_step_end: Callable[[object, int, torch.Tensor, dict], dict] | None = None,
+    callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     progress: bool = True,
 ) -> torch.Tensor:
     """The UNet + scheduler loop with classifier-free guidance (and ControlNets, when given).
@@ -215,7 +215,9 @@ def denoise(
       `pipe.controlnet` if the pipeline has one), control `image` (one per net: an image, or a list with one per
       prompt), `controlnet_conditioning_scale`, `control_guidance_start`/`end` (the share of steps a net acts on;
       a float, or one per net) and `guess_mode`. Lists of the wrong length are refused, not truncated.
-    - `callback(step_index, t, latents)` runs every `callback_steps` steps, e.g. to keep intermediate latents.
+    - `callback_on_step_end(pipe, step_index, t, callback_kwargs)` runs after every step, as in diffusers'
+      pipelines: `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs` (any of
+      CALLBACK_TENSOR_INPUTS), and the dict it returns may replace the latents (e.g. keep or edit them).
 
     The body is the pipeline's numbered steps as an outline (longer than most functions here for that reason:
     one step, one line or two); each step's detail lives in the functions below it.
@@ -227,7 +229,7 @@ def denoise(
     # 1. Check inputs
     do_classifier_free_guidance = guidance_scale > 1.0
     _check_denoise_inputs(pipe, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps, strength,
-                          callback_steps, guidance_scale, cfg_cutoff)
+                          callback_on_step_end_tensor_inputs, guidance_scale, cfg_cutoff)
     batch_size = prompt_embeds.shape[0]
     factor = _pipe_scale_factor(pipe)
     unet_batch = batch_size * (2 if do_classifier_free_guidance else 1)
@@ -292,13 +294,20 @@ def denoise(
         # compute the previous noisy sample x_t -> x_t-1
         latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
-        if callback is not None and (i % callback_steps == 0 or i == len(timesteps) - 1):
-            callback(i, t, latents)
+        if callback_on_step_end is not None:
+            step_tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                            "negative_prompt_embeds": negative_prompt_embeds}
+            callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
+            callback_outputs = callback_on_step_end(pipe, i, t, callback_kwargs) or {}
+            latents = callback_outputs.pop("latents", latents)
     return latents
 
 
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")  # what a step-end callback can see
+
+
 def _check_denoise_inputs(pipe, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps, strength,
-                          callback_steps, guidance_scale, cfg_cutoff) -> None:
+                          callback_on_step_end_tensor_inputs, guidance_scale, cfg_cutoff) -> None:
     factor = _pipe_scale_factor(pipe)
     _check_size("height", height, factor)
     _check_size("width", width, factor)
@@ -310,8 +319,10 @@ def _check_denoise_inputs(pipe, prompt_embeds, negative_prompt_embeds, height, w
         raise ValueError(f"num_inference_steps={num_inference_steps} must be at least 1")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength={strength} must be in (0, 1]: the share of the noise schedule to run")
-    if callback_steps < 1:
-        raise ValueError(f"callback_steps={callback_steps} must be at least 1")
+    unknown = [name for name in callback_on_step_end_tensor_inputs if name not in CALLBACK_TENSOR_INPUTS]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs has {unknown}; a step-end callback can see "
+                         f"{list(CALLBACK_TENSOR_INPUTS)}")
     if cfg_cutoff is not None and not 0.0 <= cfg_cutoff <= 1.0:
         raise ValueError(f"cfg_cutoff={cfg_cutoff} must be in [0, 1]: the share of steps that use guidance")
     if guidance_scale > 1.0 and negative_prompt_embeds is None:
@@ -578,7 +589,7 @@ def generate(
     **denoise_kwargs,
 ) -> Generation:
     """encode_text → denoise → decode, each stage timed (on a GPU, after synchronizing): the ONE way this project
-    generates. `denoise_kwargs` go to `denoise` (scheduler, cfg_cutoff, the ControlNet arguments, callback, ...).
+    generates. `denoise_kwargs` go to `denoise` (scheduler, cfg_cutoff, ControlNet arguments, callback_on_step_end...).
 
     Inputs are checked before any work: a size that cannot fit in memory is refused up front (MemoryError
     with what would fit), not after minutes of denoising."""

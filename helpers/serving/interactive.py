@@ -177,14 +177,15 @@ def run_generation(
     total = count_timesteps(pipe, request.scheduler, request.num_inference_steps)
     preview_seconds = 0.0
 
-    def callback(step_index: int, _timestep, latents) -> None:
+    def on_step_end(_pipe, step_index: int, _timestep, callback_kwargs: dict) -> dict:
         nonlocal preview_seconds
         if progress is not None:
             progress(step_index + 1, total)
         if preview is not None and preview_every and (step_index + 1) % preview_every == 0 and step_index + 1 < total:
             start = time.perf_counter()
-            preview(step_index + 1, decode(pipe, latents))
+            preview(step_index + 1, decode(pipe, callback_kwargs["latents"]))
             preview_seconds += time.perf_counter() - start
+        return callback_kwargs
 
     result = generate(
         pipe,
@@ -196,8 +197,7 @@ def run_generation(
         height=height,
         width=width,
         scheduler=request.scheduler,
-        callback=callback,
-        callback_steps=1,
+        callback_on_step_end=on_step_end,
         progress=False,
         **request.extra,
     )
