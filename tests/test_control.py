@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from helpers.studies import control
 from helpers.toy import world
@@ -89,8 +90,17 @@ def test_normal_map_encoding():
         control.normal_map(np.zeros((4, 4, 3)))
 
 
-def test_normal_map_matches_the_world_and_does_not_depend_on_resolution(scene_depth):
-    assert (control.normal_map(scene_depth) == world.depth_to_normals(scene_depth)).all()
+def test_the_toy_trains_on_the_maps_notebook_06_derives(scene_depth):
+    """One normal map and one Canny implementation: the toy's ControlNets learnt the maps control_images gives."""
+    from helpers.toy.train import control_condition
+
+    for kind in ("normal", "canny"):
+        trained = control_condition(torch.from_numpy(scene_depth[None]), kind)[0].permute(1, 2, 0).numpy()
+        derived = np.asarray(control.control_images(scene_depth, 64, 64, [kind])[kind], np.float32) / 255.0
+        assert np.array_equal(trained, derived), kind
+
+
+def test_normal_map_does_not_depend_on_resolution():
     ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))
     ramp_2x = np.tile(np.linspace(0, 1, 128, dtype=np.float32), (128, 1))
     small, large = control.normal_map(ramp)[32, 32].astype(int), control.normal_map(ramp_2x)[64, 64].astype(int)

@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 import torch
 
-from helpers.core.show import save_gif
+from helpers.core.pictures import save_gif
 from helpers.core.stages import default_size, denoise, encode_text
 from helpers.series.profiles import parameters_for
 from helpers.studies.interpolate import (

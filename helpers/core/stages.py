@@ -67,15 +67,16 @@ def _execution_device(pipe) -> torch.device:
     return placement(pipe.unet)[0]
 
 
-def _pipe_scale_factor(pipe) -> int:
-    """The pipeline's `vae_scale_factor`, or the VAE's own when `pipe` is a bag of components."""
-    return pipe.vae_scale_factor if hasattr(pipe, "vae_scale_factor") else vae_scale_factor(pipe.vae)
-
-
-def vae_scale_factor(vae) -> int:
-    """How many pixels one latent covers along each side (8 for SD 1.5): 2 ** (number of VAE levels - 1). An
-    AutoencoderTiny's config names its levels `block_out_channels` too."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def vae_scale_factor(model) -> int:
+    """How many pixels one latent covers along each side (8 for SD 1.5): a pipeline's `vae_scale_factor`, else
+    2 ** (number of VAE levels - 1) of `model`: a VAE, a bag of components holding one (`.vae`), or a VAE's config
+    (a dict, e.g. `AutoencoderKL.load_config(...)`). An AutoencoderTiny's config names its levels
+    `block_out_channels` too."""
+    if hasattr(model, "vae_scale_factor"):
+        return model.vae_scale_factor
+    vae = getattr(model, "vae", model)
+    config = vae if isinstance(vae, dict) else vae.config
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,7 +160,8 @@ def check_guidance_scale(guidance_scale: float) -> None:
 
 
 def latent_shape(pipe, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
-    factor = _pipe_scale_factor(pipe)
+    """(batch, latent channels, height / factor, width / factor): the latents `denoise` draws for that image size."""
+    factor = vae_scale_factor(pipe)
     return (batch_size, pipe.unet.config.in_channels, height // factor, width // factor)
 
 
@@ -168,7 +170,7 @@ def default_size(pipe) -> tuple[int, int]:
     `python -m helpers rehearse`, at most its `--size`: a CPU cannot afford SD 1.5's 512², and says so)."""
     sample_size = pipe.unet.config.sample_size
     height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
-    factor = _pipe_scale_factor(pipe)
+    factor = vae_scale_factor(pipe)
     cap = rehearsal().get("size")
     if cap:
         return min(height * factor, cap), min(width * factor, cap)
@@ -231,7 +233,7 @@ def denoise(
     _check_denoise_inputs(pipe, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps, strength,
                           callback_on_step_end_tensor_inputs, guidance_scale, cfg_cutoff)
     batch_size = prompt_embeds.shape[0]
-    factor = _pipe_scale_factor(pipe)
+    factor = vae_scale_factor(pipe)
     unet_batch = batch_size * (2 if do_classifier_free_guidance else 1)
     check_size_is_sane(pipe.unet, height // factor, width // factor, scale=factor)
     check_fits_in_memory(pipe.unet, unet_batch, height // factor, width // factor, "unet", scale=factor)
@@ -308,7 +310,7 @@ CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds") 
 
 def _check_denoise_inputs(pipe, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps, strength,
                           callback_on_step_end_tensor_inputs, guidance_scale, cfg_cutoff) -> None:
-    factor = _pipe_scale_factor(pipe)
+    factor = vae_scale_factor(pipe)
     _check_size("height", height, factor)
     _check_size("width", width, factor)
     if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
@@ -359,7 +361,7 @@ def prepare_latents(pipe, scheduler, timesteps, batch_size, height, width, gener
     for img2img (`strength` < 1) the given clean latents noised to the first timestep."""
     shape = latent_shape(pipe, batch_size, height, width)
     if latents is not None and tuple(latents.shape) != shape:
-        factor = _pipe_scale_factor(pipe)
+        factor = vae_scale_factor(pipe)
         raise ValueError(
             f"latents have shape {tuple(latents.shape)} but {shape} is needed: (batch, unet.config.in_channels, "
             f"height/{factor}, width/{factor}) for {batch_size} prompts at {height}×{width}"
@@ -407,7 +409,7 @@ class ControlNetInputs:
         images = _per_net("image", image, len(nets)) if multi else [image]
         scales = _per_net_values("controlnet_conditioning_scale", conditioning_scale, len(nets))
         processor = getattr(pipe, "control_image_processor", None) or VaeImageProcessor(
-            vae_scale_factor=_pipe_scale_factor(pipe), do_convert_rgb=True, do_normalize=False)
+            vae_scale_factor=vae_scale_factor(pipe), do_convert_rgb=True, do_normalize=False)
         dtype = placement(nets[0])[1]
         prepared = [_prepare_control_image(processor, im, batch_size, height, width, device, dtype, f"image[{k}]"
                                            if multi else "image") for k, im in enumerate(images)]
@@ -524,8 +526,10 @@ def scheduler_step_kwargs(scheduler, generator, eta: float = 0.0) -> dict:
 # Stage 3: latents → image
 
 
-def _image_processor(pipe) -> VaeImageProcessor:
-    return getattr(pipe, "image_processor", None) or VaeImageProcessor(vae_scale_factor=_pipe_scale_factor(pipe))
+def image_processor(pipe) -> VaeImageProcessor:
+    """The pipeline's `image_processor` (pixels <-> [-1, 1] tensors), or one at its VAE factor for a bag of
+    components."""
+    return getattr(pipe, "image_processor", None) or VaeImageProcessor(vae_scale_factor=vae_scale_factor(pipe))
 
 
 @torch.inference_mode()
@@ -538,13 +542,13 @@ def decode(pipe, latents: torch.Tensor, output_type: str = "pil"):
         raise ValueError(
             f"latents have shape {tuple(latents.shape)}; decode needs (batch, {vae.config.latent_channels}, h, w)"
         )
-    factor = _pipe_scale_factor(pipe)
+    factor = vae_scale_factor(pipe)
     check_fits_in_memory(vae, len(latents), latents.shape[2] * factor, latents.shape[3] * factor, "decode")
     # The UNet works on latents scaled to unit variance; undo that before the VAE decoder.
     device, dtype = placement(vae)
     latents = latents.to(device=device, dtype=dtype) / vae.config.scaling_factor
     image = vae.decode(latents, return_dict=False)[0]  # (batch, 3, h·8, w·8) in [-1, 1]
-    return _image_processor(pipe).postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
+    return image_processor(pipe).postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
 
 
 @torch.inference_mode()
@@ -554,7 +558,7 @@ def encode_image(pipe, images) -> torch.Tensor:
     Takes the mean of the latent distribution (not a sample), so the result is deterministic.
     """
     vae = pipe.vae
-    image = _image_processor(pipe).preprocess(images).to(device=vae.device, dtype=vae.dtype)  # [-1, 1]
+    image = image_processor(pipe).preprocess(images).to(device=vae.device, dtype=vae.dtype)  # [-1, 1]
     return vae.encode(image).latent_dist.mode() * vae.config.scaling_factor
 
 
@@ -602,7 +606,7 @@ def generate(
     default_height, default_width = default_size(pipe)
     height = default_height if height is None else height
     width = default_width if width is None else width
-    factor = _pipe_scale_factor(pipe)
+    factor = vae_scale_factor(pipe)
     _check_size("height", height, factor)
     _check_size("width", width, factor)
     check_size_is_sane(pipe.unet, height // factor, width // factor, scale=factor)

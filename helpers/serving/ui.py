@@ -24,7 +24,7 @@ import ipywidgets as widgets
 from IPython.display import display
 
 from helpers.core.models import DEFAULT_SCHEDULER, SCHEDULERS
-from helpers.core.show import upscale
+from helpers.core.pictures import upscale
 from helpers.core.stages import Generation, default_size
 from helpers.serving.interactive import (
     MAX_BATCH_SIZE,
@@ -305,11 +305,11 @@ class AlphaSlider:
 
     def static_strip(self):
         """All frames side by side, as one PIL image: what a run without a frontend shows."""
+        from diffusers.utils import make_image_grid
         from PIL import Image
 
-        from helpers.core.show import image_grid
-
-        return image_grid([Image.open(io.BytesIO(frame)) for frame in self.frames], rows=1)
+        frames = [Image.open(io.BytesIO(frame)).convert("RGB") for frame in self.frames]
+        return make_image_grid(frames, rows=1, cols=len(frames))
 
     def show(self) -> None:
         live, why = frontend_status()

@@ -22,6 +22,8 @@ import numpy as np
 import PIL.Image
 
 from helpers import SOURCE_NOTEBOOKS_DIR
+from helpers.core.pictures import to_pil, to_uint8
+from helpers.core.stages import default_size, vae_scale_factor
 
 # Depth 1.0 stands this far (as a share of the image width) in front of depth 0.0 when normals are derived: the
 # toy's objects (0.25-0.35 in front of the ground) then get steep rims, and its ground plane stays nearly flat.
@@ -56,7 +58,7 @@ class DepthMap:
 
     def control_image(self) -> PIL.Image.Image:
         """The map as the 3-channel 8-bit image a depth ControlNet takes."""
-        grey = np.round(self.depth * 255).astype(np.uint8)
+        grey = to_uint8(self.depth)  # (H, W)
         return PIL.Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))  # (H, W) -> (H, W, 3)
 
 
@@ -224,10 +226,8 @@ class MetadataEntry:
 
     def size_for(self, pipe) -> SnappedSize:
         """The entry's (height, width) for `pipe`'s model: scaled by its trained size over SD 1.5's 512, snapped."""
-        from helpers.core.stages import _pipe_scale_factor, default_size
-
         scale = default_size(pipe)[0] / METADATA_REFERENCE_SIZE
-        return snap_size(self.height * scale, self.width * scale, _pipe_scale_factor(pipe))
+        return snap_size(self.height * scale, self.width * scale, vae_scale_factor(pipe))
 
 
 REQUIRED_KEYS = {"prompt": str, "depth": str, "width": int, "height": int}
@@ -365,18 +365,16 @@ def size_for_aspect(aspect: str | float, base_size: int, factor: int, keep: str 
 
 
 def _to_pil(image) -> PIL.Image.Image:
-    if isinstance(image, PIL.Image.Image):
-        return image
+    """A control image (PIL, a DepthMap, or an (H, W[, 3]) array by helpers.core.pictures' rule) as PIL."""
     if isinstance(image, DepthMap):
         return image.control_image()
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim not in (2, 3):
-        raise ValueError(f"a control image must be PIL or a uint8 (H, W[, 3]) array, got {array.dtype} {array.shape}")
-    return PIL.Image.fromarray(array)
+    if not isinstance(image, PIL.Image.Image) and np.ndim(image) not in (2, 3):
+        raise ValueError(f"a control image must be PIL or an (H, W[, 3]) array, got shape {np.shape(image)}")
+    return to_pil(image)
 
 
 def fit_control_image(image, height: int, width: int, strategy: str = "resize") -> PIL.Image.Image:
-    """`image` (PIL, uint8 array or DepthMap) brought to width × height:
+    """`image` (PIL, an array by helpers.core.pictures' rule, or a DepthMap) brought to width × height:
     - "resize": stretched (what the ControlNet pipeline does to any control image): nothing lost, shapes distorted;
     - "crop": scaled to cover the target, then centre-cropped: shapes kept, the sides (or top and bottom) lost;
     - "pad": scaled to fit inside, then padded by repeating its edge pixels: shapes and content kept, smaller."""
@@ -436,8 +434,8 @@ def check_control_images(images, height: int, width: int, factor: int, *, resize
 def square_view(image) -> PIL.Image.Image:
     """An image padded to a square with its background colour (the median of its border), so the toy's oracle,
     which reads 64 × 64 squares, sees the shapes of a wide or tall picture unsquashed (only smaller)."""
-    image = _to_pil(np.asarray(image)).convert("RGB")
-    array = np.asarray(image)
+    array = to_uint8(image, rgb=True)
+    image = PIL.Image.fromarray(array)
     border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])  # (2H + 2W, 3)
     side = max(image.size)
     square = PIL.Image.new("RGB", (side, side), tuple(int(v) for v in np.median(border, axis=0)))
@@ -452,19 +450,18 @@ def count_objects(image, min_share: float = 0.004) -> int:
 
     from helpers.toy.oracle import image_object_mask
 
-    array = np.asarray(image)
-    mask = image_object_mask(array)  # (H, W) bool
+    mask = image_object_mask(image)  # (H, W) bool
     return int(sum(region.area >= min_share * mask.size for region in regionprops(label(mask))))
 
 
 def toy_scores(images, control_depths, prompts, attributes: tuple[str, ...] | None = None) -> dict:
-    """Control and prompt adherence of toy images (uint8 (N, H, W, 3) or PIL) against the depth maps they were
-    conditioned on (each the image's size; None for a text-only image) and their prompts: mean mask IoU, the share
-    of images the oracle reads as the prompt (on `square_view`s; `attributes` as in oracle.matches), and the objects
-    drawn per image."""
+    """Control and prompt adherence of toy images (PIL, or (N, H, W, 3) uint8 or float in [0, 1]) against the depth
+    maps they were conditioned on (each the image's size; None for a text-only image) and their prompts: mean mask
+    IoU, the share of images the oracle reads as the prompt (on `square_view`s; `attributes` as in oracle.matches),
+    and the objects drawn per image."""
     from helpers.toy.oracle import ATTRIBUTES, control_adherence, prompt_adherence
 
-    arrays = [np.asarray(image.convert("RGB") if hasattr(image, "convert") else image) for image in images]
+    arrays = [to_uint8(image, rgb=True) for image in images]
     with_depth = [(a, np.asarray(d)) for a, d in zip(arrays, control_depths, strict=True) if d is not None]
     iou = control_adherence([a for a, _ in with_depth], [d for _, d in with_depth]) if with_depth else None
     adherence = prompt_adherence([square_view(a) for a in arrays], list(prompts), attributes=attributes or ATTRIBUTES)

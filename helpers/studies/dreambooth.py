@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from helpers.core.pictures import to_pil
 from helpers.toy import world
 from helpers.toy.oracle import image_object_mask
 
@@ -250,7 +251,7 @@ def outline_harmonics(image, n_angles: int = 90, n_harmonics: int = 10) -> np.nd
     """The outline of the picture's main object (its largest blob off the background colour) as harmonics: its
     radius by angle around the centroid, Fourier-transformed, each amplitude relative to the mean radius
     (2|F_k| / F_0: a radius r(1 + a cos 5θ) gives a at k = 5). Zeros for a picture without an object."""
-    blob = largest_blob(image_object_mask(uint8_picture(image)))
+    blob = largest_blob(image_object_mask(image))  # any picture, by helpers.core.pictures' rule
     if not blob.any():
         return np.zeros(n_harmonics + 1)
     rows, cols = np.nonzero(blob)
@@ -260,21 +261,6 @@ def outline_harmonics(image, n_angles: int = 90, n_harmonics: int = 10) -> np.nd
     np.maximum.at(radius, bins, np.hypot(dy, dx) + 0.5)  # the outermost pixel in each angular bin
     spectrum = np.abs(np.fft.rfft(radius)) / n_angles
     return 2 * spectrum[: n_harmonics + 1] / spectrum[0]
-
-
-def uint8_picture(image) -> np.ndarray:
-    """A PIL picture, a uint8 (H, W, 3) array, or a float one in [0, 1] (generate's output_type="np") -> uint8
-    (H, W, 3). Floats are scaled, not read as 0..255: the object check measures colour distances in 0..255."""
-    if hasattr(image, "convert"):
-        return np.asarray(image.convert("RGB"))
-    array = np.asarray(image)
-    if array.dtype == np.uint8:
-        return array
-    if np.issubdtype(array.dtype, np.floating):
-        if array.size and (array.min() < 0 or array.max() > 1):
-            raise ValueError(f"a float picture must hold values in [0, 1], got {array.min():.3g}..{array.max():.3g}")
-        return np.round(array * 255).astype(np.uint8)
-    raise ValueError(f"a picture must be PIL, uint8 or float in [0, 1]; got an array of {array.dtype}")
 
 
 def five_fold_scores(image) -> tuple[float, float]:
@@ -392,8 +378,6 @@ def check_instance_images(images: np.ndarray, size: tuple[int, int], min_images:
 def fit_images(images, size: tuple[int, int]) -> np.ndarray:
     """PIL images (or arrays) centre-cropped to the aspect of `size` and resized to it: uint8 (N, H, W, 3)."""
     from PIL import ImageOps
-
-    from helpers.core.show import to_pil
 
     height, width = size
     return np.stack([np.asarray(ImageOps.fit(to_pil(im).convert("RGB"), (width, height))) for im in images])

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from helpers.core.show import to_pil
+from helpers.core.pictures import to_uint8
+from helpers.core.stages import decode, denoise, encode_text, latent_shape, make_generators
 from helpers.toy import world
+from helpers.toy.oracle import adherence, image_object_mask, load_oracle, matches, parse_prompt, read_images
 
 # |cos(angle)| above this and the two vectors count as parallel: sin(angle) is then so small that slerp's weights
 # sin((1 - t) θ) / sin θ lose precision, while lerp differs from slerp by less than (1 - 0.9995) of the norm.
@@ -168,10 +170,7 @@ def noise_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torch.
     `denoise(..., latents=noise_latents(pipe, seeds, h, w))` equals `denoise(..., seeds=seeds)`."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    from helpers.core.stages import make_generators
-
-    factor = pipe.vae_scale_factor
-    shape = (len(seeds), pipe.unet.config.in_channels, height // factor, width // factor)
+    shape = latent_shape(pipe, len(seeds), height, width)
     return randn_tensor(shape, generator=make_generators(seeds), device=pipe.unet.device, dtype=pipe.unet.dtype)
 
 
@@ -218,7 +217,7 @@ class MidpointQuality:
 def pixel_contrast(images) -> np.ndarray:
     """Each image's standard deviation over pixels and channels, in [0, 1] units: (N,). A washed-out (grey, faded)
     picture has less of it than a clean one."""
-    arrays = np.stack([np.asarray(to_pil(im).convert("RGB"), np.float32) / 255 for im in images])  # (N, H, W, 3)
+    arrays = np.stack([to_uint8(im, rgb=True).astype(np.float32) / 255 for im in images])  # (N, H, W, 3)
     return arrays.std(axis=(1, 2, 3))
 
 
@@ -234,12 +233,10 @@ def colour_purity(image, reading) -> float:
     """The share of the object's pixels (`image_object_mask`) within `colour_tolerance()` of the world colour the
     oracle named: near 1 for a flat object of one colour, lower for a blend of two. 0 unless the reading is exactly
     one object (the mask cannot tell two objects apart)."""
-    from helpers.toy.oracle import image_object_mask
-
     if len(reading.objects) != 1:
         return 0.0
-    pixels = np.asarray(to_pil(image).convert("RGB"), np.float32)
-    object_pixels = pixels[image_object_mask(pixels)]  # (n, 3)
+    pixels = to_uint8(image, rgb=True)
+    object_pixels = pixels[image_object_mask(pixels)].astype(np.float32)  # (n, 3)
     if not len(object_pixels):
         return 0.0
     named = np.array(world.COLOURS[reading.objects[0][1]], np.float32)
@@ -252,8 +249,6 @@ def morph_midpoints(pipe, prompt_a: str, prompt_b: str, seeds_a: Sequence[int], 
     `alpha`: noise slerp and noise lerp (each denoised with the text embeddings lerped, so alpha 0 and 1 are A and B
     exactly), and the lerp of A's and B's final latents. Returns latents (batch, 4, h/8, w/8) keyed "A", "B" and by
     MIDPOINT_METHODS. `denoise_kwargs` must hold height and width (progress bars are off unless asked for)."""
-    from helpers.core.stages import denoise, encode_text
-
     n = len(seeds_a)
     if n == 0 or len(seeds_b) != n:
         raise ValueError(f"seeds_a has {n} seeds and seeds_b {len(seeds_b)}: give one seed of B per seed of A (>= 1)")
@@ -284,8 +279,6 @@ def midpoint_images(pipe, prompt_pairs: Sequence[Sequence[str]], seeds: Sequence
     method: images, pair-major}. Endpoint A uses seed s, endpoint B seed s + seed_offset (two different noises, as two
     separate generations have). `denoise_kwargs` (num_inference_steps, guidance_scale, height, width, scheduler) go to
     `denoise`. Needs no oracle: any model."""
-    from helpers.core.stages import decode
-
     pairs = [_check_pair(pair) for pair in prompt_pairs]
     seeds = [int(s) for s in seeds]
     if not pairs or not seeds:
@@ -311,8 +304,6 @@ def midpoint_quality(pipe, prompt_pairs: Sequence[Sequence[str]], seeds: Sequenc
                      seed_offset: int = SEED_OFFSET, oracle=None, **denoise_kwargs) -> MidpointQuality:
     """How the toy oracle reads the midpoints of each method (MIDPOINT_METHODS) over every (pair, seed) of
     `midpoint_images` (same arguments), and their contrast ratios."""
-    from helpers.toy.oracle import load_oracle, parse_prompt, read_images
-
     oracle = oracle or load_oracle()
     pairs = [_check_pair(pair) for pair in prompt_pairs]
     seeds = [int(s) for s in seeds]
@@ -328,8 +319,6 @@ def midpoint_quality(pipe, prompt_pairs: Sequence[Sequence[str]], seeds: Sequenc
 
 
 def _score_midpoints(quality: MidpointQuality, readings: dict, specs: dict, images: dict) -> None:
-    from helpers.toy.oracle import adherence, matches
-
     quality.endpoint_adherence = (adherence(readings["A"], specs["A"]) + adherence(readings["B"], specs["B"])) / 2
     quality.colour_purity["ends"] = float(np.mean([colour_purity(im, r) for key in ("A", "B")
                                                    for im, r in zip(images[key], readings[key])]))

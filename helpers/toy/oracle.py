@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from helpers.core.pictures import to_uint8
 from helpers.toy import world
 
 SLOTS = tuple(world.POSITIONS)  # left, center, right
@@ -97,16 +98,15 @@ class Reading:
 
 
 def to_image_tensor(images, image_size: int = world.IMAGE_SIZE) -> torch.Tensor:
-    """PIL images, a uint8 (N, H, W, 3) array, or a float (N, 3, H, W) tensor in [0, 1] ->
-    float (N, 3, image_size, image_size) in [0, 1] (resized if needed; non-square images get squashed)."""
+    """PIL images, an (N, H, W, 3) array (uint8, or float in [0, 1]: helpers.core.pictures' rule), or a float
+    (N, 3, H, W) tensor in [0, 1] -> float (N, 3, image_size, image_size) in [0, 1] (resized if needed; non-square
+    images get squashed)."""
     if isinstance(images, torch.Tensor):
         batch = images.detach().float().cpu()
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected a (N, 3, H, W) tensor in [0, 1], got shape {tuple(batch.shape)}")
     else:
-        arrays = [np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images]
-        if any(a.ndim != 3 or a.shape[-1] != 3 for a in arrays):
-            raise ValueError("expected RGB images (H, W, 3)")
+        arrays = [to_uint8(im, rgb=True) for im in images]  # (H, W, 3) uint8 each
         batch = torch.stack([torch.from_numpy(a.astype(np.float32) / 255.0).permute(2, 0, 1) for a in arrays])
     if batch.shape[-2:] != (image_size, image_size):
         batch = nn.functional.interpolate(batch, size=(image_size, image_size), mode="area")
@@ -275,10 +275,11 @@ def attribute_accuracy(readings: list[Reading], specs: list[PromptSpec]) -> dict
 
 
 def image_object_mask(image: np.ndarray, min_distance: float = 30.0, coverage: float = 0.4) -> np.ndarray:
-    """Pixels of an RGB uint8 image that belong to an object: farther from the background colour (the
-    median colour of the image border) than `coverage` of the farthest pixel, so an anti-aliased edge
-    pixel counts when the object covers about that share of it (as the depth map's mask does)."""
-    image = np.asarray(image, np.float32)
+    """Pixels of an RGB picture (PIL, uint8, or float in [0, 1]) that belong to an object: farther (in 0..255
+    levels) from the background colour (the median colour of the image border) than `coverage` of the farthest
+    pixel, so an anti-aliased edge pixel counts when the object covers about that share of it (as the depth map's
+    mask does)."""
+    image = to_uint8(image, rgb=True).astype(np.float32)
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])  # (4 * side, 3)
     distance = np.linalg.norm(image - np.median(border, axis=0), axis=-1)  # (H, W)
     return distance > max(min_distance, coverage * distance.max())
@@ -291,7 +292,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def control_adherence(images, depth_maps) -> float:
     """Mean IoU between each image's object mask and its depth map's object mask (same size)."""
-    arrays = [np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images]
+    arrays = [to_uint8(im, rgb=True) for im in images]
     depths = [np.asarray(d, np.float32) for d in depth_maps]
     if len(arrays) != len(depths):
         raise ValueError(f"{len(arrays)} images but {len(depths)} depth maps")

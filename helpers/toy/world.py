@@ -10,7 +10,8 @@ text encoder has to read word order as well as words.
 
 Depth follows the ControlNet convention (bright = near): the backdrop is a ground plane that comes
 nearer towards the bottom of the picture, objects stand in front of it (large ones nearer than small
-ones) and circles bulge like spheres. Normals and Canny edges are derived from the depth map.
+ones) and circles bulge like spheres. Normal maps and Canny edges are derived from the depth map by
+`helpers.studies.control` (`normal_map`, `canny_edges`), for notebook 06 and the toy's training alike.
 
 Held-out split: a caption whose CRC32 is divisible by 10 is never shown in training; held-out scenes
 use only such captions and a separate seed space.
@@ -22,6 +23,8 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from helpers.core.pictures import to_uint8
 
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4  # render at 4x and average down: anti-aliased edges, like a real photo of a shape
@@ -237,28 +240,9 @@ def depth_object_mask(depth: np.ndarray) -> np.ndarray:
     return np.asarray(depth) > OBJECT_DEPTH_THRESHOLD
 
 
-def depth_to_normals(depth: np.ndarray, strength: float = 8.0) -> np.ndarray:
-    """Surface normals from a depth map, as an RGB uint8 image (the usual normal-map encoding)."""
-    depth = np.asarray(depth, np.float32)
-    dz_dy, dz_dx = np.gradient(depth * strength)  # (H, W) each
-    normals = np.stack([-dz_dx, dz_dy, np.ones_like(depth)], axis=-1)  # (H, W, 3)
-    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
-    return np.round((normals * 0.5 + 0.5) * 255).astype(np.uint8)
-
-
-def canny_edges(image_or_depth: np.ndarray, sigma: float = 1.0) -> np.ndarray:
-    """Canny edges (uint8 H×W, 0 or 255) of an RGB image or a depth map, via scikit-image."""
-    from skimage.color import rgb2gray
-    from skimage.feature import canny
-
-    array = np.asarray(image_or_depth)
-    gray = rgb2gray(array) if array.ndim == 3 else array.astype(np.float32)
-    return canny(gray, sigma=sigma).astype(np.uint8) * 255
-
-
 def depth_to_control_image(depth: np.ndarray) -> np.ndarray:
     """A depth map as the 3-channel uint8 image ControlNet pipelines take."""
-    gray = np.round(np.clip(np.asarray(depth), 0.0, 1.0) * 255).astype(np.uint8)
+    gray = to_uint8(np.asarray(depth, np.float32))  # (H, W), by helpers.core.pictures' rule
     return np.repeat(gray[..., None], 3, axis=-1)  # (H, W) -> (H, W, 3)
 
 

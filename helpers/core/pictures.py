@@ -1,4 +1,8 @@
-"""Pictures for the notebooks: image grids with labels, strips of intermediate steps, plots."""
+"""Pictures: the one conversion rule, grids and strips for the notebooks, plots, GIFs.
+
+The rule: a float picture is in [0, 1] and is clipped, then rounded to uint8 (x · 255); uint8 stays; anything else
+is refused (a float picture far outside [0, 1], such as 0..255 or a decoder's [-1, 1], is refused too).
+"""
 
 from __future__ import annotations
 
@@ -10,34 +14,38 @@ import numpy as np
 import PIL.Image
 import torch
 
+# A float picture may stray this far outside [0, 1] (rounding in half precision) before it counts as another range.
+FLOAT_SLACK = 0.5 / 255
 
-def to_pil(image) -> PIL.Image.Image:
-    """A PIL image from PIL, a HWC numpy array in [0, 1] / uint8, or a CHW tensor in [0, 1]."""
+
+def to_uint8(image, *, rgb: bool = False) -> np.ndarray:
+    """Any picture (PIL; a numpy array or a CHW / HWC tensor, one picture or a batch) as a uint8 array, by the rule
+    above. `rgb=True`: one (H, W, 3) RGB picture (grey and RGBA PIL images are converted; other arrays refused)."""
     if isinstance(image, PIL.Image.Image):
-        return image
+        return np.asarray(image.convert("RGB") if rgb and image.mode != "RGB" else image)
     if isinstance(image, torch.Tensor):
         image = image.detach().float().cpu()
-        image = image.permute(1, 2, 0).numpy() if image.ndim == 3 and image.shape[0] in (1, 3) else image.numpy()
+        image = image.permute(1, 2, 0) if image.ndim == 3 and image.shape[0] in (1, 3) else image  # CHW -> HWC
+        image = image.numpy()
     array = np.asarray(image)
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
-    return PIL.Image.fromarray(array.squeeze())
+    if np.issubdtype(array.dtype, np.floating):
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 1.0)
+        if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
+            raise ValueError(f"a float picture must lie in [0, 1], got values {low:.3g}..{high:.3g} (0..255 floats: "
+                             "cast to uint8; a decoder's [-1, 1]: map it with (x + 1) / 2)")
+        array = np.round(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"a picture must be PIL, uint8, or float in [0, 1]; got an array of {array.dtype}")
+    if rgb and (array.ndim != 3 or array.shape[-1] != 3):
+        raise ValueError(f"expected one RGB picture (H, W, 3), got shape {array.shape}")
+    return array
 
 
-def image_grid(images: Sequence, rows: int | None = None, cols: int | None = None) -> PIL.Image.Image:
-    """Paste equally sized images into one rows × cols image (row by row)."""
-    images = [to_pil(im) for im in images]
-    if not images:
-        raise ValueError("image_grid needs at least one image")
-    cols = cols or (len(images) if rows is None else -(-len(images) // rows))
-    rows = rows or -(-len(images) // cols)
-    if rows * cols < len(images):
-        raise ValueError(f"{len(images)} images do not fit a {rows}×{cols} grid")
-    width, height = images[0].size
-    grid = PIL.Image.new("RGB", (cols * width, rows * height), "white")
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB").resize((width, height)), ((i % cols) * width, (i // cols) * height))
-    return grid
+def to_pil(image) -> PIL.Image.Image:
+    """A PIL image of any one picture (see `to_uint8`); a PIL image is returned as it is."""
+    if isinstance(image, PIL.Image.Image):
+        return image
+    return PIL.Image.fromarray(to_uint8(image).squeeze())
 
 
 def show_grid(
