@@ -26,13 +26,13 @@ def inputs():
 
 
 def test_parse_rung_reads_schedulers_steps_and_optimisations():
-    knobs = latency.Knobs(cfg_cutoff=0.4, deepcache_interval=2)
-    config = latency.parse_rung("dpm++ 10 + cfg_cutoff + deepcache + fused_qkv", knobs)
+    strengths = latency.RungConfig(cfg_cutoff=0.4, deepcache_interval=2)
+    config = latency.parse_rung("dpm++ 10 + cfg_cutoff + deepcache + fused_qkv", strengths)
     assert (config.scheduler, config.steps, config.cfg_cutoff, config.deepcache_interval, config.fuse_qkv) == (
         "dpm++", 10, 0.4, 2, True)
-    assert latency.parse_rung("baseline") == latency.Config()
+    assert latency.parse_rung("baseline") == latency.RungConfig()
     assert latency.parse_rung("bf16 + channels_last").changes() == {"half": "bf16", "channels_last": True}
-    base = latency.Config(steps=8)
+    base = latency.RungConfig(steps=8)
     assert latency.parse_rung("euler 4", baseline=base).steps == 4
     assert latency.parse_rung("fused_qkv", baseline=base).steps == 8, "a rung starts from the given baseline"
 
@@ -44,13 +44,30 @@ def test_parse_rung_refuses_unknown_names(name):
 
 
 def test_config_passes_steps_cutoff_and_control_window_to_generate():
-    config = latency.parse_rung("unipc 6 + cfg_cutoff + control_end", latency.Knobs(cfg_cutoff=0.3,
+    config = latency.parse_rung("unipc 6 + cfg_cutoff + control_end", latency.RungConfig(cfg_cutoff=0.3,
                                                                                     control_guidance_end=0.6))
     assert config.generate_kwargs() == {"num_inference_steps": 6, "control_guidance_end": 0.6, "cfg_cutoff": 0.3}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # What this platform can run: reasons, never crashes
+
+
+def test_a_rung_is_its_speedups_applied_by_hand(toy_control_pipe, inputs):
+    """What the notebook shows (`recipe`) is what `configure` does: the same calls give the same picture."""
+    config = latency.parse_rung("ddim 3 + cfg_cutoff + fused_qkv + channels_last")
+    assert [(f.__name__, kwargs) for f, kwargs in latency.speedups(config)] == [
+        ("use_scheduler", {"name": "ddim", "steps": 3}), ("fuse_qkv", {}), ("use_channels_last", {})]
+    assert "latency.fuse_qkv(pipe)" in latency.recipe(config) and "cfg_cutoff=0.5" in latency.recipe(config)
+    by_hand = latency.copy_pipeline(toy_control_pipe)
+    latency.use_scheduler(by_hand, "ddim", 3)
+    latency.fuse_qkv(by_hand)
+    latency.use_channels_last(by_hand)
+    request = inputs.subset(1)
+    expected = latency.generate_config(latency.configure(toy_control_pipe, config), config, request, "np").images
+    np.testing.assert_array_equal(latency.generate_config(by_hand, config, request, "np").images, expected)
+    openvino = [f.__name__ for f, _ in latency.speedups(latency.parse_rung("openvino + bf16"))]
+    assert openvino == ["use_scheduler", "use_openvino"], "OpenVINO takes the half as its precision, not a cast"
 
 
 def test_why_not_names_what_a_cpu_cannot_run():
@@ -61,7 +78,7 @@ def test_why_not_names_what_a_cpu_cannot_run():
     assert "replace classic attention" in latency.why_not(latency.parse_rung("fused_qkv + classic_attention"), cpu)
     assert "replace slicing attention" in latency.why_not(latency.parse_rung("attention_slicing + fused_qkv"), cpu)
     assert latency.why_not(latency.parse_rung("dpm++ 10 + cfg_cutoff + fused_qkv + channels_last"), cpu) is None
-    assert "engine" in latency.why_not(latency.Config(engine="tensorrt"), cpu)
+    assert "engine" in latency.why_not(latency.RungConfig(engine="tensorrt"), cpu)
 
 
 def test_a_rung_the_platform_cannot_run_is_recorded_as_skipped(toy_control_pipe, inputs):
@@ -92,7 +109,7 @@ def test_compile_on_a_cpu_freezes_and_prepacks_the_weights_at_every_batch():
         device = torch.device("cpu")
 
     net = Net(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 3)).eval()
-    holder = latency.configure(latency.UNetOnly(net, DDIMScheduler()), latency.Config(compile=True))
+    holder = latency.configure(latency.UNetOnly(net, DDIMScheduler()), latency.RungConfig(compile=True))
     for batch in (2, 1):  # a guidance cut-off halves the UNet batch: a recompile
         sample = torch.randn(batch, 4, 8, 8)
         with torch.no_grad():
@@ -142,7 +159,7 @@ def test_time_request_splits_the_request_into_its_parts(toy_control_pipe, inputs
 
 
 def test_a_ladder_scores_rungs_against_the_baseline(toy_control_pipe, inputs):
-    ladder = latency.Ladder(toy_control_pipe, inputs, latency.Config(scheduler="ddim", steps=8), latency.Knobs(),
+    ladder = latency.Ladder(toy_control_pipe, inputs, latency.RungConfig(scheduler="ddim", steps=8),
                             on_toy=True, repeats=1, quality_batch=2)
     fast = ladder.run("ddim 2 + cfg_cutoff")
     base = ladder.results["baseline"]
@@ -167,7 +184,7 @@ def test_head_to_head_times_the_rungs_in_turn(toy_control_pipe, inputs, monkeypa
     configs = {"a": latency.parse_rung("ddim 2"), "b": latency.parse_rung("ddim 3")}
     called = []
     real = latency.generate_config
-    monkeypatch.setattr(latency, "generate_config",
+    monkeypatch.setattr(latency.ladder, "generate_config",
                         lambda pipe, config, request: called.append(config.steps) or real(pipe, config, request))
     times = latency.interleaved_times(toy_control_pipe, configs, inputs.subset(1), rounds=3)
     assert called == [2, 3] + [2, 3] * 3, "a warm-up each, then in turn"
@@ -176,7 +193,7 @@ def test_head_to_head_times_the_rungs_in_turn(toy_control_pipe, inputs, monkeypa
 
 def test_deepcache_after_a_guidance_cutoff_still_runs(toy_control_pipe, inputs):
     """The UNet batch halves at the cut-off; DeepCache's cached features must be refreshed there, not reused."""
-    config = latency.parse_rung("dpm++ 6 + cfg_cutoff + deepcache", latency.Knobs(cfg_cutoff=0.5,
+    config = latency.parse_rung("dpm++ 6 + cfg_cutoff + deepcache", latency.RungConfig(cfg_cutoff=0.5,
                                                                                   deepcache_interval=3))
     pipe = latency.configure(toy_control_pipe, config)
     images = latency.generate_config(pipe, config, inputs.subset(1), output_type="np").images
@@ -238,8 +255,9 @@ def test_image_similarity_is_perfect_for_the_same_images_and_drops_with_noise():
         latency.image_similarity([image, image], [image])
     with pytest.raises(ValueError, match="cannot be compared"):
         latency.image_similarity([image[:16]], [image])
-    with pytest.raises(ValueError, match="uint8"):
-        latency.image_similarity([image / 255.0], [image])
+    assert latency.image_similarity([image / 255.0], [image])["psnr_db"] == float("inf"), "floats in [0, 1]: x 255"
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        latency.image_similarity([image.astype(float)], [image])  # 0..255 floats are refused, never read as [0, 1]
 
 
 def test_pareto_front_keeps_only_undominated_rungs_fastest_first():
@@ -345,8 +363,9 @@ def test_bench_latency_times_torch_and_openvino_again_in_turn(tmp_path, monkeypa
     monkeypatch.setenv("SD_OUTPUTS", str(tmp_path))
     order = []
     real = latency.time_unet_steps
-    monkeypatch.setattr(latency, "time_unet_steps", lambda holder, config, *a, **k: order.append(config.engine)
-                        or real(holder, config, *a, **k))
+    for module in (latency, latency.bottlenecks):  # the bench's ladder, and the head to head in turn
+        monkeypatch.setattr(module, "time_unet_steps", lambda holder, config, *a, **k: order.append(config.engine)
+                            or real(holder, config, *a, **k))
     assert bench.main(["--model", "tiny-random", "--rungs", "baseline", "openvino", "--repeats", "1",
                        "--latent-size", "8", "--head-to-head", "3"]) == 0
     assert order[2:] == ["torch", "openvino"] * 4, "the ladder's two, then a warm-up each and three rounds in turn"
@@ -394,7 +413,7 @@ def test_configure_shares_the_weights_a_rung_does_not_change(toy_control_pipe):
 
 
 def test_configure_casts_a_copy_without_touching_the_base(toy_control_pipe):
-    half = latency.configure(toy_control_pipe, latency.Config(half="bf16"))
+    half = latency.configure(toy_control_pipe, latency.RungConfig(half="bf16"))
     assert half.unet.dtype == torch.bfloat16 and toy_control_pipe.unet.dtype == torch.float32
     assert half.scheduler is not toy_control_pipe.scheduler
 
@@ -414,7 +433,7 @@ def _memory_budget_for(pipe, images_that_fit: int) -> float:
 
 def test_a_rung_whose_quality_images_run_out_of_memory_is_skipped_and_the_ladder_goes_on(toy_control_pipe, inputs,
                                                                                          monkeypatch):
-    ladder = latency.Ladder(toy_control_pipe, inputs, latency.Config(scheduler="ddim", steps=3), latency.Knobs(),
+    ladder = latency.Ladder(toy_control_pipe, inputs, latency.RungConfig(scheduler="ddim", steps=3),
                             on_toy=True, repeats=1, quality_batch=2)
     ladder.run("baseline")
     monkeypatch.setenv("SD_MEMORY_BUDGET_GIB", str(_memory_budget_for(toy_control_pipe, 1)))
@@ -427,7 +446,7 @@ def test_a_rung_whose_quality_images_run_out_of_memory_is_skipped_and_the_ladder
 
 def test_a_baseline_that_cannot_run_says_what_to_lower(toy_control_pipe, inputs, monkeypatch):
     monkeypatch.setenv("SD_MEMORY_BUDGET_GIB", str(_memory_budget_for(toy_control_pipe, 1)))
-    ladder = latency.Ladder(toy_control_pipe, inputs, latency.Config(scheduler="ddim", steps=2), latency.Knobs(),
+    ladder = latency.Ladder(toy_control_pipe, inputs, latency.RungConfig(scheduler="ddim", steps=2),
                             on_toy=True, repeats=1, quality_batch=2)
     with pytest.raises(RuntimeError, match="baseline could not run.*QUALITY_BATCH"):
         ladder.run("dpm++ 2")
@@ -438,7 +457,7 @@ def test_a_rung_frees_its_copy_when_it_is_done(toy_control_pipe, inputs, monkeyp
 
     copies = []
     real = latency.configure
-    monkeypatch.setattr(latency, "configure", lambda pipe, config: copies.append(weakref.ref(real(pipe, config)))
+    monkeypatch.setattr(latency.ladder, "configure", lambda pipe, config: copies.append(weakref.ref(real(pipe, config)))
                         or copies[-1]())
     result = latency.run_rung(toy_control_pipe, "deepcache", latency.parse_rung("ddim 3 + deepcache"), inputs,
                               repeats=1, quality_batch=2)
@@ -457,7 +476,7 @@ def test_head_to_head_leaves_out_a_finalist_that_runs_out_of_memory(toy_control_
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(pipe, config, request)
 
-    monkeypatch.setattr(latency, "generate_config", generate)
+    monkeypatch.setattr(latency.ladder, "generate_config", generate)
     skipped = {}
     times = latency.interleaved_times(toy_control_pipe, configs, inputs.subset(1), rounds=2, skipped=skipped)
     assert set(times) == {"baseline", "small"} and "out of memory" in skipped["big"]
@@ -490,7 +509,7 @@ def test_a_t4_decides_its_half_and_rungs_while_the_cpu_computes(pretend_t4):
     CPU computes: what cannot run there (a GPU compile) is skipped with the reason."""
     cpu = torch.device("cpu")
     assert latency.parse_rung("half").half == "fp16"
-    assert latency.why_not(latency.Config(half="fp16"), cpu) is None, "the T4's baseline runs (slowly) on the CPU"
+    assert latency.why_not(latency.RungConfig(half="fp16"), cpu) is None, "the T4's baseline runs (slowly) on the CPU"
     assert "bf16" in latency.why_not(latency.parse_rung("bf16"), cpu) and "emulat" in latency.why_not(
         latency.parse_rung("bf16"), cpu)
     assert "measured on a CPU" in latency.why_not(latency.parse_rung("openvino"), cpu)
@@ -523,8 +542,8 @@ def test_a_pretended_t4_runs_an_fp16_ladder_on_the_cpu(pretend_t4):
     pipe = load_pipeline("tiny-random", dtype=default_dtype(), device=compute_device(), safety_checker=False)
     assert pipe.unet.dtype == torch.float16 and pipe.device.type == "cpu"
     inputs = latency.Inputs(["a photo of a red apple on a table"], [0])
-    baseline = latency.Config(steps=3, half=latency.half_name(pipe.unet.dtype))
-    ladder = latency.Ladder(pipe, inputs, baseline, latency.Knobs(), on_toy=False, repeats=1, quality_batch=1)
+    baseline = latency.RungConfig(steps=3, half=latency.half_name(pipe.unet.dtype))
+    ladder = latency.Ladder(pipe, inputs, baseline, on_toy=False, repeats=1, quality_batch=1)
     assert ladder.run("dpm++ 2 + channels_last").status == "ok"
     assert ladder.results["baseline"].status == "ok"
     compiled = ladder.run("compile")
@@ -578,11 +597,10 @@ def test_notebook_07_gpu_rungs_are_a_t4s(pretend_t4, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a))
-    knobs = latency.Knobs()
-    baseline = latency.Config(steps=GPU.get("BASELINE_STEPS", 50), half="fp16")
+    baseline = latency.RungConfig(steps=GPU.get("BASELINE_STEPS", 50), half="fp16")
     levers = set()
     for name in _gpu_rungs():
-        config = latency.parse_rung(name, knobs, baseline)
+        config = latency.parse_rung(name, latency.STRENGTHS, baseline)
         assert config.half == "fp16" and config.engine == "torch", name
         assert latency.why_not(config, torch.device("cuda")) is None, (name, latency.why_not(config, "cuda"))
         levers |= {part.strip().split()[0] for part in name.split(" + ")}
@@ -596,7 +614,7 @@ def test_notebook_07_gpu_profile_fits_a_t4_in_about_15_minutes():
         return images * (steps * T4_STEP_S + T4_DECODE_S)
 
     n, repeats = GPU["N_PROMPTS"], GPU["REPEATS"]
-    steps = {name: latency.parse_rung(name, baseline=latency.Config(steps=GPU.get("BASELINE_STEPS", 50))).steps
+    steps = {name: latency.parse_rung(name, baseline=latency.RungConfig(steps=GPU.get("BASELINE_STEPS", 50))).steps
              for name in ["baseline", *_gpu_rungs()]}
     ladder = sum((1 + repeats) * request_s(s) + request_s(s, n) for s in steps.values())
     bottlenecks = request_s(steps["baseline"])
@@ -614,7 +632,7 @@ def test_notebook_07_under_the_rehearsal_stays_affordable_on_a_cpu():
     from helpers.series.profiles import rehearsal_shrinks
 
     params = {**GPU, **rehearsal_shrinks("07", steps=2, size=64)}
-    baseline = latency.Config(steps=params["BASELINE_STEPS"], half="fp16")
+    baseline = latency.RungConfig(steps=params["BASELINE_STEPS"], half="fp16")
     names = ([f"{s} {n}" for s in params["SCHEDULER_RUNGS"] for n in params["STEP_RUNGS"]]
              + params["OPTIMISATION_RUNGS"] + params["COMBINED_RUNGS"])
     requests = 1 + params["REPEATS"] + params["N_PROMPTS"]

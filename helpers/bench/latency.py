@@ -16,12 +16,15 @@ Prints a table and writes outputs/bench_latency.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
-import time
 
 import torch
+from diffusers import PNDMScheduler
 
-from helpers.core.models import load_component
+from helpers.core.measure import timed
+from helpers.core.models import RANDOM_MODELS, load_component
+from helpers.core.random_models import SD15_SCHEDULER_CONFIG
 from helpers.core.results import cpu_model, format_table, record_results
 from helpers.studies import latency
 
@@ -43,21 +46,23 @@ ANCHORS = [  # published numbers, for context only: other machines, other shapes
 ]
 
 
-def rung_dtype(config: latency.Config) -> torch.dtype:
+def rung_dtype(config: latency.RungConfig) -> torch.dtype:
     return latency.HALF_DTYPES[config.half] if config.half else torch.float32
 
 
 def bench_rung(base: latency.UNetOnly, name: str, args, flops: int, rooflines: dict) -> dict:
-    config = latency.parse_rung(name, latency.Knobs(deepcache_interval=args.deepcache_interval,
-                                                    tome_ratio=args.tome_ratio))
+    strengths = dataclasses.replace(latency.STRENGTHS, deepcache_interval=args.deepcache_interval,
+                                    tome_ratio=args.tome_ratio)
+    config = latency.parse_rung(name, strengths)
     row = {"rung": name}
     try:
-        start = time.perf_counter()
-        holder = latency.configure(base, config)
-        row["setup s"] = time.perf_counter() - start
+        seconds: dict[str, float] = {}
+        with timed(seconds, "setup s", base.device):
+            holder = latency.configure(base, config)
+        row.update(seconds)
         timing = latency.time_unet_steps(holder, config, args.batch_size, args.latent_size, repeats=args.repeats)
     except (latency.RungSkipped, ImportError, RuntimeError, NotImplementedError) as error:
-        return {**row, "status": "skipped", "reason": latency._reason(error)}
+        return {**row, "status": "skipped", "reason": latency.skip_reason(error)}
     dtype = rung_dtype(config)
     precision = getattr(holder.unet, "inference_precision", None)  # OpenVINO's actual one
     if precision is not None:
@@ -132,11 +137,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _scheduler(model: str):
     """The model's scheduler (its timesteps feed DeepCache); random models have SD 1.5's."""
-    from diffusers import PNDMScheduler
-
-    from helpers.core.models import RANDOM_MODELS
-    from helpers.core.random_models import SD15_SCHEDULER_CONFIG
-
     return PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG) if model in RANDOM_MODELS else load_component(
         model, "scheduler")
 
