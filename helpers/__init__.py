@@ -3,7 +3,7 @@ above it in this list:
 
 - `core/`: the device (`accelerator`), the one loader (`models`), the three stages and the one `generate`
   (`stages`), size limits, random models at SD 1.5's shapes, the tokenizer, single-file checkpoints (`ldm`),
-  timing, result records, pictures;
+  measuring (time, loads, peak memory), result records, pictures;
 - `checkpoints/`: getting weights: hub and BitTorrent downloads (`download`, `swarm`), the local hub (`hub`);
 - `studies/`: what each notebook measures, one module per study (batching and partial loading: 03;
   interpolation: 04-05; control: 06; latency: 07; dreambooth: 08);

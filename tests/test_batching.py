@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.core import timing
+from helpers.core import measure
 from helpers.studies import batching
 from helpers.studies.batching import StageJob, auto_batch_size, run_in_chunks
 
@@ -103,8 +103,8 @@ def test_tuples_of_tensors_and_none_are_joined():
         (lambda: batching.sweep_sizes(4, 8), r"largest=8 is more than N=4"),
         (lambda: batching.sweep_sizes(4, 0), r"largest=0 must be"),
         (lambda: batching.check_seeds([1, 2, 3], ["a", "b"]), r"seeds has 3 entries but there are only 2 prompts"),
-        (lambda: auto_batch_size([{"batch_size": 1, "throughput": 1.0, "peak_MB": 9.0}], 0.1, 1.0),
-         r"memory_limit_MB=1.0"),
+        (lambda: auto_batch_size([{"batch_size": 1, "throughput": 1.0, "peak_MiB": 9.0}], 0.1, 1.0),
+         r"memory_limit_MiB=1.0"),
         (lambda: auto_batch_size([], 1.5), r"tolerance=1.5"),
     ],
 )
@@ -143,12 +143,12 @@ def test_sweep_sizes_are_powers_of_two_then_n():
 
 
 def test_auto_picks_the_smallest_batch_within_tolerance_of_the_best():
-    rows = [{"batch_size": b, "throughput": t, "peak_MB": 100.0 * b}
+    rows = [{"batch_size": b, "throughput": t, "peak_MiB": 100.0 * b}
             for b, t in [(1, 10.0), (2, 18.0), (4, 19.5), (8, 20.0), (16, 19.0)]]
     assert auto_batch_size(rows, 0.10) == 2  # 18 >= 0.9 * 20
     assert auto_batch_size(rows, 0.05) == 4
     assert auto_batch_size(rows, 0.0) == 8
-    assert auto_batch_size(rows, 0.10, memory_limit_MB=150) == 1, "the memory limit rules out 2 and up"
+    assert auto_batch_size(rows, 0.10, memory_limit_MiB=150) == 1, "the memory limit rules out 2 and up"
     best = max(r["throughput"] for r in rows)
     for tolerance in (0.0, 0.05, 0.1, 0.5):
         picked = next(r for r in rows if r["batch_size"] == auto_batch_size(rows, tolerance))
@@ -188,21 +188,11 @@ def test_short_runs_are_repeated_until_the_minimum_time_is_spent():
     calls = []
     run = batching.time_chunked(lambda a, b: calls.append((a, b)), 2, 2, device="cpu", repeats=3, min_time_s=0.05,
                                 warmup=False)
-    assert len(run.seconds) >= 3 and (sum(run.seconds) >= 0.05 or len(run.seconds) == timing.MAX_RUNS)
+    assert len(run.seconds) >= 3 and (sum(run.seconds) >= 0.05 or len(run.seconds) == measure.MAX_RUNS)
     assert len(calls) == len(run.seconds)
     slow = batching.time_chunked(lambda a, b: time.sleep(0.06), 2, 2, device="cpu", repeats=3, min_time_s=0.05)
     assert len(slow.seconds) == 1, "a run longer than min_time_s is timed once"
-
-
-def test_peak_memory_sees_an_allocation_of_200_MB():
-    with batching.peak_memory("cpu") as memory:
-        block = torch.ones(50_000_000)  # 200 MB, every page written
-        del block
-    assert memory["added_MB"] >= 150, memory
-    with batching.peak_memory("cpu") as small:
-        torch.ones(1000)
-    assert small["added_MB"] < 50, f"each measurement has its own peak, not the last one's: {small}"
-    assert small["method"].startswith("peak RSS")
+    assert isinstance(slow, measure.Measurement) and slow.memory["peak_MiB"] > 0, "the one record, its peak in MiB"
 
 
 @pytest.mark.parametrize("stage", batching.STAGES)
@@ -215,7 +205,7 @@ def test_batched_equals_single_calls_on_the_tiny_model(tiny_pipe, stage):
     assert row["max_abs_diff"] <= 1e-5, "the same seeds must give the same outputs, batched or not"
     assert row["speedup"] == pytest.approx(row["single_s"] / row["batched_s"])
     assert row["single_s_per_inference"] == pytest.approx(row["single_s"] / 3)
-    assert row["single_peak_MB"] > 0 and row["batched_peak_MB"] > 0
+    assert row["single_peak_MiB"] > 0 and row["batched_peak_MiB"] > 0
 
 
 def test_compare_hands_each_stage_output_to_the_next(tiny_pipe):
@@ -235,7 +225,7 @@ def test_sweep_rows_are_consistent(tiny_pipe):
     assert [r["batch_size"] for r in rows] == [1, 2, 4]
     for row in rows:
         assert row["throughput"] == pytest.approx(row["batch_size"] / row["call_s"])
-        assert row["peak_MB"] > 0
+        assert row["peak_MiB"] > 0
     assert max(r["vs_best"] for r in rows) == 1.0
 
 
@@ -248,12 +238,12 @@ def test_each_stage_runs_with_only_its_part_loaded(source):
     model = str(TOY_LDM_FILE) if source == "single_file" else "toy"
     job = StageJob(pipe, ["a red circle", "a blue square on the left"], [3, 4], num_inference_steps=STEPS)
     job.ensure_inputs("decode", 2)
-    whole = batching.weights_MB(pipe.text_encoder, pipe.unet, pipe.vae)
+    whole = batching.weights_MiB(pipe.text_encoder, pipe.unet, pipe.vae)
     for stage, components in batching.STAGE_COMPONENTS.items():
         part = batching.load_stage(model, stage)
         assert set(components) <= set(vars(part))
         assert not {"unet", "vae", "text_encoder"} - set(components) & set(vars(part)), "only the stage's networks"
-        assert batching.weights_MB(*vars(part).values()) < whole
+        assert batching.weights_MiB(*vars(part).values()) < whole
         assert batching.max_abs_diff(job.call(stage, 0, 2, pipe=part), job.call(stage, 0, 2)) <= 1e-6
 
 
@@ -324,9 +314,9 @@ def test_sweep_skips_sizes_that_do_not_fit_and_auto_never_picks_them(budget_for_
 
 
 def test_auto_and_best_ignore_skipped_sizes():
-    rows = [{"batch_size": 1, "throughput": 10.0, "peak_MB": 1.0, "skipped": None},
-            {"batch_size": 2, "throughput": 12.0, "peak_MB": 2.0, "skipped": None},
-            {"batch_size": 4, "throughput": None, "peak_MB": None, "skipped": "out of memory",
+    rows = [{"batch_size": 1, "throughput": 10.0, "peak_MiB": 1.0, "skipped": None},
+            {"batch_size": 2, "throughput": 12.0, "peak_MiB": 2.0, "skipped": None},
+            {"batch_size": 4, "throughput": None, "peak_MiB": None, "skipped": "out of memory",
              "skipped_reason": "needs about 9 GiB"}]
     assert batching.auto_batch_size(rows, 0.0) == 2 and batching.best_batch_size(rows) == 2
     with pytest.raises(ValueError, match="no swept batch size fits.*batch 4: needs about 9 GiB"):

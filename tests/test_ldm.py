@@ -176,7 +176,9 @@ def test_partial_measurement_reads_only_its_share(tmp_path):
     assert full["read_bytes"] >= 120 * mib
     # its share is 1/8; the kernel's readahead (read_ahead_kb, 8 MiB on this VM) may add up to that much
     assert text["read_bytes"] < full["read_bytes"] / 3
-    assert text["peak_rss_mb"] > 0 and text["time_s"] > 0
+    assert text["peak_rss_MiB"] > 0 and text["time_s"] > 0
+    # the load alone, in MiB: all 128 MiB of tensors read and touched, against the text encoder's 16
+    assert full["load_rss_MiB"] >= 100 and text["load_rss_MiB"] < full["load_rss_MiB"] / 2
 
 
 def test_bad_inputs(exported, tmp_path):
@@ -207,7 +209,7 @@ def test_bench_load_runs_small(tmp_path, monkeypatch, capsys):
     result = json.loads((tmp_path / "outputs" / "bench_load.json").read_text())
     components = [row["component"] for row in result["rows"]]
     assert components == ["full file", "unet", "vae", "text_encoder"]
-    assert all(row["time_s"] > 0 and row["peak_rss_MB"] > 0 for row in result["rows"])
+    assert all(row["time_s"] > 0 and row["peak_rss_MiB"] > 0 for row in result["rows"])
     assert result["shares"]["unet"]["tensors"] == 684
     mtime = (tmp_path / "cache" / "tiny-random-fp16-ldm.safetensors").stat().st_mtime
     assert bench_load.ensure_checkpoint(tmp_path / "cache", small=True)[0].stat().st_mtime == mtime  # reused

@@ -45,7 +45,7 @@ def test_one_row_per_stage_single_against_batched(r, params):
         assert row["batched_s_per_inference"] == pytest.approx(row["batched_s"] / n)
         assert row["single_s"] > 0 and row["batched_s"] > 0
         assert row["max_abs_diff"] <= TOLERANCE, f"batched must equal single calls for the same seeds: {row}"
-        assert row["single_peak_MB"] > 0 and row["batched_peak_MB"] > 0
+        assert row["single_peak_MiB"] > 0 and row["batched_peak_MiB"] > 0
     assert r["grid_max_abs_diff"] <= TOLERANCE
 
 
@@ -63,7 +63,7 @@ def test_sweep_per_stage_with_best_marked(r, params):
         assert [row["batch_size"] for row in rows] == sizes
         for row in rows:
             assert row["throughput"] == pytest.approx(row["batch_size"] / row["call_s"])
-            assert row["peak_MB"] > 0
+            assert row["peak_MiB"] > 0
         best = max(rows, key=lambda row: row["throughput"])
         assert r["best_batch_size"][stage] == best["batch_size"] and best["vs_best"] == 1.0
 
@@ -114,8 +114,8 @@ def test_each_stage_runs_with_only_its_part(r):
     for stage, row in rows.items():
         assert row["max_abs_diff"] <= 1e-6, row
         assert set(STAGE_COMPONENTS[stage]) <= set(row["loads"].split("+"))
-        assert row["weights_MB"] < whole["weights_MB"]
-    assert sum(row["weights_MB"] for row in rows.values()) == pytest.approx(whole["weights_MB"], rel=0.01), \
+        assert row["weights_MiB"] < whole["weights_MiB"]
+    assert sum(row["weights_MiB"] for row in rows.values()) == pytest.approx(whole["weights_MiB"], rel=0.01), \
         "the three parts together are the whole model"
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from helpers.core import accelerator
+from helpers.core.measure import timed
 from helpers.core.models import load_pipeline
 from helpers.core.results import format_table, record_results
 from helpers.studies.batching import (
@@ -66,7 +66,18 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    with timed(seconds, "bench", "cpu"):  # the whole run, for the record; each stage is timed by compare
+        rows, threads = _run(args)
+    print(format_table(rows, COMPARE_COLUMNS))
+    print(json.dumps(rows))
+    path = record_results("bench_batching", {"args": vars(args), "threads": threads, "rows": rows,
+                                             "seconds": seconds["bench"]})
+    print(f"wrote {path}")
+    return 0
+
+
+def _run(args) -> tuple[list[dict], dict]:
     pipe = load_pipeline(args.model)
     job = StageJob(pipe, load_prompts(args.n), range(args.seed, args.seed + args.n),
                    num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
@@ -79,12 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in args.stages:  # in order, so each stage's batched output feeds the next
         rows.append(compare(job, stage, args.max_batch or args.n, repeats=args.repeats, min_time_s=args.min_time))
         print(f"  {stage}: speed-up {rows[-1]['speedup']:.2f}x, max diff {rows[-1]['max_abs_diff']:.1e}", flush=True)
-    print(format_table(rows, COMPARE_COLUMNS))
-    print(json.dumps(rows))
-    path = record_results("bench_batching", {"args": vars(args), "threads": threads, "rows": rows,
-                                             "seconds": time.perf_counter() - start})
-    print(f"wrote {path}")
-    return 0
+    return rows, threads
 
 
 if __name__ == "__main__":

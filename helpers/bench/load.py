@@ -5,7 +5,7 @@
 The checkpoint is SD 1.5-shaped (UNet 859.5 M params, CLIP ViT-L/14 text encoder, the real VAE) with random
 fp16 weights, in the original LDM key layout (`helpers.core.ldm`), ~2.1 GB. It is generated once into the cache
 folder (default `outputs/cache/`, git-ignored) and reused. `--small` uses the tiny test model instead (a
-few MB, seconds) to check the machinery.
+few MiB, seconds) to check the machinery.
 
 Every load runs in a fresh process with the file evicted from the page cache (see `helpers.studies.partial`), so
 each row is a cold load. Prints the table and writes `outputs/bench_load.json`.
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from helpers.core import ldm
+from helpers.core.measure import MiB, timed
 
 CHECKPOINT_NAME = "sd15-random-fp16-ldm.safetensors"
 
@@ -83,10 +83,11 @@ def ensure_checkpoint(cache_dir: Path, small: bool = False) -> tuple[Path, Path]
         path = cache_dir / CHECKPOINT_NAME
     config_dir = path.with_suffix("")
     if not (path.is_file() and (config_dir / "unet" / "config.json").is_file()):
-        t = time.perf_counter()
         print(f"generating {path} (random weights, real shapes; once) ...", flush=True)
-        write_random_ldm_checkpoint(configs, path)
-        print(f"  {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s", flush=True)
+        seconds: dict[str, float] = {}
+        with timed(seconds, "write", "cpu"):
+            write_random_ldm_checkpoint(configs, path)
+        print(f"  {path.stat().st_size / 1e9:.2f} GB in {seconds['write']:.0f} s", flush=True)
     return path, config_dir
 
 
@@ -110,7 +111,7 @@ def main(argv: list[str]) -> int:
     for component, entry in shares.items():
         if entry["tensors"]:
             print(
-                f"  {component:13s} {entry['tensors']:5d} tensors  {entry['bytes'] / 1e6:9.1f} MB  "
+                f"  {component:13s} {entry['tensors']:5d} tensors  {entry['bytes'] / MiB:9.1f} MiB  "
                 f"{entry['share']:6.1%} of the file"
             )
 

@@ -13,10 +13,10 @@ import argparse
 import torch
 
 from helpers.core import accelerator
+from helpers.core.measure import measure
 from helpers.core.models import load_pipeline
 from helpers.core.results import format_table, record_results
 from helpers.core.stages import decode, default_size, denoise, encode_text
-from helpers.core.timing import measure
 
 PROMPT = "a large red circle on the left on a white background"
 

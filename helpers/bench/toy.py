@@ -14,6 +14,7 @@ import argparse
 
 import torch
 
+from helpers.core.measure import measure
 from helpers.core.results import format_table, record_results
 
 CFG_CUTOFF = 0.4  # share of steps with guidance in the cfg-cutoff run (denoise(cfg_cutoff=...))
@@ -40,7 +41,6 @@ def oracle_accuracy(n: int, seed: int) -> float:
 def seconds_per_image(pipe, steps: int, guidance_scale: float, repeats: int) -> float:
     """Median wall time of one 20-step image through `helpers.core.stages.generate` (warm-up excluded)."""
     from helpers.core.stages import generate
-    from helpers.core.timing import measure
 
     run = lambda: generate(pipe, ["a red circle on the left"], seeds=[0], num_inference_steps=steps,
                            guidance_scale=guidance_scale, progress=False)

@@ -1,2 +1,3 @@
 """The core: the device, the one loader, the three stages and `generate`, limits, random models, the tokenizer,
-single-file checkpoints, timing, result records and pictures. It imports no other layer of `helpers`."""
+single-file checkpoints, measuring (time, loads, peak memory), result records and pictures. It imports no other
+layer of `helpers`."""

@@ -195,16 +195,6 @@ def free_memory_bytes(device: torch.device | str | None = None) -> int:
     return max(0, min(available, budget) if budget else available)
 
 
-def peak_memory_bytes(device: torch.device | str | None = None) -> int:
-    """Peak memory so far: CUDA's max allocated; on a CPU the process's peak resident set (since it started)."""
-    device = torch.device(device) if device is not None else compute_device()
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 # ---------------------------------------------------------------------------------------------------
 # The rehearsal's stand-in for fp16 kernels
 

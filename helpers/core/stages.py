@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from helpers.core.accelerator import rehearsal
 from helpers.core.limits import check_fits_in_memory, check_size_is_sane, is_offloaded, placement
-from helpers.core.models import make_scheduler
 from helpers.core.measure import timed
+from helpers.core.models import make_scheduler
 
 # ---------------------------------------------------------------------------------------------------
 # Input checks: each names the argument that is wrong and says what would be right.

@@ -23,6 +23,7 @@ from pathlib import Path
 from helpers import SOURCE_NOTEBOOKS_DIR
 from helpers.core import accelerator
 from helpers.core.accelerator import rehearsal
+from helpers.core.measure import peak_memory_MiB
 from helpers.core.models import TOY_MODELS, default_dtype, resolve_model
 from helpers.series.profiles import parameters_for
 
@@ -127,7 +128,7 @@ def _record_at_exit(path: str, settings: Settings) -> None:
                                                          if v.startswith("rehearsal")}}
 
     def write():
-        record["peak_memory_gib"] = round(accelerator.peak_memory_bytes() / 2**30, 2)
+        record["peak_memory_gib"] = round(peak_memory_MiB() / 1024, 2)
         Path(path).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
     write()

@@ -327,6 +327,7 @@ def run(args: argparse.Namespace) -> dict:
     from accelerate.utils import gather_object
 
     from helpers.core import accelerator
+    from helpers.core.measure import time_load
     from helpers.core.models import load_pipeline, resolve_model
 
     started = time.perf_counter()
@@ -339,9 +340,8 @@ def run(args: argparse.Namespace) -> dict:
     model = resolve_model(args.model)
     settings = settings_of(args, model)
 
-    load_start = time.perf_counter()
-    pipe = load_pipeline(model, device=state.device)
-    load_s = time.perf_counter() - load_start
+    pipe, load = time_load(lambda: load_pipeline(model, device=state.device), state.device)
+    load_s = load.median
     check_scheduler(args.scheduler, pipe)
     pending = pending_entries(entries, read_manifests(out_dir), settings, args.retry_errors)
     batches = plan_batches(with_default_size(pending, pipe), args.batch_size)

@@ -13,33 +13,26 @@
 - `load_stage(model, stage)`: only the components one stage uses (a single file: only their tensors are read);
   `single_file_for(model)`: the single file to take apart (the toy's, SD 1.5's from its hub repo), or why there is none.
 
-Timing follows the project's method: warm-up excluded, `torch.inference_mode()`, synchronised on a GPU, the
-median of repeats while a run is short. Peak memory is `torch.cuda.max_memory_allocated` on CUDA; on the CPU it
-is the process's peak RSS (`VmHWM`), reset before each measured call through `/proc/self/clear_refs`, so every
-point has its own peak (without that file: RSS sampled by a thread every millisecond).
+Timing and memory are `helpers.core.measure`'s: warm-up excluded, `torch.inference_mode()`, synchronised on a GPU,
+the median of repeats while a run is short; the peak memory of each point on its own (`measure.peak_memory`), in MiB.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import psutil
 import torch
 
 from helpers import DATA_DIR
 from helpers.core import accelerator
+from helpers.core.measure import MIN_RUN_S, Measurement, MiB, measure
 from helpers.core.models import TOY_MODELS
 from helpers.core.stages import decode, denoise, encode_text, generate
-from helpers.core.timing import MIN_RUN_S, more_runs, synchronize
 
 PROMPTS_FILE = DATA_DIR / "prompts_128.txt"  # the toy world's (make_prompts)
 SD_PROMPTS_FILE = DATA_DIR / "sd_prompts_64.txt"  # ordinary prompts, for a real SD
@@ -49,7 +42,6 @@ STAGE_COMPONENTS = {  # what each stage reads of the model
     "denoise": ("unet", "scheduler"),
     "decode": ("vae",),
 }
-MB = 1e6
 OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)  # errors that a smaller chunk may avoid
 
 
@@ -160,7 +152,7 @@ def run_in_chunks(call: Callable[[int, int], object], n: int, max_batch: int) ->
     Running out of memory halves the chunk size and retries the failed chunk; the chunks that already finished
     are kept, and later chunks use the smaller size. A chunk of one that still runs out is re-raised. "Out of
     memory" is `torch.cuda.OutOfMemoryError` (CUDA ran out while allocating) or `MemoryError` (what
-    `helpers.memory` raises when it estimates, before allocating, that a batch cannot fit).
+    `helpers.core.limits` raises when it estimates, before allocating, that a batch cannot fit).
     """
     n, max_batch = check_count("N", n), check_count("max_batch", max_batch)
     parts, sizes, halvings = [], [], []
@@ -187,84 +179,6 @@ def run_in_chunks(call: Callable[[int, int], object], n: int, max_batch: int) ->
 def _release_cuda_cache() -> None:
     if accelerator.compute_device().type == "cuda":
         torch.cuda.empty_cache()  # hand the failed chunk's blocks back before the smaller retry
-
-
-# ---------------------------------------------------------------------------------------------------
-# Peak memory of a block
-
-
-def _vm_hwm_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    raise OSError("no VmHWM in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        _vm_hwm_bytes()
-        return True
-    except OSError:
-        return False
-
-
-class _RssSampler(threading.Thread):
-    """The highest RSS seen, sampled every millisecond (where /proc/self/clear_refs is missing)."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.process, self.peak, self.done = psutil.Process(), 0, threading.Event()
-
-    def run(self):
-        while not self.done.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            self.done.wait(0.001)
-
-    def stop(self) -> int:
-        self.done.set()
-        self.join()
-        return max(self.peak, self.process.memory_info().rss)
-
-
-def memory_method(device: str | torch.device = "cpu") -> str:
-    """How `peak_memory` measures on `device`, in words (for tables and notebooks)."""
-    if torch.device(device).type == "cuda":
-        return "torch.cuda.max_memory_allocated"
-    if _reset_peak_rss():
-        return "peak RSS (VmHWM, reset through /proc/self/clear_refs before each call)"
-    return "peak RSS (sampled every 1 ms)"
-
-
-@contextmanager
-def peak_memory(device: str | torch.device = "cpu") -> Iterator[dict]:
-    """`with peak_memory(device) as memory: ...` fills `memory` with `peak_MB` (the block's peak), `added_MB`
-    (peak minus the memory in use before it) and `method` (how it was measured, as `memory_method` says)."""
-    device = torch.device(device)
-    memory: dict = {"method": memory_method(device)}
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        yield memory
-        synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        before = psutil.Process().memory_info().rss
-        if _reset_peak_rss():
-            yield memory
-            peak = _vm_hwm_bytes()
-        else:
-            sampler = _RssSampler()
-            sampler.start()
-            try:
-                yield memory
-            finally:
-                peak = sampler.stop()
-    memory.update(peak_MB=peak / MB, added_MB=(peak - before) / MB)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,55 +268,37 @@ def max_abs_diff(a, b) -> float:
 # Timing one chunked call
 
 
-@dataclass
-class Run:
-    """A chunked call of N inputs, timed: the output and chunking of the first run, every run's seconds."""
-
-    chunked: Chunked
-    seconds: list[float]
-    memory: dict
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.seconds)
-
-
 def time_chunked(call: Callable[[int, int], object], n: int, max_batch: int, *, device, repeats: int = 3,
-                 min_time_s: float = MIN_RUN_S, warmup: Callable[[int, int], object] | bool = True) -> Run:
-    """`run_in_chunks(call, n, max_batch)` timed: warm-up excluded, synchronised, under inference_mode. A run
-    shorter than `min_time_s` is repeated, at least `repeats` times and until `min_time_s` is spent (at most
-    MAX_RUNS), and the median is kept: a few milliseconds are noise on a busy machine. Peak memory of the first run.
+                 min_time_s: float = MIN_RUN_S, warmup: Callable[[int, int], object] | bool = True) -> Measurement:
+    """`run_in_chunks(call, n, max_batch)` timed by `measure.measure`: warm-up excluded, synchronised, under
+    inference_mode. A run shorter than `min_time_s` is repeated, at least `repeats` times and until `min_time_s` is
+    spent (at most MAX_RUNS), and the median is kept: a few milliseconds are noise on a busy machine. The
+    Measurement's `memory` is the first run's peak; `extra["chunked"]` the first run's output and chunking.
 
     The warm-up is one untimed call at the chunk size (first calls pay for lazy set-up and allocations), made
     with `warmup` when it is a callable (e.g. one denoising step instead of twenty), skipped when False. It runs
     through `run_in_chunks` like the timed runs: a chunk that does not fit is halved there, untimed, and the timed
     runs start at the size that fitted (the halvings are recorded with the first run's)."""
     check_count("repeats", repeats)
-    seconds, first, halvings = [], None, []
-    with torch.inference_mode():
-        if warmup:
+    halvings, runs = [], []
+    if warmup:
+        with torch.inference_mode():
             warm = run_in_chunks(warmup if callable(warmup) else call, min(max_batch, n), max_batch)
-            max_batch, halvings = max(warm.chunk_sizes), warm.oom_halvings
-        while more_runs(seconds, repeats, min_time_s, long_run_once=True):  # N inferences at once: long enough
-            with peak_memory(device) if first is None else _no_memory() as memory:
-                synchronize(device)
-                start = time.perf_counter()
-                chunked = run_in_chunks(call, n, max_batch)
-                synchronize(device)
-                seconds.append(time.perf_counter() - start)
-            if first is None:
-                first, first_memory = chunked, memory
+        max_batch, halvings = max(warm.chunk_sizes), warm.oom_halvings
+    def run() -> None:
+        chunked = run_in_chunks(call, n, max_batch)
+        runs[:] = runs or [chunked]  # the first run's output is kept, the others' let go
+
+    timing = measure(f"{n} inputs in chunks of {max_batch}", run, repeats=repeats, warmup=0, items_per_call=n,
+                     device=device, min_time_s=min_time_s, long_run_once=True, memory=True)  # a long 1st run suffices
+    first = runs[0]
     first.oom_halvings = halvings + first.oom_halvings
-    return Run(first, seconds, first_memory)
-
-
-@contextmanager
-def _no_memory():
-    yield {}
+    timing.extra["chunked"] = first
+    return timing
 
 
 def time_stage(job: StageJob, stage: str, n: int, max_batch: int, *, repeats: int = 3,
-               min_time_s: float = MIN_RUN_S, warmup: bool = True) -> Run:
+               min_time_s: float = MIN_RUN_S, warmup: bool = True) -> Measurement:
     """`stage` on the job's first `n` inputs in chunks of `max_batch`, timed by `time_chunked`; the warm-up
     call runs at the chunk size with one denoising step (none with `warmup=False`)."""
     return time_chunked(lambda start, stop: job.call(stage, start, stop), n, max_batch, device=job.device,
@@ -425,24 +321,25 @@ def compare(job: StageJob, stage: str, max_batch: int, *, repeats: int = 3, min_
     job.ensure_inputs(stage, max_batch)
     single = time_stage(job, stage, job.n, 1, repeats=repeats, min_time_s=min_time_s)
     batched = time_stage(job, stage, job.n, max_batch, repeats=repeats, min_time_s=min_time_s)
+    single_chunks, batched_chunks = single.extra["chunked"], batched.extra["chunked"]
     if keep_output:
-        job.set_output(stage, batched.chunked.output)
+        job.set_output(stage, batched_chunks.output)
     return {
         "stage": stage,
         "N": job.n,
-        "single_calls": single.chunked.calls,
-        "single_s": single.median_s,
-        "single_s_per_inference": single.median_s / job.n,
-        "batch_size": max(batched.chunked.chunk_sizes),
-        "batched_calls": batched.chunked.calls,
-        "batched_s": batched.median_s,
-        "batched_s_per_inference": batched.median_s / job.n,
-        "speedup": single.median_s / batched.median_s,
-        "max_abs_diff": max_abs_diff(single.chunked.output, batched.chunked.output),
-        "chunk_sizes": batched.chunked.chunk_sizes,
-        "oom_halvings": batched.chunked.oom_halvings,
-        "single_peak_MB": single.memory["peak_MB"],
-        "batched_peak_MB": batched.memory["peak_MB"],
+        "single_calls": single_chunks.calls,
+        "single_s": single.median,
+        "single_s_per_inference": single.per_item,
+        "batch_size": max(batched_chunks.chunk_sizes),
+        "batched_calls": batched_chunks.calls,
+        "batched_s": batched.median,
+        "batched_s_per_inference": batched.per_item,
+        "speedup": single.median / batched.median,
+        "max_abs_diff": max_abs_diff(single_chunks.output, batched_chunks.output),
+        "chunk_sizes": batched_chunks.chunk_sizes,
+        "oom_halvings": batched_chunks.oom_halvings,
+        "single_peak_MiB": single.memory["peak_MiB"],
+        "batched_peak_MiB": batched.memory["peak_MiB"],
         "repeats": [len(single.seconds), len(batched.seconds)],
         "memory_method": batched.memory["method"],
     }
@@ -477,15 +374,17 @@ def sweep(job: StageJob, stage: str, batch_sizes: Sequence[int], *, repeats: int
             with torch.inference_mode():
                 job.call(stage, 0, b, warmup=True)  # the warm-up, as one call of b: does it fit?
             run = time_stage(job, stage, b, b, repeats=repeats, min_time_s=min_time_s, warmup=False)
-            if run.chunked.calls > 1:
-                raise MemoryError(f"ran out of memory as one call of {b} (halved to {run.chunked.chunk_sizes})")
+            chunked = run.extra["chunked"]
+            if chunked.calls > 1:
+                raise MemoryError(f"ran out of memory as one call of {b} (halved to {chunked.chunk_sizes})")
         except OUT_OF_MEMORY as error:
             _release_cuda_cache()
             rows.append(_skipped(stage, b, str(error)))
             too_big = b
             continue
-        rows.append({"stage": stage, "batch_size": b, "call_s": run.median_s, "throughput": b / run.median_s,
-                     "peak_MB": run.memory["peak_MB"], "added_MB": run.memory["added_MB"], "repeats": len(run.seconds),
+        rows.append({"stage": stage, "batch_size": b, "call_s": run.median, "throughput": b / run.median,
+                     "peak_MiB": run.memory["peak_MiB"], "added_MiB": run.memory["added_MiB"],
+                     "repeats": len(run.seconds),
                      "skipped": None, "skipped_reason": None})
     best = max((r["throughput"] for r in measured(rows)), default=None)
     for row in rows:
@@ -494,11 +393,12 @@ def sweep(job: StageJob, stage: str, batch_sizes: Sequence[int], *, repeats: int
 
 
 def _skipped(stage: str, batch_size: int, reason: str) -> dict:
-    return {"stage": stage, "batch_size": batch_size, "call_s": None, "throughput": None, "peak_MB": None,
-            "added_MB": None, "repeats": 0, "skipped": "out of memory", "skipped_reason": reason}
+    return {"stage": stage, "batch_size": batch_size, "call_s": None, "throughput": None, "peak_MiB": None,
+            "added_MiB": None, "repeats": 0, "skipped": "out of memory", "skipped_reason": reason}
 
 
-SWEEP_COLUMNS = ["stage", "batch_size", "call_s", "throughput", "vs_best", "peak_MB", "added_MB", "repeats", "skipped"]
+SWEEP_COLUMNS = ["stage", "batch_size", "call_s", "throughput", "vs_best", "peak_MiB", "added_MiB",
+                 "repeats", "skipped"]
 
 
 def measured(rows: Sequence[dict]) -> list[dict]:
@@ -509,7 +409,7 @@ def measured(rows: Sequence[dict]) -> list[dict]:
 def _none_fit(rows: Sequence[dict], limit: str = "in memory") -> ValueError:
     why = [f"batch {r['batch_size']}: {r['skipped_reason']}" for r in rows if r.get("skipped")]
     if measured(rows):
-        why.append(f"the smallest measured peak was {min(r['peak_MB'] for r in measured(rows)):.0f} MB")
+        why.append(f"the smallest measured peak was {min(r['peak_MiB'] for r in measured(rows)):.0f} MiB")
     return ValueError(f"no swept batch size fits {limit}: " + "; ".join(why or ["no sizes were swept"]))
 
 
@@ -520,14 +420,14 @@ def best_batch_size(rows: Sequence[dict]) -> int:
     return max(measured(rows), key=lambda r: r["throughput"])["batch_size"]
 
 
-def auto_batch_size(rows: Sequence[dict], tolerance: float = 0.10, memory_limit_MB: float | None = None) -> int:
+def auto_batch_size(rows: Sequence[dict], tolerance: float = 0.10, memory_limit_MiB: float | None = None) -> int:
     """The smallest swept batch size within `tolerance` of the best throughput (less memory and latency for
-    the same speed), among those that ran (a size skipped for memory never), and under `memory_limit_MB` if given."""
+    the same speed), among those that ran (a size skipped for memory never), and under `memory_limit_MiB` if given."""
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance={tolerance} must be in [0, 1): the share of the best throughput one may lose")
-    fitting = [r for r in measured(rows) if memory_limit_MB is None or r["peak_MB"] <= memory_limit_MB]
+    fitting = [r for r in measured(rows) if memory_limit_MiB is None or r["peak_MiB"] <= memory_limit_MiB]
     if not fitting:
-        raise _none_fit(rows, "in memory" if memory_limit_MB is None else f"memory_limit_MB={memory_limit_MB}")
+        raise _none_fit(rows, "in memory" if memory_limit_MiB is None else f"memory_limit_MiB={memory_limit_MiB}")
     best = max(r["throughput"] for r in fitting)
     return min(r["batch_size"] for r in fitting if r["throughput"] >= (1 - tolerance) * best)
 
@@ -682,21 +582,16 @@ def _vae_scale_factor(model: str) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def weights_MB(*modules) -> float:
-    """Bytes of the parameters and buffers of the torch modules among `modules`, in MB."""
+def weights_MiB(*modules) -> float:
+    """Bytes of the parameters and buffers of the torch modules among `modules`, in MiB."""
     total = 0
     for module in modules:
         if isinstance(module, torch.nn.Module):
             total += sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-    return total / MB
+    return total / MiB
 
 
-def measure_load(load: Callable[[], object], device) -> tuple[object, dict]:
-    """Call `load()` and measure it: seconds, weights MB of the modules it holds, peak memory it added."""
-    with peak_memory(device) as memory:
-        start = time.perf_counter()
-        loaded = load()
-        synchronize(device)
-        seconds = time.perf_counter() - start
+def load_row(loaded, load: Measurement) -> dict:
+    """A load's row (`load` from `measure.time_load`): seconds, MiB of the networks it holds, memory it added."""
     modules = [getattr(loaded, name, None) for name in ("text_encoder", "unet", "vae")]
-    return loaded, {"load_s": seconds, "weights_MB": weights_MB(*modules), "load_added_MB": memory["added_MB"]}
+    return {"load_s": load.median, "weights_MiB": weights_MiB(*modules), "load_added_MiB": load.memory["added_MiB"]}

@@ -25,7 +25,7 @@ def matmul_rate(precision: str, n: int = 2048, repeats: int = 5) -> float:
     against 92 GFLOP/s), so a roofline that ignored them would put OpenVINO above 100% of it."""
     import openvino
 
-    from helpers.core.timing import measure
+    from helpers.core.measure import measure
 
     class MatMul(torch.nn.Module):
         def forward(self, a, b):

@@ -5,13 +5,13 @@ and the checkpoint is evicted from the page cache first (`posix_fadvise(POSIX_FA
 `fsync`), so the reads are cold reads from the disk, as on a first load.
 
 What is measured, per load:
-- `time_s`: wall time of the load itself (imports excluded);
+- `time_s`: wall time of the load itself (imports excluded), by `helpers.core.measure.time_load`;
 - `read_bytes`: bytes the process made the kernel fetch from storage, from `/proc/self/io` (`read_bytes`;
   it counts mmap page faults too, which is how safetensors reads). The kernel's readahead
   (`/sys/block/*/queue/read_ahead_kb`) adds up to that much around each contiguous range read;
 - `tensor_bytes`: bytes of the tensors asked for, from the safetensors header (the ideal `read_bytes`);
-- `peak_rss_mb`: the process's peak resident set (`VmHWM` in /proc/self/status), and `rss_before_mb`
-  after the imports, so `peak_rss_mb - rss_before_mb` is what the load itself cost.
+- `peak_rss_MiB`: the process's peak resident set during the load (`measure.peak_memory`, its peak reset
+  after the imports), and `load_rss_MiB`, that peak less the resident set before the load: what the load itself cost.
 
 Two modes:
 - `tensors`: just the state dict. `component=None` reads every tensor (the full load); a component reads
@@ -28,11 +28,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from helpers import PACKAGE_DIR
 from helpers.core.ldm import COMPONENTS, LDM_PREFIXES, component_byte_ranges, read_header
+from helpers.core.measure import MiB, time_load
 
 
 def evict_from_page_cache(path: str | Path) -> None:
@@ -55,27 +55,6 @@ def io_read_bytes() -> int:
     except OSError:
         pass
     return -1
-
-
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def _peak_rss_mb() -> float:
-    """Peak RSS of this process image: VmHWM from /proc/self/status (ru_maxrss would include the RSS of the
-    parent that forked us, which Linux carries across exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def float_dtype(path: str | Path):
@@ -121,24 +100,27 @@ def measure_here(
         import diffusers.loaders.single_file_utils  # noqa: F401
         from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
         from transformers import CLIPTextModel  # noqa: F401
-    rss_before = _rss_mb()
     read_before = io_read_bytes()
     if mode == "tensors":
-        t = time.perf_counter()
-        state = load_ldm_state_dict(path, None if component is None else LDM_PREFIXES[component])
-        _touch_every_page(state.values())  # safetensors maps the file lazily: make the bytes really arrive
-        elapsed = time.perf_counter() - t
+        def load():
+            state = load_ldm_state_dict(path, None if component is None else LDM_PREFIXES[component])
+            _touch_every_page(state.values())  # safetensors maps the file lazily: make the bytes really arrive
+            return state
+
+        state, timing = time_load(load, "cpu")
         n_tensors = len(state)
         loaded = sum(v.numel() * v.element_size() for v in state.values())
     elif mode == "model":
         if component is None or config_dir is None:
             raise ValueError("mode='model' needs a component and config_dir")
-        t = time.perf_counter()
-        model = load_component_from_single_file(
-            path, component, config_dir, partial=partial, dtype=float_dtype(path)
-        )
-        _touch_every_page(model.state_dict().values())  # parameters may still point into the mapped file
-        elapsed = time.perf_counter() - t
+
+        def load():
+            model = load_component_from_single_file(path, component, config_dir, partial=partial,
+                                                    dtype=float_dtype(path))
+            _touch_every_page(model.state_dict().values())  # parameters may still point into the mapped file
+            return model
+
+        model, timing = time_load(load, "cpu")
         n_tensors = len(model.state_dict())
         loaded = sum(p.numel() * p.element_size() for p in model.parameters())
     else:
@@ -148,13 +130,13 @@ def measure_here(
         "component": component or "full",
         "mode": mode,
         "partial": partial if mode == "model" else component is not None,
-        "time_s": elapsed,
+        "time_s": timing.median,
         "read_bytes": read,
         "tensor_bytes": tensor_bytes(path, component) if (mode == "tensors" or partial) else tensor_bytes(path, None),
         "loaded_bytes": loaded,
         "tensors": n_tensors,
-        "rss_before_mb": rss_before,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_MiB": timing.memory["peak_MiB"],
+        "load_rss_MiB": timing.memory["added_MiB"],
     }
 
 
@@ -234,11 +216,11 @@ def compare(
                 "component": component or "full file",
                 "load": ("partial" if partial else ("whole file" if mode == "model" else "all tensors")),
                 "time_s": statistics.median(r["time_s"] for r in results),
-                "read_MB": statistics.median(r["read_bytes"] for r in results) / 1e6,
+                "read_MiB": statistics.median(r["read_bytes"] for r in results) / MiB,
                 "read_share": statistics.median(r["read_bytes"] for r in results) / size,
                 "tensor_share": results[0]["tensor_bytes"] / size,
-                "peak_rss_MB": max(r["peak_rss_mb"] for r in results) * 2**20 / 1e6,
-                "load_rss_MB": max(r["peak_rss_mb"] - r["rss_before_mb"] for r in results) * 2**20 / 1e6,
+                "peak_rss_MiB": max(r["peak_rss_MiB"] for r in results),
+                "load_rss_MiB": max(r["load_rss_MiB"] for r in results),
                 "repeats": len(results),
                 "times_s": [r["time_s"] for r in results],
             }
@@ -253,7 +235,7 @@ def compare(
                 if r["mode"] == "model" and r["component"] == row["component"] and r["load"] == "whole file"
             )
         row["time_vs_full"] = row["time_s"] / full["time_s"] if full["time_s"] else float("nan")
-        row["read_vs_full"] = row["read_MB"] / full["read_MB"] if full["read_MB"] else float("nan")
+        row["read_vs_full"] = row["read_MiB"] / full["read_MiB"] if full["read_MiB"] else float("nan")
     return rows
 
 
@@ -263,11 +245,11 @@ TABLE_COLUMNS = [
     "load",
     "time_s",
     "time_vs_full",
-    "read_MB",
+    "read_MiB",
     "read_share",
     "tensor_share",
-    "peak_rss_MB",
-    "load_rss_MB",
+    "peak_rss_MiB",
+    "load_rss_MiB",
 ]
 
 
