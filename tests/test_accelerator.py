@@ -9,6 +9,7 @@ import torch
 
 from helpers.core import accelerator, limits, models
 from helpers.core.accelerator import REHEARSAL_ENV
+from helpers.series.profiles import notebook_number
 from helpers.series.settings import notebook_defaults, use_settings
 
 GIB = 2**30
@@ -104,7 +105,7 @@ def test_every_parameters_cell_leaves_the_profile_to_the_model_and_device():
     from helpers.series.run import find_notebooks
 
     for notebook in find_notebooks():
-        assert notebook_defaults(notebook.name[:2])["PROFILE"] == "auto", notebook.name
+        assert notebook_defaults(notebook_number(notebook))["PROFILE"] == "auto", notebook.name
 
 
 def test_on_a_cpu_the_toy_keeps_the_parameters_cell(fresh):

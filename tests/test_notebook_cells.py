@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from helpers.series import colab
-from helpers.series.profiles import COMMON, NOTEBOOK_OVERRIDES, parameters_for
+from helpers.series.profiles import COMMON, NOTEBOOK_OVERRIDES, notebook_number, parameters_for
 from helpers.series.run import find_notebooks
 
 NOTEBOOKS = find_notebooks()
@@ -121,7 +121,7 @@ def check_parameters(notebook, name: str) -> None:
         if key != "PROFILE" and "\n" not in lines:  # a value over several lines cannot be a form field
             check_form(name, key, value, lines)
     for profile in PROFILES:
-        for key, value in parameters_for(name[:2], profile).items():
+        for key, value in parameters_for(notebook_number(name), profile).items():
             assert key in found, f"{name}: profile {profile!r} sets {key}, which its parameters cell does not have"
             default = found[key][0]
             assert compatible(default, value), (
@@ -207,7 +207,7 @@ def test_first_cells_run_offline_without_installing(path):
 
 
 def test_every_profile_override_belongs_to_a_notebook():
-    numbers = {path.name[:2] for path in NOTEBOOKS}
+    numbers = {notebook_number(path) for path in NOTEBOOKS}
     assert set(NOTEBOOK_OVERRIDES) <= numbers, f"overrides for missing notebooks: {set(NOTEBOOK_OVERRIDES) - numbers}"
 
 

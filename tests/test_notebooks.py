@@ -6,7 +6,7 @@ numbers in outputs/NN_*.json, so a notebook that "runs" but measures nonsense st
 
 import pytest
 
-from helpers.series.profiles import parameters_for
+from helpers.series.profiles import notebook_number, parameters_for
 from helpers.series.run import find_notebooks
 
 pytestmark = pytest.mark.notebook
@@ -14,9 +14,9 @@ pytestmark = pytest.mark.notebook
 
 @pytest.mark.parametrize("notebook", [nb.stem for nb in find_notebooks()])
 def test_notebook_runs_and_records_results(smoke_runs, notebook):
-    run = smoke_runs(notebook[:2])
+    run = smoke_runs(notebook_number(notebook))
     assert run.status == "ok", run.error
-    assert run.results, f"{notebook} wrote no outputs/{notebook[:2]}_*.json"
+    assert run.results, f"{notebook} wrote no outputs/{notebook_number(notebook)}_*.json"
     assert (smoke_runs.out_dir / f"{notebook}.ipynb").exists(), "the executed copy goes to outputs/"
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from helpers.core.models import SD15_HUB_ID
+from helpers.series.profiles import notebook_number
 from helpers.series.rehearse import NOT_COVERED, rehearse
 from helpers.series.run import find_notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
-NUMBERS = [notebook.name[:2] for notebook in find_notebooks()]
+NUMBERS = [notebook_number(notebook) for notebook in find_notebooks()]
 MEMORY_GIB = 15.0
 
 
@@ -49,6 +50,6 @@ def test_the_rehearsal_ran_outside_the_repo_and_says_what_it_does_not_cover(rehe
     workdir = Path(plan["workdir"])
     assert ROOT not in workdir.parents and workdir != ROOT
     written = json.loads((out / "rehearsal.json").read_text())
-    assert [n["notebook"][:2] for n in written["notebooks"]] == NUMBERS
+    assert [notebook_number(n["notebook"]) for n in written["notebooks"]] == NUMBERS
     assert written["not_covered"] == NOT_COVERED and written["memory_gib"] == MEMORY_GIB
     assert all((out / "rehearsal" / f"{n['notebook']}.ipynb").exists() for n in written["notebooks"])

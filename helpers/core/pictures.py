@@ -31,7 +31,7 @@ def to_uint8(image, *, rgb: bool = False) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 1.0)
         if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
-            raise ValueError(f"a float picture must lie in [0, 1], got values {low:.3g}..{high:.3g} (0..255 floats: "
+            raise ValueError(f"a float picture must hold values in [0, 1], got {low:.3g}..{high:.3g} (0..255 floats: "
                              "cast to uint8; a decoder's [-1, 1]: map it with (x + 1) / 2)")
         array = np.round(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8)
     elif array.dtype != np.uint8:

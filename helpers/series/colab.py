@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from helpers.series.profiles import NOTEBOOK_GLOB
+
 REPO_URL = "https://github.com/sd-dissected/sd-dissected"  # the one place: setup cells and badges are made from it
 BRANCH = "main"
 CLONE_DIR = "sd-dissected"  # where the setup cell clones the project on Colab/Kaggle (in the working directory)
@@ -95,7 +97,7 @@ def badge_markdown(notebook_path: str, repo_url: str = REPO_URL) -> str:
 def readme_badges(folder: str | Path, repo_url: str = REPO_URL) -> str:
     """Markdown for the README: one line per notebook with its badges."""
     lines = []
-    for notebook in sorted(Path(folder).glob("[0-9][0-9]_*.ipynb")):
+    for notebook in sorted(Path(folder).glob(NOTEBOOK_GLOB)):
         lines.append(f"- `{notebook.stem}` {badge_markdown(f'{NOTEBOOKS_FOLDER}/{notebook.name}', repo_url)}")
     return "\n".join(lines)
 
@@ -144,7 +146,7 @@ def update_notebook(path: str | Path, repo_url: str = REPO_URL) -> bool:
 
 def update_notebooks(folder: str | Path, repo_url: str = REPO_URL) -> list[Path]:
     """Rewrite every numbered notebook of `folder`; the ones that changed."""
-    notebooks = sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
+    notebooks = sorted(Path(folder).glob(NOTEBOOK_GLOB))
     if not notebooks:
         raise FileNotFoundError(f"no numbered notebooks (NN_name.ipynb) in {folder}")
     return [notebook for notebook in notebooks if update_notebook(notebook, repo_url)]

@@ -10,6 +10,8 @@ only here: a notebook never changes its own parameters in code, so what papermil
 
 from __future__ import annotations
 
+from pathlib import Path
+
 PROFILE_NAMES = ("smoke", "cpu", "gpu", "auto")
 
 COMMON = {
@@ -78,21 +80,25 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
                                  ["a close-up photograph of a bowl of ramen", "a pencil sketch of an old oak tree"],
                                  ["a photograph of a snowy mountain at dawn", "a pixel art castle on a hill"]]},
     },
-    "06": {  # smoke: 4 steps, 2 entries, 2 scales, 1 window, 1 seed per aspect (cpu: 20 steps, all of them)
-        "smoke": {"STEPS": 4, "N_ENTRIES": 2, "CONDITIONING_SCALES": [0.0, 1.0], "GUIDANCE_WINDOWS": [[0.0, 0.5]],
-                  "ASPECT_SEEDS": 1},
+    "06a": {  # smoke: 4 steps, 2 entries, 2 scales, 1 window (cpu: 20 steps, all of them)
+        "smoke": {"STEPS": 4, "N_ENTRIES": 2, "CONDITIONING_SCALES": [0.0, 1.0], "GUIDANCE_WINDOWS": [[0.0, 0.5]]},
         "cpu": {},
-        # SD 1.5 at 512² to 1024×512, 20 steps, three ControlNets loaded (fp16, ~5 GB of weights with SD 1.5): ~4,750
-        # its (UNet steps of batch 2 at 64² latents; a ControlNet adds ~0.45 of one, pixels scale it, a 512² decode
-        # counts 2) ≈ 10.4 min at a T4's ~7.6 it/s, plus loading; peak ~9 GiB (a decode of 5 at 512²)
+        # SD 1.5 at 512² to 768×512, 20 steps, three ControlNets loaded (fp16, ~5 GB of weights with SD 1.5); with 06b
+        # (~4,750 its in all: UNet steps of batch 2 at 64² latents; a ControlNet adds ~0.45 of one, pixels scale it, a
+        # 512² decode counts 2) ≈ 10.4 min at a T4's ~7.6 it/s, plus loading; peak ~9 GiB (a decode of 5 at 512²)
+        "gpu": {"ENTRY_PROMPTS": {  # real prompts laid out as the depth maps are (objects on a receding floor)
+            "1_grey8": "a photograph of an orange on the left of an empty wooden table, dark background",
+            "2_grey16": "a photograph of a small wooden box in the middle of an empty room",
+            "3_rgb": "a photograph of a cardboard box next to a football on a lawn",
+            "4_rgba": "a photograph of a large glass sphere on the right of a marble floor",
+            "5_grey8": "a photograph of a small stone pyramid beside a blue crystal on the sand",
+            "nocrop": "a photograph of a red ball and a blue box on a white floor, studio lighting"}},
+    },
+    "06b": {  # smoke: 4 steps, 1 seed per aspect (cpu: 20 steps, 4 seeds)
+        "smoke": {"STEPS": 4, "ASPECT_SEEDS": 1},
+        "cpu": {},
         "gpu": {"ASPECT_SEEDS": 2, "TEXT_ONLY_PROMPT": "a portrait photograph of an old fisherman",
-                "ENTRY_PROMPTS": {  # real prompts laid out as the depth maps are (objects on a receding floor)
-                    "1_grey8": "a photograph of an orange on the left of an empty wooden table, dark background",
-                    "2_grey16": "a photograph of a small wooden box in the middle of an empty room",
-                    "3_rgb": "a photograph of a cardboard box next to a football on a lawn",
-                    "4_rgba": "a photograph of a large glass sphere on the right of a marble floor",
-                    "5_grey8": "a photograph of a small stone pyramid beside a blue crystal on the sand",
-                    "nocrop": "a photograph of a red ball and a blue box on a white floor, studio lighting"}},
+                "MAP_PROMPT": "a photograph of a red ball and a blue box on a white floor, studio lighting"},
     },
     "07": {  # smoke: 8-step baseline, 2 prompts, 1 repeat, a few rungs (no compile, no OpenVINO export)
         "smoke": {"N_PROMPTS": 2, "BASELINE_STEPS": 8, "REPEATS": 1, "MIN_RUN_S": 0.0, "QUALITY_BATCH": 2,
@@ -179,8 +185,8 @@ REHEARSAL: dict[str, dict] = {
            "NORM_PAIRS": 4},
     "05": {"STEPS": "steps", "HEIGHT": "size", "WIDTH": "size", "NUM_DIVISIONS": 2, "ORACLE_SEEDS": 1,
            "NORM_PAIRS": 4},
-    "06": {"STEPS": "steps", "N_ENTRIES": 1, "CONDITIONING_SCALES": [0.0, 1.0], "GUIDANCE_WINDOWS": [[0.0, 0.5]],
-           "ASPECT_SEEDS": 1, "ASPECTS": ["1:1", "16:9"]},
+    "06a": {"STEPS": "steps", "N_ENTRIES": 1, "CONDITIONING_SCALES": [0.0, 1.0], "GUIDANCE_WINDOWS": [[0.0, 0.5]]},
+    "06b": {"STEPS": "steps", "ASPECT_SEEDS": 1, "ASPECTS": ["1:1", "16:9"]},
     # 07's gpu combinations run at 20 and 10 steps: an SD 1.5-shaped fp16 step with its ControlNet takes ~11 s on one
     # CPU thread even at 64² (fp16 has no fast CPU kernels), an hour in all; here each lever in combination at 1 step
     "07": {"N_PROMPTS": 1, "BASELINE_STEPS": "steps", "REPEATS": 1, "MIN_RUN_S": 0.0, "QUALITY_BATCH": 1,
@@ -203,3 +209,13 @@ def rehearsal_shrinks(notebook_number: str, steps: int, size: int | None = None)
 
     return {knob: fill(value) for knob, value in REHEARSAL.get(notebook_number, {}).items()
             if not (value == "size" and size is None)}
+
+
+# The series' notebooks: "NN_name.ipynb", and the parts of a notebook split in two, "NNa_name.ipynb", "NNb_name.ipynb".
+NOTEBOOK_GLOB = "[0-9][0-9]*_*.ipynb"
+
+
+def notebook_number(notebook: str | Path) -> str:
+    """"06a" of "06a_controlnet.ipynb" (a path, file name or stem): what profiles, rehearsal shrinks and the records
+    in outputs/ (06a_*.json) are keyed by."""
+    return Path(notebook).name.split("_", 1)[0]

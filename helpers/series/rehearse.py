@@ -28,7 +28,7 @@ from pathlib import Path
 
 from helpers.core.accelerator import MEMORY_BUDGET_ENV, PRETEND_ENV, REHEARSAL_ENV
 from helpers.core.results import format_table, outputs_dir
-from helpers.series.profiles import rehearsal_shrinks
+from helpers.series.profiles import notebook_number, rehearsal_shrinks
 from helpers.series.progress import NotebookProgress
 from helpers.series.run import find_notebooks, run_notebook
 
@@ -78,7 +78,7 @@ def rehearse(only: list[str] | None = None, *, memory_gib: float = 15.0, size: i
 
 def _rehearse_one(notebook: Path, out_dir: Path, workdir: Path, size: int, steps: int, index: int = 1,
                   total: int = 1) -> dict:
-    number = notebook.name[:2]
+    number = notebook_number(notebook)
     record_path = out_dir / f"{number}_rehearsal_record.json"
     record_path.unlink(missing_ok=True)
     os.environ[REHEARSAL_ENV] = json.dumps({"size": size, "record": str(record_path),

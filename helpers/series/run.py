@@ -12,7 +12,7 @@ from pathlib import Path
 
 from helpers import SOURCE_NOTEBOOKS_DIR
 from helpers.core.results import format_table, outputs_dir
-from helpers.series.profiles import parameters_for, resolve_profile
+from helpers.series.profiles import NOTEBOOK_GLOB, notebook_number, parameters_for, resolve_profile
 from helpers.series.progress import NotebookProgress
 from helpers.series.report import write_index
 
@@ -26,7 +26,7 @@ def notebooks_dir() -> Path:
     if NOTEBOOKS_DIR is not None:
         return NOTEBOOKS_DIR
     for folder in (os.environ.get("SD_NOTEBOOKS"), Path.cwd() / "notebooks", SOURCE_NOTEBOOKS_DIR):
-        if folder and any(Path(folder).glob("[0-9][0-9]_*.ipynb")):
+        if folder and any(Path(folder).glob(NOTEBOOK_GLOB)):
             return Path(folder)
     raise FileNotFoundError(
         "no notebooks found: run from the project's root (it has notebooks/), or set SD_NOTEBOOKS to the folder"
@@ -43,7 +43,7 @@ class NotebookRun:
 
     @property
     def number(self) -> str:
-        return self.notebook[:2]
+        return notebook_number(self.notebook)
 
     def key_numbers(self) -> str:
         summary = {k: v for result in self.results.values() for k, v in result.get("summary", {}).items()}
@@ -52,7 +52,7 @@ class NotebookRun:
 
 def find_notebooks(only: list[str] | None = None) -> list[Path]:
     """The numbered notebooks, in order; `only` picks some by number ("02") or name."""
-    notebooks = sorted(notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+    notebooks = sorted(notebooks_dir().glob(NOTEBOOK_GLOB))
     if only:
         picked = [nb for nb in notebooks if any(nb.name.startswith(o) or nb.stem == o for o in only)]
         unknown = [o for o in only if not any(nb.name.startswith(o) or nb.stem == o for nb in notebooks)]

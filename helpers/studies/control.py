@@ -466,3 +466,170 @@ def toy_scores(images, control_depths, prompts, attributes: tuple[str, ...] | No
     iou = control_adherence([a for a, _ in with_depth], [d for _, d in with_depth]) if with_depth else None
     adherence = prompt_adherence([square_view(a) for a in arrays], list(prompts), attributes=attributes or ATTRIBUTES)
     return {"control_iou": iou, "prompt_adherence": adherence, "objects": [count_objects(a) for a in arrays]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The notebooks' generations and their bookkeeping (06a: ControlNets; 06b: aspect ratios)
+
+
+@dataclass
+class ControlStudy:
+    """What every generation of notebooks 06a/06b shares: the ControlNet pipeline (its nets by CONTROL_KINDS), the
+    steps and guidance, and whether the toy's oracle can score the pictures."""
+
+    control_pipe: object
+    steps: int
+    guidance_scale: float
+    on_toy: bool
+
+    @property
+    def nets(self) -> dict:
+        """{kind: ControlNetModel}: one net, or the nets of a MultiControlNetModel, in CONTROL_KINDS order."""
+        nets = getattr(self.control_pipe.controlnet, "nets", [self.control_pipe.controlnet])
+        return dict(zip(CONTROL_KINDS, nets))
+
+    @property
+    def text_pipe(self):
+        """A plain StableDiffusionPipeline on the same components: the text-only pictures we compare against."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(**{k: v for k, v in self.control_pipe.components.items() if k != "controlnet"})
+
+    def generate(self, kinds, prompts, maps, height, width, seeds, scales=1.0, start=0.0, end=1.0) -> np.ndarray:
+        """uint8 pictures (N, H, W, 3) of `prompts` through our `generate`, with the ControlNets `kinds` on `maps`
+        (one {kind: image} per prompt), each checked by `check_control_images`; no kinds: text only."""
+        from helpers.core.stages import generate
+
+        common = dict(seeds=seeds, num_inference_steps=self.steps, guidance_scale=self.guidance_scale, height=height,
+                      width=width, output_type="np", progress=False)
+        if not kinds:
+            return to_uint8(generate(self.text_pipe, prompts, **common).images)
+        factor = vae_scale_factor(self.control_pipe)
+        per_net = [check_control_images([m[kind] for m in maps], height, width, factor)[0] for kind in kinds]
+        multi = len(kinds) > 1
+        return to_uint8(generate(
+            self.control_pipe, prompts, **common, controlnet=[self.nets[k] for k in kinds] if multi else
+            self.nets[kinds[0]], image=per_net if multi else per_net[0], controlnet_conditioning_scale=scales,
+            control_guidance_start=start, control_guidance_end=end).images)
+
+    def pipeline_images(self, kinds, prompt, maps, height, width, seed, scales=1.0) -> np.ndarray:
+        """The same picture through diffusers' StableDiffusionControlNetPipeline: uint8 (H, W, 3)."""
+        from diffusers import StableDiffusionControlNetPipeline
+
+        from helpers.core.stages import make_generators
+
+        multi = len(kinds) > 1
+        # without SD 1.5's safety checker, which our generate does not run either: like with like
+        pipe = StableDiffusionControlNetPipeline(
+            **{**self.control_pipe.components, "safety_checker": None,
+               "controlnet": [self.nets[k] for k in kinds] if multi else self.nets[kinds[0]]},
+            requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        images = [maps[k] for k in kinds]
+        return to_uint8(pipe(prompt, image=images if multi else images[0], height=height, width=width,
+                             num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                             controlnet_conditioning_scale=scales, generator=make_generators([seed]),
+                             output_type="np").images)[0]
+
+    def scores(self, images, maps, prompts, **kwargs) -> dict:
+        """Mask IoU against the depth maps (None for text only) and prompt adherence (`toy_scores`); None off the
+        toy, whose oracle knows only the toy world."""
+        if not self.on_toy:
+            return {"control_iou": None, "prompt_adherence": None}
+        depth = [None if m is None else np.asarray(m["depth"])[..., 0] / 255.0 for m in maps]
+        return toy_scores(images, depth, prompts, **kwargs)
+
+    def sweep(self, cases: dict, prompts, maps, height, width, seeds) -> tuple[list, dict]:
+        """The depth net on `maps` once per case ({label: generate keyword arguments}): (rows, {label: pictures})."""
+        rows, images = [], {}
+        for label, kwargs in cases.items():
+            images[label] = self.generate(["depth"], prompts, maps, height, width, seeds, **kwargs)
+            row = self.scores(images[label], maps, prompts)
+            rows.append({"setting": label, **kwargs, "control_iou": row["control_iou"],
+                         "prompt_adherence": row["prompt_adherence"]})
+        return rows, images
+
+
+def labelled(label: str, row: dict) -> str:
+    """A grid row's label with its scores, when there are any."""
+    if row.get("control_iou") is None:
+        return label
+    return f"{label}\nIoU {row['control_iou']:.2f}, prompt {row['prompt_adherence']:.2f}"
+
+
+def mean_of(rows, key):
+    """The mean of `key` over the rows that have a value (None when none has)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def best(rows):
+    """The row with the best prompt adherence (ties broken by control IoU); None when nothing was scored."""
+    rows = [r for r in rows if r["prompt_adherence"] is not None]
+    return max(rows, key=lambda r: (r["prompt_adherence"], r["control_iou"] or 0)) if rows else None
+
+
+def aspect_study(study: ControlStudy, fitted: dict, sizes: dict, strategies, map_prompt: str, text_prompt: str,
+                 seeds) -> tuple[list, dict]:
+    """For every aspect ({aspect: SnappedSize}) and strategy (`fitted[aspect, strategy]`: {"depth": map}), the
+    pictures of `map_prompt` with the depth net, plus text-only pictures of `text_prompt` (one object asked) at the
+    same size; the native aspect (its name starts with "native") has one map, not one per strategy. Returns (rows,
+    {(aspect, strategy): pictures}); the oracle scores shape and colour (padding shrinks sizes) and counts objects."""
+    rows, images = [], {}
+    for aspect, size in sizes.items():
+        for label in ["text only", *(["native"] if aspect.startswith("native") else strategies)]:
+            text_only = label == "text only"
+            maps = [fitted[aspect, label if label in strategies else strategies[0]]] * len(seeds)
+            prompt = text_prompt if text_only else map_prompt
+            pictures = study.generate([] if text_only else ["depth"], [prompt] * len(seeds), maps, size.height,
+                                      size.width, seeds)
+            row = study.scores(pictures, [None] * len(seeds) if text_only else maps, [prompt] * len(seeds),
+                               attributes=("shape", "colour"))
+            objects = row.get("objects")
+            images[aspect, label] = pictures
+            rows.append({"aspect": aspect, "strategy": label, "height": size.height, "width": size.width,
+                         "output_size": list(pictures.shape[1:3]), "control_iou": row["control_iou"],
+                         "prompt_adherence": row["prompt_adherence"], "asked_objects": 1 if text_only else 2,
+                         "objects_mean": None if objects is None else float(np.mean(objects))})
+    return rows, images
+
+
+def aspect_panels(rows: list, images: dict, strategies, blank_size: tuple[int, int]) -> tuple[list, list]:
+    """The first picture of every (strategy, aspect), rows "text only" then each strategy, titled with its scores;
+    the native column has one picture (in the first strategy's row), blanks of `blank_size` (H, W) below it."""
+    by_key = {(r["aspect"], r["strategy"]): r for r in rows}
+    aspects = list(dict.fromkeys(r["aspect"] for r in rows))
+    panels, titles = [], []
+    for name in ["text only", *strategies]:
+        for aspect in aspects:
+            label = "native" if aspect.startswith("native") and name != "text only" else name
+            if label == "native" and name != strategies[0]:
+                panels.append(np.full((*blank_size, 3), 255, np.uint8))
+                titles.append("")
+                continue
+            row = by_key[aspect, label]
+            iou = "" if row["control_iou"] is None else f" IoU {row['control_iou']:.2f}"
+            score = "" if row["prompt_adherence"] is None else f" ok {row['prompt_adherence']:.2f}"
+            objects = "" if row["objects_mean"] is None else f" obj {row['objects_mean']:.1f}"
+            panels.append(images[aspect, label][0])
+            titles.append(f"{aspect} {label}:{iou}{score}{objects}")
+    return panels, titles
+
+
+def aspect_summary(rows: list) -> dict:
+    """Per aspect, the best strategy (`best`); each strategy's means over the aspects; the winner of those means
+    (None when nothing was scored); and the text-only rows (objects drawn for a one-object prompt)."""
+    controlled = [r for r in rows if r["strategy"] != "text only"]
+    per_aspect = []
+    for aspect in dict.fromkeys(r["aspect"] for r in rows):
+        winner_here = best([r for r in controlled if r["aspect"] == aspect])
+        if winner_here:
+            per_aspect.append({"aspect": aspect, "best": winner_here["strategy"],
+                               "prompt_adherence": winner_here["prompt_adherence"],
+                               "control_iou": winner_here["control_iou"]})
+    strategy_means = [{"strategy": s, "aspects": len(rs), "control_iou": mean_of(rs, "control_iou"),
+                       "prompt_adherence": mean_of(rs, "prompt_adherence"), "objects_mean": mean_of(rs, "objects_mean")}
+                      for s in dict.fromkeys(r["strategy"] for r in controlled)
+                      for rs in [[r for r in controlled if r["strategy"] == s]]]
+    return {"per_aspect": per_aspect, "strategy_means": strategy_means, "winner": best(strategy_means),
+            "text_only": [r for r in rows if r["strategy"] == "text only"]}
