@@ -467,7 +467,7 @@ def test_lcm_lora_round_trips_through_load_lora_weights(tmp_path):
     assert (trained - loaded).abs().max() < 0.01  # fp16 storage
 
 
-# Floors below what the shipped LCM-LoRA reaches on these 24 prompts (SHIPPED_VALUES)
+# Floors below what the shipped LCM-LoRA reaches on these 24 prompts (4 steps 0.79, 1 step 0.75; without it 0.58 at 1)
 FOUR_STEP_FLOOR, ONE_STEP_FLOOR = 0.7, 0.6
 
 
