@@ -3,6 +3,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers.series.run import find_notebooks, run_notebook
 
@@ -16,6 +17,58 @@ def tiny_pipe():
     from helpers.core.random_models import tiny_random_pipeline
 
     return tiny_random_pipeline(seed=0)
+
+
+SHARED_PIPELINES = ("toy_pipe", "toy_depth_pipe")
+
+
+@pytest.fixture(scope="session")
+def toy_pipe():
+    """The toy on the CPU in float32, loaded once per session and shared by every test file. A test that changes a
+    pipeline (scheduler, adapters, dtype, hooks, weights) works on its own load or copy: `shared_pipelines_unchanged`
+    fails the test that does not."""
+    from helpers.core.models import load_pipeline
+
+    return load_pipeline("toy", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def toy_depth_pipe():
+    """The toy with its depth ControlNet (a StableDiffusionControlNetPipeline), shared like `toy_pipe`."""
+    from helpers.core.models import load_pipeline
+
+    return load_pipeline("toy", controlnet="depth", device="cpu", dtype=torch.float32)
+
+
+def pipeline_state(pipe) -> dict:
+    """What a test may not leave changed on a shared pipeline: the scheduler and its config, each component's module
+    types (adapters, fused attention, swapped parts), attention processors, hooks, and every weight's dtype, device,
+    layout and sum."""
+    modules = {name: part for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}
+    return {
+        "scheduler": (type(pipe.scheduler).__name__, dict(pipe.scheduler.config)),
+        "modules": {name: [type(m).__name__ for m in part.modules()] for name, part in modules.items()},
+        "attention": {name: type(p).__name__ for name, p in pipe.unet.attn_processors.items()},
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for part in modules.values()
+                     for m in part.modules()),
+        "weights": {name: [(p.dtype, p.device, p.stride(), float(p.detach().double().sum()))
+                           for p in part.parameters()] for name, part in modules.items()},
+    }
+
+
+_pipeline_states: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def shared_pipelines_unchanged(request):
+    """After each test that used a shared pipeline: it is as it was loaded."""
+    used = [name for name in SHARED_PIPELINES if name in request.fixturenames]
+    for name in used:
+        _pipeline_states.setdefault(name, pipeline_state(request.getfixturevalue(name)))
+    yield
+    for name in used:
+        assert pipeline_state(request.getfixturevalue(name)) == _pipeline_states[name], (
+            f"{request.node.nodeid} changed the shared `{name}`: work on a copy or a load of your own")
 
 
 @pytest.fixture(scope="session")
