@@ -20,8 +20,8 @@ import PIL.Image
 import pytest
 import torch
 from playwright.sync_api import sync_playwright
+from reference import assert_same_pictures
 
-from helpers.core.models import load_pipeline
 from helpers.core.results import outputs_dir
 from helpers.core.stages import generate
 from helpers.serving.app import make_request
@@ -122,14 +122,9 @@ def server(tmp_path_factory):
             process.kill()
 
 
-@pytest.fixture(scope="module")
-def toy_pipe():
-    return load_pipeline("toy", device="cpu")
-
-
-def expected_pixels(pipe, prompt: str, seed: int, steps: int = STEPS) -> np.ndarray:
-    image = generate(pipe, [prompt], seeds=[seed], num_inference_steps=steps).images[0]
-    return np.asarray(image, dtype=np.int16)
+def expected_pictures(pipe, prompt: str, seed: int, steps: int = STEPS) -> list:
+    """What `generate` makes for one request: the reference the page's and the API's pictures are held to."""
+    return generate(pipe, [prompt], seeds=[seed], num_inference_steps=steps).images
 
 
 def read_pixels(source) -> np.ndarray:
@@ -165,7 +160,7 @@ def test_page_in_a_headless_browser(server, toy_pipe, browser_path):
     assert screenshot.stat().st_size > 10_000
     with urllib.request.urlopen(source if source.startswith("http") else server.url.rstrip("/") + source) as response:
         shown = read_pixels(response.read())
-    assert np.abs(shown - expected_pixels(toy_pipe, prompt, seed, steps=20)).max() <= 1
+    assert_same_pictures([shown], expected_pictures(toy_pipe, prompt, seed, steps=20), atol=1)
     for stage in ("encode_text", "denoise", "decode", "total"):
         assert stage in info_text
     hosts = {urlparse(url).hostname for url in requested if url.startswith("http")}
@@ -197,7 +192,7 @@ def test_concurrent_requests_each_get_their_own_image(server, toy_pipe):
     for (prompt, seed), (_, info), image in zip(asks, answers, images):
         assert info["seed"] == seed and info["model"] == "toy"
         assert set(info["timings"]) >= {"encode_text", "denoise", "decode", "total"}
-        assert np.abs(image - expected_pixels(toy_pipe, prompt, seed)).max() <= 1
+        assert_same_pictures([image], expected_pictures(toy_pipe, prompt, seed), atol=1)
     for i in range(len(images)):
         for j in range(i):
             assert np.abs(images[i] - images[j]).mean() > 5, "two requests got the same picture"

@@ -230,11 +230,10 @@ def test_sweep_rows_are_consistent(tiny_pipe):
 
 
 @pytest.mark.parametrize("source", ["folder", "single_file"])
-def test_each_stage_runs_with_only_its_part_loaded(source):
-    from helpers.core.models import load_pipeline
+def test_each_stage_runs_with_only_its_part_loaded(source, toy_pipe):
     from helpers.toy import TOY_LDM_FILE
 
-    pipe = load_pipeline("toy")
+    pipe = toy_pipe
     model = str(TOY_LDM_FILE) if source == "single_file" else "toy"
     job = StageJob(pipe, ["a red circle", "a blue square on the left"], [3, 4], num_inference_steps=STEPS)
     job.ensure_inputs("decode", 2)

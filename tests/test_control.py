@@ -288,18 +288,11 @@ def test_toy_controlnets_follow_their_maps(kind):
     assert iou >= IOU_FLOORS[kind], f"the {kind} ControlNet's mask IoU is {iou:.3f}"
 
 
-@pytest.fixture(scope="module")
-def depth_pipe():
-    from helpers.core.models import load_pipeline
-
-    return load_pipeline("toy", controlnet="depth")
-
-
 @pytest.mark.parametrize("aspect", ["1:1", "3:2", "2:3", "16:9", "9:16"])
-def test_generation_has_the_requested_size_at_every_aspect(depth_pipe, aspect):
+def test_generation_has_the_requested_size_at_every_aspect(toy_depth_pipe, aspect):
     from helpers.core.stages import default_size, generate
 
-    pipe = depth_pipe
+    pipe = toy_depth_pipe
     size = control.size_for_aspect(aspect, default_size(pipe)[0], pipe.vae_scale_factor)
     nocrop = control.load_depth_map(METADATA_DIR / "No crop" / "2_nocrop.png")
     image = control.control_images(nocrop, size.height, size.width, ["depth"], "pad")["depth"]
@@ -309,20 +302,20 @@ def test_generation_has_the_requested_size_at_every_aspect(depth_pipe, aspect):
     assert result.images.shape == (1, size.height, size.width, 3)
 
 
-def test_generate_says_when_it_stretches_a_control_image(depth_pipe):
+def test_generate_says_when_it_stretches_a_control_image(toy_depth_pipe):
     import warnings
 
     from helpers.core.stages import generate
 
     wide = PIL.Image.new("RGB", (128, 64))
     with pytest.warns(UserWarning, match=r"image: a control image of 128×64 \(W×H\) is stretched to the target 64×64"):
-        result = generate(depth_pipe, ["a red circle"], seeds=[0], num_inference_steps=1, image=wide,
+        result = generate(toy_depth_pipe, ["a red circle"], seeds=[0], num_inference_steps=1, image=wide,
                           output_type="np", progress=False)
     assert result.images.shape == (1, 64, 64, 3)
     with pytest.warns(UserWarning, match=r"of 128×64 \(W×H\) is stretched"):  # an HWC array in [0, 1] too
-        generate(depth_pipe, ["a red circle"], seeds=[0], num_inference_steps=1, image=np.zeros((64, 128, 3)),
+        generate(toy_depth_pipe, ["a red circle"], seeds=[0], num_inference_steps=1, image=np.zeros((64, 128, 3)),
                  output_type="np", progress=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*stretched")  # the target size is used as it is: no warning
-        generate(depth_pipe, ["a red circle"], seeds=[0], num_inference_steps=1, image=PIL.Image.new("RGB", (64, 64)),
-                 output_type="np", progress=False)
+        generate(toy_depth_pipe, ["a red circle"], seeds=[0], num_inference_steps=1,
+                 image=PIL.Image.new("RGB", (64, 64)), output_type="np", progress=False)

@@ -127,16 +127,15 @@ def test_partial_loading_table_moved_here_from_01(r):
     assert "te_read_share" in r["summary"]
 
 
-def test_under_a_small_memory_budget_sizes_that_do_not_fit_are_halved_or_skipped(tmp_path, monkeypatch):
+def test_under_a_small_memory_budget_sizes_that_do_not_fit_are_halved_or_skipped(toy_pipe, tmp_path, monkeypatch):
     """SD_MEMORY_BUDGET_GIB between the toy's estimated decode of 2 and of 4 (as SD 1.5's decode of 32 at 512² on a
     T4): the notebook finishes; the batched calls (and their warm-ups, and the grid's) halve to 2, the sweep skips 4
     with the reason, and "auto" picks a size that ran."""
     from helpers.core import limits
-    from helpers.core.models import load_pipeline
     from helpers.core.stages import default_size
     from helpers.series.run import find_notebooks, run_notebook
 
-    pipe = load_pipeline("toy")
+    pipe = toy_pipe
     height, width = default_size(pipe)
     two, four = (limits.estimate_bytes(pipe.vae, b, height, width, "decode") for b in (2, 4))
     monkeypatch.setenv("SD_MEMORY_BUDGET_GIB", repr((two + four) / 2 / 2**30))

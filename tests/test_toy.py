@@ -110,11 +110,6 @@ def test_the_oracle_reads_float_pictures_by_the_picture_rule():
 # ---------------------------------------------------------------------------------- shipped weights
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return load_pipeline("toy")
-
-
 def toy_images(pipe, prompts: list[str], seed: int = 0, **kwargs) -> np.ndarray:
     """(N, 64, 64, 3) uint8 through helpers.core.stages.generate, image i seeded seed + i."""
     result = generate(pipe, prompts, seeds=range(seed, seed + len(prompts)), progress=False, **kwargs)
@@ -140,13 +135,13 @@ GOLDEN = [
 ]
 
 
-def test_golden_pixels(pipe):
+def test_golden_pixels(toy_pipe):
     for prompt, (y, x), rgb in GOLDEN:
-        image = toy_images(pipe, [prompt], seed=0)[0]
+        image = toy_images(toy_pipe, [prompt], seed=0)[0]
         assert np.abs(image[y, x].astype(int) - rgb).max() <= 6, (prompt, image[y, x], rgb)
 
 
-def test_prompt_adherence_floor_and_guidance_matters(pipe):
+def test_prompt_adherence_floor_and_guidance_matters(toy_pipe):
     # Floors sit below what the shipped weights reach on these samples (share right at guidance 7.5 / 1.0:
     # single objects, every attribute 0.88 / 0.81; colour 1.00 / 1.00, background 1.00 / 1.00, size 0.78 / 0.78
     # (14 of the 18 prompts that state one), position 1.00 / 1.00, shape 0.97 / 0.94; two objects, every attribute
@@ -156,7 +151,7 @@ def test_prompt_adherence_floor_and_guidance_matters(pipe):
     oracle = load_oracle()
 
     def accuracy(sample, guidance_scale: float) -> dict[str, float]:
-        images = toy_images(pipe, sample.prompts, seed=0, num_inference_steps=20, guidance_scale=guidance_scale)
+        images = toy_images(toy_pipe, sample.prompts, seed=0, num_inference_steps=20, guidance_scale=guidance_scale)
         assert images.shape == (len(sample.prompts), 64, 64, 3)
         readings, specs = read_images(oracle, images), [_as_spec(scene) for scene in sample.scenes]
         return {"all": adherence(readings, specs), **attribute_accuracy(readings, specs)}
@@ -172,35 +167,34 @@ def test_prompt_adherence_floor_and_guidance_matters(pipe):
     assert guided_two["all"] >= unguided_two["all"], (guided_two, unguided_two)
 
 
-def test_guidance_draws_every_shape(pipe):
+def test_guidance_draws_every_shape(toy_pipe):
     # When the world's diamond was the square turned 45 degrees, a circle was about the average of the two, and
     # guidance (which extrapolates away from the average) drew "a red circle" as a diamond for every seed.
     shapes = ("circle", "square", "triangle", "diamond")
     prompts = [f"a red {shape}" for shape in shapes for _ in range(4)]
-    readings = read_images(load_oracle(), toy_images(pipe, prompts, seed=0, guidance_scale=7.5))
+    readings = read_images(load_oracle(), toy_images(toy_pipe, prompts, seed=0, guidance_scale=7.5))
     drawn = [reading.objects[0][0] if len(reading.objects) == 1 else None for reading in readings]
     for i, shape in enumerate(shapes):
         seeds_drawn = drawn[4 * i: 4 * i + 4]  # the 4 seeds of "a red {shape}"
         assert seeds_drawn.count(shape) >= 3, (shape, seeds_drawn)
 
 
-def test_cfg_cutoff_turns_guidance_off_per_image(pipe):
+def test_cfg_cutoff_turns_guidance_off_per_image(toy_pipe):
     prompts = ["a red circle on the left", "a large blue square on a white background"]
-    batch = toy_images(pipe, prompts, seed=0, num_inference_steps=4, cfg_cutoff=0.5)
-    alone = toy_images(pipe, prompts[1:], seed=1, num_inference_steps=4, cfg_cutoff=0.5)  # image i uses seed + i
+    batch = toy_images(toy_pipe, prompts, seed=0, num_inference_steps=4, cfg_cutoff=0.5)
+    alone = toy_images(toy_pipe, prompts[1:], seed=1, num_inference_steps=4, cfg_cutoff=0.5)  # image i uses seed + i
     assert np.abs(batch[1].astype(int) - alone[0]).max() <= 2  # diffusers' own callback fails on a batch
-    guided = toy_images(pipe, prompts, seed=0, num_inference_steps=4)
-    unguided = toy_images(pipe, prompts, seed=0, num_inference_steps=4, guidance_scale=1.0)
-    assert np.array_equal(toy_images(pipe, prompts, seed=0, num_inference_steps=4, cfg_cutoff=1.0), guided)
+    guided = toy_images(toy_pipe, prompts, seed=0, num_inference_steps=4)
+    unguided = toy_images(toy_pipe, prompts, seed=0, num_inference_steps=4, guidance_scale=1.0)
+    assert np.array_equal(toy_images(toy_pipe, prompts, seed=0, num_inference_steps=4, cfg_cutoff=1.0), guided)
     assert np.abs(batch.astype(int) - guided).max() > 10 and np.abs(batch.astype(int) - unguided).max() > 10
     with pytest.raises(ValueError, match="cfg_cutoff=1.5 must be in"):
-        generate(pipe, prompts, cfg_cutoff=1.5)
+        generate(toy_pipe, prompts, cfg_cutoff=1.5)
 
 
-def test_controlnet_follows_depth():
-    control_pipe = load_pipeline("toy", controlnet="depth")
+def test_controlnet_follows_depth(toy_depth_pipe):
     sample = sample_scenes(8, seed=200, split="heldout", max_objects=2)
-    images = toy_images(control_pipe, sample.prompts, seed=0, num_inference_steps=20, image=sample.control_images())
+    images = toy_images(toy_depth_pipe, sample.prompts, seed=0, num_inference_steps=20, image=sample.control_images())
     assert control_adherence(images, sample.depth_maps) >= 0.7  # shipped weights: 0.78 on these 8 (bench: 0.84)
 
 
@@ -220,7 +214,7 @@ def test_bench_toy_reports_every_bar_for_any_scheduler():
         bench_toy.run(n_single=1, n_two=0, n_control=1, steps=2, seed=0, repeats=1, scheduler="lms")
 
 
-def test_folder_and_single_file_loads_are_identical(pipe):
+def test_folder_and_single_file_loads_are_identical(toy_pipe):
     from diffusers import StableDiffusionPipeline
 
     single = StableDiffusionPipeline.from_single_file(
@@ -230,7 +224,7 @@ def test_folder_and_single_file_loads_are_identical(pipe):
     single.set_progress_bar_config(disable=True)
     for name in ("unet", "vae", "text_encoder"):
         assert getattr(single, name).dtype == torch.float32
-    a = toy_images(pipe, ["a green square on the right"], seed=5, num_inference_steps=4)
+    a = toy_images(toy_pipe, ["a green square on the right"], seed=5, num_inference_steps=4)
     b = toy_images(single, ["a green square on the right"], seed=5, num_inference_steps=4)
     assert np.array_equal(a, b)
 

@@ -10,6 +10,7 @@ import nbformat
 import numpy as np
 import PIL.Image
 import pytest
+from reference import assert_different_pictures, assert_same_pictures
 
 from helpers.core.models import load_pipeline
 from helpers.core.stages import default_size, generate
@@ -17,11 +18,6 @@ from helpers.serving.interactive import PipelineCache, count_timesteps
 from helpers.serving.ui import GenerationPanel, frontend_status
 
 PROMPT = "a large red circle on the left on a white background"
-
-
-@pytest.fixture(scope="module")
-def toy_pipe():
-    return load_pipeline("toy", device="cpu")
 
 
 @pytest.fixture
@@ -48,7 +44,7 @@ def test_click_makes_what_generate_makes_with_progress_and_previews(toy_pipe, ca
 
     assert panel.error is None, panel.error
     expected = generate(toy_pipe, [PROMPT] * 2, seeds=[11, 12], num_inference_steps=6)
-    assert [pixels(im).tolist() for im in panel.last_result.images] == [pixels(im).tolist() for im in expected.images]
+    assert_same_pictures(panel.last_result.images, expected.images, atol=0)
     # the images on show are those images (enlarged pixel for pixel for the toy's 64 px)
     shown = [box.children[1].value for box in panel.image_box.children]
     assert len(shown) == 2
@@ -155,22 +151,22 @@ def test_controls_and_extra_kwargs_reach_generate(toy_pipe, cache):
     panel.button.click()
     with_eta = generate(toy_pipe, [PROMPT], seeds=[42], num_inference_steps=4, scheduler="ddim", eta=1.0)
     without = generate(toy_pipe, [PROMPT], seeds=[42], num_inference_steps=4, scheduler="ddim", eta=0.0)
-    assert np.array_equal(pixels(panel.last_result.images[0]), pixels(with_eta.images[0]))
-    assert not np.array_equal(pixels(with_eta.images[0]), pixels(without.images[0]))
+    assert_same_pictures(panel.last_result.images, with_eta.images, atol=0)
+    assert_different_pictures(with_eta.images, without.images, at_least=0)
     assert eta in panel.widget().children
 
     computed = GenerationPanel(model="toy", cache=cache, steps=4, preview_every=0, scheduler="ddim",
                                extra_kwargs=lambda panel, pipe: {"eta": 1.0 if pipe is toy_pipe else 0.0})
     computed.prompt.value = PROMPT
     computed.button.click()
-    assert np.array_equal(pixels(computed.last_result.images[0]), pixels(with_eta.images[0]))
+    assert_same_pictures(computed.last_result.images, with_eta.images, atol=0)
 
 
-def test_controlnet_panel_has_a_control_scale_slider():
+def test_controlnet_panel_has_a_control_scale_slider(toy_depth_pipe):
     """Notebook 06's panel: a depth map stays, the slider sets controlnet_conditioning_scale."""
     from helpers.toy import sample_scenes
 
-    pipe = load_pipeline("toy", controlnet="depth", device="cpu")
+    pipe = toy_depth_pipe
     scenes = sample_scenes(1, seed=3)
     control_image = scenes.control_images()[0]
     panel = GenerationPanel.with_control(pipe, control_image, prompt=scenes.prompts[0], steps=6, preview_every=0,
@@ -183,7 +179,7 @@ def test_controlnet_panel_has_a_control_scale_slider():
         made[scale] = pixels(panel.last_result.images[0])
         expected = generate(pipe, scenes.prompts[:1], seeds=[42], num_inference_steps=6, image=control_image,
                             controlnet_conditioning_scale=scale)
-        assert np.array_equal(made[scale], pixels(expected.images[0]))
+        assert_same_pictures([made[scale]], expected.images, atol=0)
     assert np.abs(made[1.0] - made[0.0]).mean() > 5, "the control scale changes the picture"
     assert panel.controlnet == "depth"
 
