@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from helpers.core import random_models as testing
@@ -157,3 +157,10 @@ def test_attribute_accuracy_counts_each_stated_attribute():
                         "position": 0.5}
     with pytest.raises(ValueError, match="2 readings but 1 prompt specs"):
         attribute_accuracy(readings, [parse_prompt("a red circle")])
+
+
+def test_the_loader_gives_diffusers_own_pipeline_classes(toy_pipe, toy_depth_pipe):
+    """Users meet the classes they know from diffusers' docs, not a subclass of ours: exactly those types."""
+    assert type(toy_pipe) is StableDiffusionPipeline
+    assert type(load_pipeline("tiny-random")) is StableDiffusionPipeline
+    assert type(toy_depth_pipe) is StableDiffusionControlNetPipeline

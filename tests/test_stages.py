@@ -1,19 +1,18 @@
 """The three hand-written stages against diffusers' own pipelines, on the tiny random SD."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import StableDiffusionImg2ImgPipeline
+from reference import assert_different_pictures, assert_same_pictures, theirs
 
 from helpers.core.models import make_scheduler
-from helpers.core.stages import decode, denoise, encode_image, encode_text, generate, make_generators
+from helpers.core.stages import decode, denoise, encode_image, encode_text, generate
 
 PROMPTS = ["a red circle on a blue background", "a small green square on the left", "a photo of a cat"]
 STEPS = 4
-
-
-def pipeline_images(pipe, prompts, seeds, **kwargs):
-    return pipe(prompts, generator=make_generators(seeds), output_type="np", **kwargs).images
 
 
 def test_encode_text_equals_encode_prompt(tiny_pipe):
@@ -33,15 +32,18 @@ def test_encode_text_without_guidance_has_no_negative(tiny_pipe):
 @pytest.mark.parametrize("scheduler", [None, "euler_a", "dpm++"])
 def test_generate_equals_pipeline_call(tiny_pipe, scheduler):
     seeds = [11, 12, 13]
+    started = time.perf_counter()
     ours = generate(tiny_pipe, PROMPTS, seeds=seeds, num_inference_steps=STEPS, scheduler=scheduler,
                     output_type="np", progress=False)
+    wall = time.perf_counter() - started
     if scheduler:
-        tiny_pipe.scheduler = make_scheduler(scheduler, tiny_pipe.scheduler)
-    theirs = pipeline_images(tiny_pipe, PROMPTS, seeds, num_inference_steps=STEPS)
-    assert ours.images.shape == theirs.shape == (3, 64, 64, 3)
-    assert np.abs(ours.images - theirs).max() <= 1e-4
-    assert set(ours.timings) == {"encode_text", "denoise", "decode", "total"}
-    assert all(seconds > 0 for seconds in ours.timings.values())
+        tiny_pipe.scheduler = make_scheduler(scheduler, tiny_pipe.scheduler)  # tiny_pipe is this test's own
+    assert ours.images.shape == (3, 64, 64, 3)
+    assert_same_pictures(ours.images, theirs(tiny_pipe, PROMPTS, seeds, STEPS))
+    timings = ours.timings
+    assert set(timings) == {"encode_text", "denoise", "decode", "total"}
+    stages = timings["encode_text"] + timings["denoise"] + timings["decode"]
+    assert 0 < stages <= timings["total"] <= wall, f"the stages run one after another inside the call: {timings}"
 
 
 def test_negative_prompt_and_guidance_change_the_image(tiny_pipe):
@@ -49,10 +51,9 @@ def test_negative_prompt_and_guidance_change_the_image(tiny_pipe):
     plain = generate(tiny_pipe, "a red circle", **kwargs).images
     negative = generate(tiny_pipe, "a red circle", "a blue square", **kwargs).images
     unguided = generate(tiny_pipe, "a red circle", guidance_scale=1.0, **kwargs).images
-    theirs = pipeline_images(tiny_pipe, ["a red circle"], [5], num_inference_steps=STEPS, guidance_scale=1.0)
-    assert np.abs(plain - negative).max() > 1e-3
-    assert np.abs(plain - unguided).max() > 1e-3
-    assert np.abs(unguided - theirs).max() <= 1e-4
+    assert_different_pictures(plain, negative, at_least=1e-3)
+    assert_different_pictures(plain, unguided, at_least=1e-3)
+    assert_same_pictures(unguided, theirs(tiny_pipe, ["a red circle"], [5], STEPS, guidance_scale=1.0))
 
 
 def test_batch_equals_single_calls(tiny_pipe):
@@ -62,7 +63,7 @@ def test_batch_equals_single_calls(tiny_pipe):
         generate(tiny_pipe, [p], seeds=[s], num_inference_steps=STEPS, output_type="np", progress=False).images[0]
         for p, s in zip(PROMPTS, seeds)
     ]
-    assert np.abs(batch.images - np.stack(singles)).max() <= 1e-4
+    assert_same_pictures(batch.images, singles)
 
 
 def test_img2img_equals_diffusers_img2img(tiny_pipe):
@@ -76,11 +77,7 @@ def test_img2img_equals_diffusers_img2img(tiny_pipe):
     )
     ours = decode(tiny_pipe, latents, output_type="np")
     img2img = StableDiffusionImg2ImgPipeline(**tiny_pipe.components)
-    theirs = img2img(
-        PROMPTS[:2], image=init_latents, strength=0.6, num_inference_steps=10,
-        generator=make_generators([7, 8]), output_type="np",
-    ).images
-    assert np.abs(ours - theirs).max() <= 1e-4
+    assert_same_pictures(ours, theirs(img2img, PROMPTS[:2], [7, 8], 10, image=init_latents, strength=0.6))
 
 
 def test_callback_on_step_end_sees_every_step_and_can_replace_the_latents(tiny_pipe):
@@ -177,12 +174,7 @@ def test_stages_run_on_components_alone(tiny_pipe):
     latents = denoise(denoise_part, prompt_embeds, negative_prompt_embeds, num_inference_steps=STEPS, seeds=[9],
                       progress=False)
     ours = decode(decode_part, latents, output_type="np")
-    theirs = pipeline_images(tiny_pipe, ["a red circle"], [9], num_inference_steps=STEPS)
-    assert np.abs(ours - theirs).max() <= 1e-4
-
-
-def test_pipeline_class_is_the_one_users_know(tiny_pipe):
-    assert isinstance(tiny_pipe, StableDiffusionPipeline)
+    assert_same_pictures(ours, theirs(tiny_pipe, ["a red circle"], [9], STEPS))
 
 
 def test_execution_device_reads_the_weights_unless_a_network_is_offloaded(tiny_pipe):
