@@ -17,10 +17,10 @@ import pkgutil
 import sys
 
 import helpers.bench
-from helpers import app as web_app  # light: gradio and torch are imported when the page is built
-from helpers import batch as batch_job  # light: torch is imported when a batch runs
-from helpers import hub as local_hub  # light: torch and diffusers are imported when it builds
+from helpers.checkpoints import hub as local_hub  # light: torch and diffusers are imported when it builds
 from helpers.series import rehearse as rehearsal_run
+from helpers.serving import app as web_app  # light: gradio and torch are imported when the page is built
+from helpers.serving import batch as batch_job  # light: torch is imported when a batch runs
 
 
 def benchmarks() -> list[str]:
