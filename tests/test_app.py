@@ -5,7 +5,6 @@ and by gradio_client."""
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from loopback import free_port
 from playwright.sync_api import sync_playwright
 from reference import assert_same_pictures
 
@@ -36,12 +36,6 @@ STEPS = 8  # fewer steps than the page's default, to keep the tests short
 class Server:
     url: str
     network_log: Path  # what the server tried to reach beyond this machine (absent: nothing)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until_serving(url: str, process: subprocess.Popen, log: Path) -> None:

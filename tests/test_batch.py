@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from loopback import free_port
 
 from helpers.__main__ import main
 from helpers.serving import batch
@@ -263,12 +263,6 @@ def test_a_killed_run_restarts_with_no_duplicates_or_gaps(prompt_file, reference
     assert summary(out_dir)["already_done"] == len(done)
     assert summary(out_dir)["images_made"] + summary(out_dir)["errors_this_run"] == len(ENTRIES) - len(done)
     assert_same_run(out_dir, reference[1])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_processes_under_accelerate_make_each_image_once_and_the_same(prompt_file, reference, tmp_path):

@@ -13,16 +13,10 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+from loopback import CorruptPeer, free_port
 
 from helpers.checkpoints import download as D
-from helpers.checkpoints.swarm import (
-    LEECHER_KWARGS,
-    CorruptPeer,
-    LoopbackSeeder,
-    free_loopback_port,
-    generate_safetensors_file,
-    make_torrent,
-)
+from helpers.checkpoints.swarm import LEECHER_KWARGS, LoopbackSeeder, generate_safetensors_file, make_torrent
 
 LOOPBACK = {**LEECHER_KWARGS, "progress": False}
 SIZE = 8 << 20  # 8 MiB
@@ -204,7 +198,7 @@ def test_complete_file_without_metadata_is_checked_by_libtorrent(seeder, source_
 
 
 def test_no_peer_times_out_quickly(tmp_path):
-    port = free_loopback_port()  # nobody listens there
+    port = free_port()  # nobody listens there
     magnet = f"magnet:?xt=urn:btih:{'ab' * 20}&dn=x.safetensors&xl=1000&x.pe=127.0.0.1:{port}"
     t = time.monotonic()
     with pytest.raises(D.NoPeersError, match="no metadata .* after 2 s .*no peer connected"):
