@@ -95,6 +95,8 @@ def notebook_results(smoke_runs):
     def results_of(number: str) -> dict:
         run = smoke_runs(number)
         assert run.status == "ok", run.error
+        assert run.results, f"notebook {number} wrote no outputs/{number}_*.json"
+        assert (smoke_runs.out_dir / f"{run.notebook}.ipynb").exists(), "the executed copy goes to outputs/"
         merged = {}
         for result in run.results.values():
             merged.update(result)

@@ -1,6 +1,8 @@
 """'Ours equals the reference', said one way: the pictures our code makes against those a reference makes (diffusers'
 own pipeline call, or our `generate` behind a front end), with the same seeds."""
 
+import math
+
 import numpy as np
 
 from helpers.core.stages import generate, make_generators
@@ -38,3 +40,9 @@ def assert_different_pictures(a, b, at_least: float):
     """`a` and `b` differ somewhere by more than `at_least`: a reference equality is not trivially met."""
     diff = np.abs(as_array(a) - as_array(b)).max()
     assert diff > at_least, f"the largest pixel difference is {diff:.3g}, not above {at_least}"
+
+
+def lerp_norm_ratio(alpha: float) -> float:
+    """|lerp(a, b, alpha)| / |a| for independent Gaussian a, b of one norm: sqrt((1 - alpha)^2 + alpha^2), written
+    here independently of helpers.studies.interpolate."""
+    return math.sqrt((1 - alpha) ** 2 + alpha**2)

@@ -1,4 +1,5 @@
-"""lerp and slerp (studies.interpolate) against independent formulas written here with numpy, one vector at a time."""
+"""studies.interpolate: lerp and slerp against independent formulas written here with numpy, one vector at a time;
+the pieces notebooks 04 and 05 are built from (the noise they interpolate, the morph's endpoints, colour purity)."""
 
 import math
 
@@ -6,15 +7,23 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.core.stages import default_size, denoise, encode_text
 from helpers.studies.interpolate import (
+    MIDPOINT_METHODS,
     PARALLEL_THRESHOLD,
+    colour_purity,
+    colour_tolerance,
     expected_lerp_norm_ratio,
     interpolate,
     interpolation_alphas,
     lerp,
+    morph_midpoints,
+    noise_latents,
     norm_curve,
     slerp,
 )
+from helpers.toy import world
+from helpers.toy.oracle import Reading
 
 
 def reference_slerp(t: float, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -179,3 +188,59 @@ def test_midpoint_contrast_needs_no_oracle(tiny_pipe):
     assert contrast_ratios(grey)["noise lerp"] == 0.0, "a flat grey midpoint has no contrast at all"
     with pytest.raises(ValueError, match="at least one prompt pair"):
         midpoint_images(tiny_pipe, [], [0], height=height, width=width)
+
+
+# ------------------------------------------------------------------------------------------ the pieces of 04 and 05
+
+
+def test_noise_latents_is_the_noise_denoise_draws(tiny_pipe):
+    height, width = default_size(tiny_pipe)
+    prompt_embeds, negative_prompt_embeds = encode_text(tiny_pipe, ["a", "b"])
+    kwargs = dict(num_inference_steps=2, height=height, width=width, progress=False)
+    drawn = denoise(tiny_pipe, prompt_embeds, negative_prompt_embeds, seeds=[3, 4], **kwargs)
+    given = denoise(tiny_pipe, prompt_embeds, negative_prompt_embeds, seeds=[3, 4],
+                    latents=noise_latents(tiny_pipe, [3, 4], height, width), **kwargs)
+    assert torch.equal(drawn, given)
+
+
+@pytest.mark.parametrize("alpha, endpoint", [(0.0, "A"), (1.0, "B")])
+def test_morph_midpoints_at_the_ends_are_the_generations(tiny_pipe, alpha, endpoint):
+    height, width = default_size(tiny_pipe)
+    latents = morph_midpoints(tiny_pipe, "a red circle", "a blue square", [0, 1], [5, 6], alpha,
+                              num_inference_steps=2, height=height, width=width)
+    assert set(latents) == {"A", "B", *MIDPOINT_METHODS}
+    for method in MIDPOINT_METHODS:
+        torch.testing.assert_close(latents[method], latents[endpoint], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(latents["A"], latents["B"])
+
+
+def test_morph_midpoints_refuses_unpaired_seeds_and_missing_size(tiny_pipe):
+    height, width = default_size(tiny_pipe)
+    with pytest.raises(ValueError, match="seeds_b"):
+        morph_midpoints(tiny_pipe, "a", "b", [0, 1], [5], 0.5, height=height, width=width)
+    with pytest.raises(ValueError, match="height= and width="):
+        morph_midpoints(tiny_pipe, "a", "b", [0], [5], 0.5)
+
+
+def _scene(shape: str, colour: str) -> world.Scene:
+    obj = world.SceneObject(shape, colour, "large", "center", 32.0, 32.0, world.COLOURS[colour])
+    return world.Scene("heldout", 0, "gray", world.BACKGROUNDS["gray"], (obj,), f"a {colour} {shape}")
+
+
+def test_colour_purity_tells_a_flat_shape_from_a_cross_fade():
+    red_circle = world.render(_scene("circle", "red"))[0]
+    blue_square = world.render(_scene("square", "blue"))[0]
+    cross_fade = ((red_circle.astype(np.float32) + blue_square) / 2).round().astype(np.uint8)
+
+    def one(colour: str) -> Reading:
+        return Reading((("square", colour, "large", "center"),), "gray")
+
+    assert colour_purity(red_circle, one("red")) > 0.9
+    assert colour_purity(blue_square, one("blue")) > 0.9
+    assert colour_purity(cross_fade, one("blue")) < 0.5, "a double exposure is no flat blue object"
+    assert colour_purity(cross_fade, one("red")) < 0.5
+    assert colour_purity(red_circle, Reading((), "gray")) == 0.0, "no object read: nothing clean"
+    # the tolerance: half the closest two world colours' distance, so no pixel is within it of two colours
+    colours = np.array(list(world.COLOURS.values()), np.float32)
+    gaps = np.linalg.norm(colours[:, None] - colours[None], axis=-1)
+    assert colour_tolerance() == pytest.approx(gaps[gaps > 0].min() / 2)

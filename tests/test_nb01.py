@@ -1,4 +1,5 @@
-"""Notebook 01 as a badge user on a T4 meets it: parameters cell as written, `SD_PRETEND_ACCELERATOR=t4`, and a local
+"""Notebook 01 (download, verify, resume; the single file taken apart) in its smoke run (a loopback swarm), and as a
+badge user on a T4 meets it: parameters cell as written, `SD_PRETEND_ACCELERATOR=t4`, and a local
 hub cache (offline) holding "SD 1.5": its repo id with configs, a `model_index.json`, fp16 folder weights (as notebook
 02 leaves them) and its single file `v1-5-pruned-emaonly.safetensors` (the toy's LDM file stands in for the 4.27 GB).
 
@@ -64,3 +65,18 @@ def test_t4_user_takes_apart_the_file_downloaded(badge_run):
     assert Path(r["load_file"]).resolve() == (snapshot / dl.SD15_FILENAME).resolve(), "not the toy's own file"
     assert Path(r["load_config_dir"]).resolve() == snapshot.resolve(), "SD 1.5's configs from its hub repo"
     assert set(r["single_file_outputs"]) == {"unet", "vae", "text_encoder"}, "each network loaded and ran"
+
+
+def test_01_smoke_downloads_resumes_verifies_and_loads(notebook_results):
+    r = notebook_results("01")
+    assert r["source"] == "loopback", "offline, the download runs on a local swarm"
+    first, again = r["downloads"][0], r["downloads"][1]
+    assert first["interrupted_at_bytes"] > 0 and first["resumed_bytes"] == first["interrupted_at_bytes"]
+    assert first["downloaded_bytes"] + first["resumed_bytes"] == first["size_bytes"], "resume fetched only the rest"
+    assert first["verified"]["pieces"].startswith("ok") and first["verified"]["safetensors"].startswith("ok")
+    assert first["average_speed_Bps"] > 0 and first["elapsed_s"] > 0
+    assert again["cached"] and again["downloaded_bytes"] == 0
+    assert len(r["bad_cases"]) >= 5 and all("Error" in v.split(":")[0] for v in r["bad_cases"].values())
+    assert all(diff <= 1e-5 for diff in r["single_file_max_abs_diff"].values())
+    assert set(r["single_file_max_abs_diff"]) == {"unet", "vae", "text_encoder"}
+    assert "partial_loading" not in r, "partial loading moved to notebook 03 (tests/test_nb03.py)"

@@ -21,7 +21,7 @@ def rungs(r):
 
 
 def test_07_times_loading_and_every_part_of_a_request(r):
-    assert r["model"] == "toy" and r["profile"] == "smoke" and r["environment"]["cpu_threads"] >= 1
+    assert r["environment"]["cpu_threads"] >= 1
     assert r["environment"]["cpu"], "the CPU model is recorded with the timings"
     assert r["load_cold_s"] > 0 and r["load_warm_s"] > 0
     parts = r["baseline_parts_s"]

@@ -16,7 +16,7 @@ def r(notebook_results):
 
 def test_08_trains_a_lora_on_the_toy_and_lowers_the_loss(r):
     smoke = parameters_for("08", "smoke")
-    assert r["model"] == "toy" and r["profile"] == "smoke" and r["identifier"] == "xt"
+    assert r["identifier"] == "xt"
     training = r["training"]
     assert training["steps"] == smoke["TRAIN_STEPS"] and training["seconds"] > 0
     assert training["eval_loss_after"] < training["eval_loss_before"], training

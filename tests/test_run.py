@@ -1,13 +1,14 @@
 """The papermill harness itself: profiles, notebook selection, failure reports."""
 
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from helpers.__main__ import main
 from helpers.series import run as run_module
-from helpers.series.profiles import parameters_for, resolve_profile
+from helpers.series.profiles import notebook_number, parameters_for, resolve_profile
 
 
 def write_notebook(path, sources, parameters_cell=0):
@@ -122,3 +123,14 @@ def test_notebooks_are_committed_clean_with_one_parameters_cell():
         assert len(tagged) == 1, f"{path.name} has {len(tagged)} parameters cells"
         assert "MODEL" in tagged[0].source or path.name.startswith("01"), f"{path.name}: MODEL is not a parameter"
         assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "starts with an H1 title"
+
+
+def test_every_notebook_has_its_smoke_run_tested_in_its_own_file():
+    """The layout of the notebook tests: tests/test_nbNN.py runs notebook NN in the smoke profile (and checks what it
+    recorded); unit tests of a module live in the module's test file. A new notebook without one fails here."""
+    tests_dir = Path(__file__).parent
+    for path in run_module.find_notebooks():
+        number = notebook_number(path.name)
+        test_file = tests_dir / f"test_nb{number}.py"
+        assert test_file.exists(), f"{path.name}: no {test_file.name}"
+        assert f'notebook_results("{number}")' in test_file.read_text(), f"{test_file.name} does not run {path.name}"

@@ -225,3 +225,17 @@ def test_show_under_papermill_draws_a_static_result(tmp_path):
     widget_views = [out["data"]["text/plain"] for out in outputs
                     if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
     assert not any("VBox" in view or "Button" in view for view in widget_views), widget_views  # (loading bars only)
+
+
+def test_alpha_slider_swaps_the_frame():
+    from helpers.serving.ui import AlphaSlider
+
+    frames = [np.full((8, 8, 3), value, np.uint8) for value in (0, 120, 250)]
+    slider = AlphaSlider(frames, [0.0, 0.5, 1.0])
+    assert slider.image.value == slider.frames[0] and slider.alpha == 0.0
+    slider.slider.value = 2  # what dragging does: the observer swaps the picture
+    assert slider.image.value == slider.frames[2] and slider.alpha == 1.0
+    assert len(set(slider.frames)) == 3
+    assert slider.static_strip().size == (24, 8)
+    with pytest.raises(ValueError, match="one image per alpha"):
+        AlphaSlider(frames, [0.0, 1.0])
