@@ -181,3 +181,35 @@ def test_depth_estimator_and_the_sample_subject_dataset(local_hub, tmp_path):
     assert got["depth"] == [64, 96] and got["range"] == [0.0, 1.0]
     assert got["sizes"] == [[512, 512]] * 5
     assert got["stand_in"]
+
+
+def test_the_lcm_lora_stand_in_loads_into_sd15_as_the_published_one_does(local_hub, tmp_path):
+    """latent-consistency/lcm-lora-sdv1-5's file name, format (kohya keys with an alpha per layer, fp16) and rank 64:
+    the ladder's `use_lcm_lora` loads it offline into SD 1.5, every layer of the file adapted (278, 67 M parameters:
+    the published file's 134 MB)."""
+    from helpers.core.models import LCM_LORA_HUB_ID
+
+    cache, _ = local_hub
+    got = offline(cache, """
+        import json, torch
+        from huggingface_hub import hf_hub_download
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from safetensors.torch import load_file
+        from helpers.core.models import load_pipeline
+        from helpers.studies import latency
+        weights = load_file(hf_hub_download("latent-consistency/lcm-lora-sdv1-5", "pytorch_lora_weights.safetensors"))
+        pipe = load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", dtype=torch.float16, device="cpu",
+                             safety_checker=False)
+        latency.use_lcm_lora(pipe)
+        print(json.dumps({"keys": sorted(weights)[:3], "n": len(weights),
+                          "ranks": sorted({v.shape[0] for k, v in weights.items() if k.endswith("lora_down.weight")}),
+                          "dtypes": sorted({str(v.dtype) for v in weights.values()}),
+                          "parameters": sum(v.numel() for v in weights.values() if v.dim()),
+                          "adapted": sum(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules()),
+                          "scheduler": type(pipe.scheduler).__name__}))
+        """, tmp_path)
+    assert hub.repo_folder(cache, LCM_LORA_HUB_ID).exists()
+    assert got["keys"][0].startswith("lora_unet_down_blocks_0_") and got["n"] == 3 * 278, got["keys"]
+    assert got["ranks"] == [64] and got["dtypes"] == ["torch.float16"]
+    assert got["parameters"] == 67_252_224 and got["adapted"] == 278
+    assert got["scheduler"] == "LCMScheduler"

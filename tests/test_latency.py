@@ -553,6 +553,88 @@ def test_sd15_prompts_are_real_prompts_that_fit_the_depth_maps():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Few-step rungs: the LCM-LoRA
+
+
+def test_lcm_rungs_parse_and_sample_at_guidance_one():
+    config = latency.parse_rung("lcm 4")
+    assert config.changes() == {"lcm": True, "steps": 4}
+    assert config.generate_kwargs() == {"num_inference_steps": 4, "control_guidance_end": 1.0, "guidance_scale": 1.0}
+    combined = latency.parse_rung("lcm 1 + openvino + bf16 + tiny_vae", baseline=latency.RungConfig(scheduler="ddim"))
+    assert combined.changes() == {"lcm": True, "steps": 1, "engine": "openvino", "half": "bf16", "tiny_vae": True}
+    assert [f.__name__ for f, _ in latency.speedups(combined)] == ["use_lcm", "use_tiny_decoder", "use_openvino"]
+    code = latency.recipe(latency.parse_rung("lcm 2 + channels_last"))
+    assert "latency.use_lcm(pipe, steps=2)" in code and "guidance_scale=1.0" in code
+    assert latency.why_not(latency.parse_rung("lcm 4 + deepcache + channels_last + fused_qkv + tome"), "cpu") is None
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("dpm++ 6 + lcm 4", "LCMScheduler"), ("lcm 4 + euler 6", "LCMScheduler"),
+    ("lcm 2 + cfg_cutoff", "no classifier-free guidance to cut"), ("lcm 1 + deepcache", "1-step rung"),
+    ("lcm 1 + control_end", "leaves the ControlNet no step"), ("lcm 0", "1 step or more")])
+def test_lcm_refuses_what_it_cannot_combine_with_and_says_why(name, reason):
+    assert reason in (latency.why_not(latency.parse_rung(name), "cpu") or ""), name
+
+
+def _unet_batches(pipe) -> list[int]:
+    batches = []
+    pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: batches.append(args[0].shape[0]),
+                                        with_kwargs=True)
+    return batches
+
+
+def test_lcm_rung_fuses_the_toys_lcm_lora_into_a_copy_and_runs_one_pass_a_step(toy_depth_pipe, inputs):
+    """`use_lcm` loads the shipped LoRA (as `use_lcm_lora`: diffusers' loader and LCMScheduler), fuses it into the
+    copy's own weights (the base's shared ones untouched) and the rung generates at guidance 1: one UNet pass of batch
+    1 a step, the picture of the unfused LoRA at guidance 1."""
+    from diffusers import LCMScheduler
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    before = {k: v.clone() for k, v in toy_depth_pipe.unet.state_dict().items()}
+    config = latency.parse_rung("lcm 2")
+    pipe = latency.configure(toy_depth_pipe, config)
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.scheduler.timesteps.tolist() == [999, 499]
+    assert not any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules()), "fused: a plain UNet again"
+    after = pipe.unet.state_dict()
+    assert sum(not torch.equal(before[k], after[k]) for k in before) > 100, "the LoRA is in the copy's weights"
+    assert all(torch.equal(before[k], v) for k, v in toy_depth_pipe.unet.state_dict().items()), "the base is not"
+    batches = _unet_batches(pipe)
+    request = inputs.subset(1)
+    fused = latency.generate_config(pipe, config, request, "np").images
+    assert batches == [1, 1], "guidance 1: no unconditional pass"
+    adapter = latency.use_lcm_lora(latency.copy_pipeline(toy_depth_pipe))
+    assert "lcm" in adapter.get_active_adapters()
+    unfused = latency.generate_config(adapter, config, request, "np").images
+    assert np.abs(fused - unfused).max() < 0.02 and fused.std() > 0.05
+
+
+def test_lcm_lora_source_is_the_toys_folder_or_sd15s_published_one():
+    from helpers.core.models import LCM_LORA_HUB_ID, lcm_lora_source
+    from helpers.core.random_models import sd15_unet_on_meta
+    from helpers.toy import TOY_LCM_LORA_DIR
+
+    assert LCM_LORA_HUB_ID == "latent-consistency/lcm-lora-sdv1-5"
+    assert lcm_lora_source(load_pipeline("toy").unet) == str(TOY_LCM_LORA_DIR)
+    assert lcm_lora_source(sd15_unet_on_meta()) == LCM_LORA_HUB_ID
+    with pytest.raises(ValueError, match="made for SD 1.5's UNet"):
+        lcm_lora_source(load_pipeline("tiny-random").unet)
+
+
+def test_an_lcm_rung_without_the_hub_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    """SD 1.5's LCM-LoRA offline and not in the hub cache: the rung says so (the ladder goes on)."""
+    from helpers.core.random_models import sd15_unet_on_meta
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+
+    class Pipe:
+        unet = sd15_unet_on_meta()
+
+    with pytest.raises(latency.RungSkipped, match="lcm-lora-sdv1-5 comes from the hub"):
+        latency.use_lcm_lora(Pipe())
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Notebook 07's gpu profile and its badge path
 
 
@@ -599,7 +681,7 @@ def test_notebook_07_gpu_rungs_are_a_t4s(pretend_t4, monkeypatch):
         assert latency.why_not(config, torch.device("cuda")) is None, (name, latency.why_not(config, "cuda"))
         levers |= {part.strip().split()[0] for part in name.split(" + ")}
     assert {"dpm++", "channels_last", "fused_qkv", "compile", "deepcache", "tome", "tiny_vae", "cfg_cutoff",
-            "classic_attention"} <= levers
+            "classic_attention", "lcm"} <= levers
 
 
 def test_notebook_07_gpu_profile_fits_a_t4_in_about_15_minutes():
@@ -633,4 +715,4 @@ def test_notebook_07_under_the_rehearsal_stays_affordable_on_a_cpu():
     steps = requests * sum(latency.parse_rung(name, baseline=baseline).steps for name in ["baseline", *names])
     assert steps <= 60, f"{steps} denoising steps"
     levers = {part.strip().split()[0] for name in names for part in name.split(" + ")}
-    assert {"channels_last", "fused_qkv", "cfg_cutoff", "deepcache", "tome", "tiny_vae"} <= levers
+    assert {"channels_last", "fused_qkv", "cfg_cutoff", "deepcache", "tome", "tiny_vae", "lcm"} <= levers

@@ -423,7 +423,7 @@ def tiny_lcm_lora(tmp_path, monkeypatch):
 def test_lcm_stage_saves_a_lora_that_lcm_scheduler_samples_with(tiny_lcm_lora):
     from diffusers import LCMScheduler
 
-    from helpers.toy.lcm import use_lcm_lora
+    from helpers.studies.latency import use_lcm_lora  # notebook 07's lcm rungs load it the same way
 
     folder, losses = tiny_lcm_lora
     assert len(losses) == 3 and np.isfinite(losses).all()
@@ -472,7 +472,8 @@ def test_shipped_lcm_lora_draws_the_prompt_in_few_steps():
     (0.04 on these prompts)."""
     from diffusers import LCMScheduler
 
-    from helpers.toy.lcm import TOY_LCM_LORA_DIR, use_lcm_lora
+    from helpers.studies.latency import use_lcm_lora
+    from helpers.toy import TOY_LCM_LORA_DIR
 
     assert (TOY_LCM_LORA_DIR / "pytorch_lora_weights.safetensors").stat().st_size < 2e6
     sample = sample_scenes(24, seed=100, split="heldout", max_objects=1)

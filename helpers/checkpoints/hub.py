@@ -6,7 +6,8 @@ loads everything the series asks the hub for:
 
 - `stable-diffusion-v1-5/stable-diffusion-v1-5`: every component of `StableDiffusionPipeline` (the real configs,
   `model_index.json`, fp16 variant weights), plus the single file `v1-5-pruned-emaonly.safetensors`;
-- the three lllyasviel v1.1 ControlNets, `madebyollin/taesd`, and the depth estimator `estimate_depth` uses;
+- the three lllyasviel v1.1 ControlNets, `madebyollin/taesd`, the LCM-LoRA `latent-consistency/lcm-lora-sdv1-5`
+  (notebook 07's lcm rungs), and the depth estimator `estimate_depth` uses;
 - a stand-in for the dataset `diffusers/dog-example` (5 synthetic photos of one subject).
 
 The weights are random, so images are noise, but compute, memory and loading follow the real model's. A repo folder
@@ -165,6 +166,8 @@ DEPTH_PREPROCESSOR_CONFIG = {
     "size": {"height": 518, "width": 518},
     "size_divisor": None,
 }
+LCM_LORA_RANK = 64  # latent-consistency/lcm-lora-sdv1-5's rank (and lora_alpha: scale 1)
+LCM_LORA_FILE = "pytorch_lora_weights.safetensors"
 DOG_EXAMPLE_README = """# diffusers/dog-example: a STAND-IN built by sd-dissected
 
 This is not the hub's dataset. `python -m helpers hub build` drew these 5 pictures of one cartoon dog (the same
@@ -353,6 +356,46 @@ def _build_taesd(snapshot: Path, repo_id: str, fp32: bool, progress) -> None:
                                            **TAESD_CONFIG})
 
 
+def lcm_lora_layers(unet, rank: int = LCM_LORA_RANK) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The LCM-LoRA's layers on `unet` as the published file names them (kohya's: `lora_unet_` and the module path
+    with underscores, what the LCM training script writes and `load_lora_weights` converts back), with the shapes of
+    their down and up weights: LCM-LoRA's target list (the toy's `helpers.toy.train.LCM_LORA_TARGETS`: attention,
+    feed-forward, resnet convs, time projections, down/upsamplers), peft's matching (a name or a dotted suffix)."""
+    from helpers.toy.train import LCM_LORA_TARGETS
+
+    layers = {}
+    for name, module in unet.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in LCM_LORA_TARGETS):
+            continue
+        if module.__class__.__name__ == "Conv2d":  # the down conv keeps the kernel, the up conv is 1x1
+            down, up = (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, 1, 1)
+        else:
+            down, up = (rank, module.in_features), (module.out_features, rank)
+        layers["lora_unet_" + name.replace(".", "_")] = (down, up)
+    return layers
+
+
+def _build_lcm_lora(snapshot: Path, repo_id: str, fp32: bool, progress, *, generator=None) -> None:
+    """A random LoRA at SD 1.5's shapes in the published file's format: `pytorch_lora_weights.safetensors`, fp16,
+    rank 64, kohya key names with an `alpha` per layer. The updates are small (the UNet's output moves a little), so
+    the pipeline runs as it would; the pictures are noise either way."""
+    import torch
+    from safetensors.torch import save_file
+
+    from helpers.core.random_models import sd15_unet_on_meta
+
+    tensors = {}
+    for key, (down, up) in lcm_lora_layers(sd15_unet_on_meta()).items():
+        fan_in = int(torch.tensor(down[1:]).prod())
+        tensors[f"{key}.lora_down.weight"] = (torch.randn(down, generator=generator) / fan_in**0.5).half()
+        tensors[f"{key}.lora_up.weight"] = (torch.randn(up, generator=generator) * 1e-3).half()
+        tensors[f"{key}.alpha"] = torch.tensor(float(LCM_LORA_RANK), dtype=torch.float16)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, snapshot / LCM_LORA_FILE)
+    progress(f"  {LCM_LORA_FILE}: {len(tensors) // 3} layers, "
+             f"{sum(t.numel() for t in tensors.values() if t.dim()):,} parameters")
+
+
 def _build_depth(snapshot: Path, repo_id: str, fp32: bool, progress) -> None:
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 
@@ -426,12 +469,13 @@ def dog_picture(index: int, generator=None, size: int = 512):
 def hub_repos() -> dict[str, tuple[str, Callable]]:
     """repo id -> (repo type, builder), in build order. (A function: helpers.core.models imports diffusers, which the
     command line's other subcommands should not wait for.)"""
-    from helpers.core.models import SD15_CONTROLNET_HUB_IDS, SD15_HUB_ID, TAESD_HUB_ID
+    from helpers.core.models import LCM_LORA_HUB_ID, SD15_CONTROLNET_HUB_IDS, SD15_HUB_ID, TAESD_HUB_ID
 
     return {
         SD15_HUB_ID: ("model", _build_sd15),
         **{repo_id: ("model", _build_controlnet) for repo_id in SD15_CONTROLNET_HUB_IDS.values()},
         TAESD_HUB_ID: ("model", _build_taesd),
+        LCM_LORA_HUB_ID: ("model", _build_lcm_lora),
         DEPTH_HUB_ID: ("model", _build_depth),
         DOG_DATASET_ID: ("dataset", _build_dog_example),
     }
@@ -468,7 +512,7 @@ def build_repo(cache_dir: str | Path, repo_id: str, *, fp32: bool = False, progr
     snapshot.mkdir(parents=True)
     start = time.perf_counter()
     with _seeded(repo_id) as generator, _quiet_diffusers():
-        if build is _build_dog_example:
+        if build in (_build_dog_example, _build_lcm_lora):
             build(snapshot, repo_id, fp32, progress, generator=generator)
         else:
             build(snapshot, repo_id, fp32, progress)

@@ -41,6 +41,7 @@ SD15_CONTROLNET_HUB_IDS = {
     "canny": "lllyasviel/control_v11p_sd15_canny",
 }
 TAESD_HUB_ID = "madebyollin/taesd"  # SD 1.5's tiny decoder (AutoencoderTiny), notebook 07's tiny_vae rung
+LCM_LORA_HUB_ID = "latent-consistency/lcm-lora-sdv1-5"  # SD 1.5's LCM-LoRA (Luo et al.), notebook 07's lcm rungs
 RANDOM_MODELS = ("tiny-random", "sd15-random")
 TOY_MODELS = ("toy", "tiny-random")  # the models with the toy's settings (tiny-random tests the toy's code paths)
 
@@ -170,6 +171,20 @@ def tiny_vae_source(vae) -> str | None:
         folder = sd_dir.parent / "tiny-vae"
         return str(folder) if (folder / "config.json").exists() else None
     return TAESD_HUB_ID if hub_reachable() else None
+
+
+def lcm_lora_source(unet) -> str:
+    """Where the LCM-LoRA for `unet` lives: the toy's own folder (shipped) for the toy's UNet, else the published
+    one for SD 1.5. A UNet of other shapes has none: ValueError."""
+    from helpers.toy import TOY_LCM_LORA_DIR
+
+    sd_dir = toy_paths()[0]
+    if Path(unet.config.get("_name_or_path") or "").resolve() == (sd_dir / "unet").resolve():
+        return str(TOY_LCM_LORA_DIR)
+    if (unet.config.cross_attention_dim, tuple(unet.config.block_out_channels)) != (768, (320, 640, 1280, 1280)):
+        raise ValueError(f"{LCM_LORA_HUB_ID} is made for SD 1.5's UNet (320-1280 channels, text width 768); this UNet "
+                         f"({list(unet.config.block_out_channels)}, {unet.config.cross_attention_dim}) has no LCM-LoRA")
+    return LCM_LORA_HUB_ID
 
 
 def controlnet_source(model: str, name: str) -> str:

@@ -7,6 +7,9 @@ Never blanket-silenced: each filter names the one logger and the one message it 
 - diffusers: "There are modules in UNet2DConditionModel that should be kept in float32: []" on every `.to(dtype)`.
   With an empty list nothing is kept in float32, so there is nothing inconsistent to warn about; a non-empty list
   still warns.
+- diffusers: "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'" on every
+  `pipe.load_lora_weights` of a LoRA that adapts the UNet only, as LCM-LoRA does (notebook 07's lcm rungs): a text
+  encoder left alone is what such a LoRA means. A UNet without keys still warns (another logger, peft's loader).
 - PyTorch's profiler (kineto) prints "USDT: ... profiler_start" / "profiler_stop" to stderr around every profile
   (notebook 07 profiles its requests): its log level, `KINETO_LOG_LEVEL`, defaults to 6 here (the lines are
   trace markers for system tracers). It is read when torch is first imported, so `helpers` sets it on import
@@ -23,6 +26,8 @@ import re
 FILTERS = {
     "transformers.utils.import_utils": re.compile(r"`\w+ImageProcessor` requires torchvision \(not installed\)"),
     "diffusers.models.modeling_utils": re.compile(r"that should be kept in float32: \[\]\."),
+    "diffusers.loaders.lora_base": re.compile(r"No LoRA keys associated to CLIPTextModel found with the "
+                                              r"prefix='text_encoder'"),
 }
 
 

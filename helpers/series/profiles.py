@@ -100,10 +100,10 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
         "gpu": {"ASPECT_SEEDS": 2, "TEXT_ONLY_PROMPT": "a portrait photograph of an old fisherman",
                 "MAP_PROMPT": "a photograph of a red ball and a blue box on a white floor, studio lighting"},
     },
-    "07": {  # smoke: 8-step baseline, 2 prompts, 1 repeat, a few rungs (no compile, no OpenVINO export)
+    "07": {  # smoke: 8-step baseline, 2 prompts, 1 repeat, a few rungs (no compile, no OpenVINO export), one LCM
         "smoke": {"N_PROMPTS": 2, "BASELINE_STEPS": 8, "REPEATS": 1, "MIN_RUN_S": 0.0, "QUALITY_BATCH": 2,
                   "SCHEDULER_RUNGS": ["dpm++"], "STEP_RUNGS": [4],
-                  "OPTIMISATION_RUNGS": ["fp16", "cfg_cutoff", "deepcache", "tiny_vae"],
+                  "OPTIMISATION_RUNGS": ["fp16", "cfg_cutoff", "deepcache", "tiny_vae", "lcm 1"],
                   "COMBINED_RUNGS": ["dpm++ 4 + cfg_cutoff + deepcache + tiny_vae"], "SHOW_RUNGS": 2,
                   "FINALISTS": 2, "HEAD_TO_HEAD_ROUNDS": 2},
         "cpu": {},
@@ -113,12 +113,13 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
         # the decode (2,515 GFLOP an image) 0.21 s; a request of S steps ~0.18 S + 0.2 s (50 steps: 9.1 s). A rung
         # costs 1 warm-up + REPEATS timed requests + N_PROMPTS quality images = 7 requests: 64 s at 50 steps, 26 s at
         # 20, 14 s at 10. Baseline 64 + 4 steps rungs 81 + 4 optimisations at 50 steps 255 + 8 combinations 186 +
-        # bottlenecks 9 + head to head ((1 + 3 rounds) × (baseline + 2 finalists) ≤ 109) + one compile (~180 s of
-        # inductor on Colab's 2 vCPUs) ≈ 885 s, under 15 min before the speed-ups (tests/test_latency.py checks it).
+        # 3 LCM rungs at 2-4 steps (one UNet pass a step: no CFG) ≤ 24 + bottlenecks 9 + head to head ((1 + 3 rounds)
+        # × (baseline + 2 finalists) ≤ 109) + one compile (~180 s of inductor on Colab's 2 vCPUs) ≈ 910 s, about
+        # 15 min before the speed-ups (tests/test_latency.py checks it).
         # Memory: the fp16 base without the safety checker is 2.9 GB (UNet 1.72, ControlNet 0.72, text encoder 0.25,
-        # VAE 0.17); a rung's copy owns only what it changes (channels_last re-lays the conv weights, ≤ 2.6 GB) and
-        # is freed after it; 4 quality images at a time (UNet batch 8, a decode of 4 at 512²) and 2 finalists beside
-        # the baseline stay well inside 15 GiB.
+        # VAE 0.17); a rung's copy owns only what it changes (channels_last re-lays the conv weights, ≤ 2.6 GB; an LCM
+        # rung fuses the LCM-LoRA into new weights, 1.7 GB) and is freed after it; 4 quality images at a time (UNet
+        # batch 8, a decode of 4 at 512²) and 2 finalists beside the baseline stay well inside 15 GiB.
         "gpu": {"N_PROMPTS": 4, "REPEATS": 2, "MIN_RUN_S": 0.0, "QUALITY_BATCH": 4, "FINALISTS": 2,
                 "HEAD_TO_HEAD_ROUNDS": 3, "SCHEDULER_RUNGS": ["dpm++", "unipc"], "STEP_RUNGS": [20, 10],
                 "OPTIMISATION_RUNGS": ["channels_last", "fused_qkv", "deepcache", "tome"],
@@ -128,7 +129,9 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
                                    "dpm++ 20 + channels_last + fused_qkv + cfg_cutoff + tiny_vae",
                                    "dpm++ 20 + deepcache + tiny_vae",
                                    "dpm++ 10 + channels_last + fused_qkv + cfg_cutoff + tiny_vae",
-                                   "dpm++ 10 + channels_last + fused_qkv + tome + tiny_vae"]},
+                                   "dpm++ 10 + channels_last + fused_qkv + tome + tiny_vae",
+                                   "lcm 4 + channels_last", "lcm 4 + channels_last + fused_qkv + tiny_vae",
+                                   "lcm 2 + channels_last + fused_qkv + tiny_vae"]},
     },
     "08": {  # smoke: 3 star pictures, 4 class pictures, 8 LoRA steps, 4-step sampling (cpu: 800 steps, N=128)
         "smoke": {"N_INSTANCE": 3, "N_CLASS_IMAGES": 4, "TRAIN_STEPS": 8, "LEARNING_RATE": 0.005, "BATCH_SIZE": 2,
@@ -193,7 +196,8 @@ REHEARSAL: dict[str, dict] = {
            "STEP_RUNGS": [1], "FINALISTS": 1, "HEAD_TO_HEAD_ROUNDS": 1, "SCHEDULER_RUNGS": ["dpm++"],
            "COMBINED_RUNGS": ["dpm++ 1 + classic_attention", "dpm++ 1 + channels_last + fused_qkv + compile",
                               "dpm++ 1 + channels_last + fused_qkv + cfg_cutoff + tiny_vae",
-                              "dpm++ 1 + deepcache + tiny_vae", "dpm++ 1 + tome + control_end"]},
+                              "dpm++ 1 + deepcache + tiny_vae", "dpm++ 1 + tome + control_end",
+                              "lcm 1 + channels_last"]},
     "08": {"N_CLASS_IMAGES": 2, "CLASS_BATCH_SIZE": 1, "TRAIN_STEPS": 2, "STEPS": "steps", "N_CONTEXT_SEEDS": 1,
            "SEEDS": [100], "N_HELDOUT": 1, "N_VALIDATION": 1},
 }

@@ -5,6 +5,7 @@ Shipped weights (diffusers layout, loadable with the same classes as SD 1.5; loa
     TOY_SD_DIR          StableDiffusionPipeline folder (model_index.json, DDIM scheduler, no safety checker)
     TOY_CONTROLNET_DIR  ControlNetModel folder trained on the world's depth maps
     TOY_LDM_FILE        the same pipeline as one checkpoint in the original LDM key layout
+    TOY_LCM_LORA_DIR    a latent consistency LoRA on the UNet: 1-4 steps at guidance 1 (notebook 07's lcm rungs)
 
     sample_scenes(n, seed, split="heldout", max_objects=1) -> prompts, depth maps and scene specs
     load_oracle()                                           -> the classifier behind the quality metrics
@@ -25,6 +26,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 TOY_SD_DIR = WEIGHTS_DIR / "sd"
 TOY_CONTROLNET_DIR = WEIGHTS_DIR / "controlnet-depth"
 TOY_LDM_FILE = WEIGHTS_DIR / "toy-sd-ldm.safetensors"
+TOY_LCM_LORA_DIR = WEIGHTS_DIR / "lcm-lora"  # the toy's LCM-LoRA (`python -m helpers.toy.train --stage lcm`)
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""Few-step sampling with a latent consistency LoRA: the toy's own (`helpers/toy/weights/lcm-lora/`, distilled by
-`python -m helpers.toy.train --stage lcm`) or, on SD 1.5, the published `latent-consistency/lcm-lora-sdv1-5`.
-One code path for both, as diffusers documents LCM-LoRA:
+"""Scoring the toy's latent consistency LoRA (`helpers/toy/weights/lcm-lora/`, distilled by `python -m
+helpers.toy.train --stage lcm`). Loading it is notebook 07's speed-up `helpers.studies.latency.use_lcm_lora`, one
+code path for the toy and for SD 1.5's published `latent-consistency/lcm-lora-sdv1-5`, as diffusers documents
+LCM-LoRA:
 
     pipe = use_lcm_lora(load_pipeline("toy"))            # load_lora_weights + LCMScheduler on the model's schedule
     generate(pipe, prompts, num_inference_steps=4, guidance_scale=LCM_GUIDANCE_SCALE)
@@ -19,34 +20,11 @@ from pathlib import Path
 
 import torch
 
-from helpers.toy import WEIGHTS_DIR
+from helpers.studies.latency.rungs import LCM_GUIDANCE_SCALE
+from helpers.studies.latency.speedups import use_lcm_lora
+from helpers.toy import TOY_LCM_LORA_DIR
 
-TOY_LCM_LORA_DIR = WEIGHTS_DIR / "lcm-lora"
-SD15_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
-LCM_GUIDANCE_SCALE = 1.0  # guidance is in the weights; diffusers' docs sample LCM-LoRA at 1.0 (1-2 at most)
-ADAPTER_NAME = "lcm"
-
-
-def lcm_lora_source(model: str) -> str:
-    """Where a model's LCM-LoRA comes from: the toy's folder, or the published one for SD 1.5 (and other hub ids)."""
-    return str(TOY_LCM_LORA_DIR) if model == "toy" else SD15_LCM_LORA
-
-
-def use_lcm_lora(pipe, source: str | Path | None = None):
-    """Load the LCM-LoRA into `pipe` (`pipe.load_lora_weights`, as it ships) and swap in `LCMScheduler` on the model's
-    own noise schedule (the toy's zero-SNR v-prediction schedule carries over: LCMScheduler implements both; its
-    timesteps come from the distillation grid, original_inference_steps=50, and start at t=999 whatever the model's
-    timestep_spacing). Returns the pipeline, changed in place."""
-    from diffusers import LCMScheduler
-
-    source = TOY_LCM_LORA_DIR if source is None else source
-    if isinstance(source, Path) or Path(source).is_dir():
-        if not (Path(source) / "pytorch_lora_weights.safetensors").exists():
-            raise FileNotFoundError(f"no LCM-LoRA in {source}: restore helpers/toy/weights/lcm-lora/ from git or "
-                                    "rebuild it with `python -m helpers.toy.train --stage lcm`")
-    pipe.load_lora_weights(str(source), adapter_name=ADAPTER_NAME)
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    return pipe
+__all__ = ["LCM_GUIDANCE_SCALE", "TOY_LCM_LORA_DIR", "evaluate", "main", "use_lcm_lora"]
 
 
 def evaluate(n_prompts: int = 64, seed: int = 0, lcm_steps=(4, 2, 1), baseline_steps: int = 50,

@@ -3,8 +3,10 @@ quality. Read in this order:
 
 - `rungs`: what a rung is. A `RungConfig` says how one generation runs (scheduler and steps, and which speed-ups at
   what strength); `parse_rung("dpm++ 10 + bf16 + deepcache")` reads one from the ladder's names (`OPTIMISATIONS`),
-  which stay the labels of every result. `Inputs`: the prompts, seeds and control images every rung generates.
-- `speedups`: how each speed-up is applied, one small function each on a pipeline copy (`use_scheduler`, `use_half`,
+  which stay the labels of every result; "lcm 4" is the LCM-LoRA at 4 steps, sampled at guidance 1. `Inputs`: the
+  prompts, seeds and control images every rung generates.
+- `speedups`: how each speed-up is applied, one small function each on a pipeline copy (`use_scheduler`, `use_lcm`
+  (with `use_lcm_lora`: the toy's LCM-LoRA or SD 1.5's published one, and LCMScheduler), `use_half`,
   `use_attention_slicing`, `use_classic_attention`, `fuse_qkv`, `use_channels_last`, `use_tome`, `use_deepcache`,
   `use_tiny_decoder`, `use_openvino`, `compile_unet`); `speedups(config)` lists a rung's calls, `recipe(config)`
   prints them as code, `why_not(config, device)` says why this platform cannot run it. Device decisions (which
@@ -57,6 +59,7 @@ from helpers.studies.latency.profiling import (
 from helpers.studies.latency.quality import image_similarity, pareto_front, quality, recommend, within_bars
 from helpers.studies.latency.rungs import (
     HALF_DTYPES,
+    LCM_GUIDANCE_SCALE,
     OPTIMISATIONS,
     STRENGTHS,
     Inputs,
@@ -80,6 +83,8 @@ from helpers.studies.latency.speedups import (
     use_classic_attention,
     use_deepcache,
     use_half,
+    use_lcm,
+    use_lcm_lora,
     use_openvino,
     use_scheduler,
     use_tiny_decoder,
@@ -88,13 +93,13 @@ from helpers.studies.latency.speedups import (
 )
 
 __all__ = [
-    "HALF_DTYPES", "OPTIMISATIONS", "PARTS", "STRENGTHS", "Inputs", "Ladder", "RungConfig", "RungResult",
-    "RungSkipped", "UNetOnly", "apply_speedups", "capture_stage_calls", "compile_unet", "configure", "copy_pipeline",
-    "count_flops", "decided_as", "fuse_qkv", "generate_config", "half_name", "image_similarity",
+    "HALF_DTYPES", "LCM_GUIDANCE_SCALE", "OPTIMISATIONS", "PARTS", "STRENGTHS", "Inputs", "Ladder", "RungConfig",
+    "RungResult", "RungSkipped", "UNetOnly", "apply_speedups", "capture_stage_calls", "compile_unet", "configure",
+    "copy_pipeline", "count_flops", "decided_as", "fuse_qkv", "generate_config", "half_name", "image_similarity",
     "interleaved_step_times", "interleaved_times", "matmul_roofline", "networks", "out_of_memory", "owned_bytes",
-    "parse_rung", "pareto_front", "part_timers", "profile_top_ops", "quality", "quality_images", "recipe",
-    "recommend", "release_memory", "rooflines", "run_rung", "sd15_prompts", "sharing_copy", "skip_reason",
-    "slow_bf16_reason", "speedups", "stage_bottlenecks", "time_loads", "time_request", "time_unet_steps",
-    "unet_step_inputs", "use_attention_slicing", "use_channels_last", "use_classic_attention", "use_deepcache",
-    "use_half", "use_openvino", "use_scheduler", "use_tiny_decoder", "use_tome", "why_not", "within_bars",
+    "parse_rung", "pareto_front", "part_timers", "profile_top_ops", "quality", "quality_images", "recipe", "recommend",
+    "release_memory", "rooflines", "run_rung", "sd15_prompts", "sharing_copy", "skip_reason", "slow_bf16_reason",
+    "speedups", "stage_bottlenecks", "time_loads", "time_request", "time_unet_steps", "unet_step_inputs",
+    "use_attention_slicing", "use_channels_last", "use_classic_attention", "use_deepcache", "use_half", "use_lcm",
+    "use_lcm_lora", "use_openvino", "use_scheduler", "use_tiny_decoder", "use_tome", "why_not", "within_bars",
 ]

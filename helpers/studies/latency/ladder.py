@@ -138,11 +138,12 @@ class RungResult:
 
 
 def generate_config(pipe, config: RungConfig, inputs: Inputs, output_type: str = "pil"):
-    """One `helpers.core.stages.generate` call with the config's arguments (the one way this project generates)."""
+    """One `helpers.core.stages.generate` call with the config's arguments (the one way this project generates): the
+    inputs' guidance scale, unless the rung has its own (an LCM's 1.0)."""
     control = {} if inputs.control_images is None else {"image": list(inputs.control_images)}
-    return generate(pipe, inputs.prompts, seeds=inputs.seeds, guidance_scale=inputs.guidance_scale,
-                    height=inputs.height, width=inputs.width, output_type=output_type, progress=False,
-                    **config.generate_kwargs(), **control)
+    kwargs = {"guidance_scale": inputs.guidance_scale, **config.generate_kwargs(), **control}
+    return generate(pipe, inputs.prompts, seeds=inputs.seeds, height=inputs.height, width=inputs.width,
+                    output_type=output_type, progress=False, **kwargs)
 
 
 def time_request(pipe, config: RungConfig, request: Inputs) -> tuple[float, dict, dict, dict]:

@@ -1,5 +1,5 @@
 """What a rung is: a `RungConfig` (how one generation runs), read from the ladder's names ("dpm++ 6 + cfg_cutoff +
-openvino + bf16"), and the `Inputs` every rung generates."""
+openvino + bf16", "lcm 2 + openvino + bf16 + tiny_vae"), and the `Inputs` every rung generates."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from helpers.core import accelerator
 from helpers.core.models import DEFAULT_SCHEDULER, SCHEDULERS
 
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LCM = "lcm"  # "lcm 4": the LCM-LoRA and LCMScheduler at 4 steps
+# An LCM samples at guidance 1: the teacher's guidance (7.5) was distilled into the LoRA, so the unconditional half of
+# each step (CFG's second UNet pass) would only pull away from it; diffusers' docs sample LCM-LoRA at 1.0 (1-2 at most)
+LCM_GUIDANCE_SCALE = 1.0
 
 
 def half_name(dtype: torch.dtype) -> str | None:
@@ -32,6 +36,7 @@ class RungConfig:
 
     scheduler: str = "default"  # a name of helpers.core.models.SCHEDULERS, or the pipeline's own
     steps: int = 50
+    lcm: bool = False  # the LCM-LoRA with LCMScheduler at `steps` steps, guidance LCM_GUIDANCE_SCALE
     half: str | None = None  # "bf16" or "fp16" weights and activations; None: fp32
     channels_last: bool = False
     attention: str = "sdpa"  # "sdpa" (torch's fused attention, diffusers' default), "slicing" or "classic"
@@ -47,6 +52,8 @@ class RungConfig:
     def generate_kwargs(self) -> dict:
         """What `helpers.core.stages.generate` needs from this config (the rest is applied to the pipeline)."""
         kwargs = {"num_inference_steps": self.steps, "control_guidance_end": self.control_guidance_end}
+        if self.lcm:
+            kwargs["guidance_scale"] = LCM_GUIDANCE_SCALE  # the guidance is in the weights
         if self.cfg_cutoff is not None:
             kwargs["cfg_cutoff"] = self.cfg_cutoff
         return kwargs
@@ -79,21 +86,27 @@ OPTIMISATIONS: dict[str, Callable[[RungConfig], dict]] = {  # a name: the change
 
 
 def parse_rung(name: str, strengths: RungConfig = STRENGTHS, baseline: RungConfig | None = None) -> RungConfig:
-    """"baseline", "dpm++ 10" (a scheduler and its steps), an optimisation name, or several joined with " + ",
-    applied to `baseline`; a name with a strength (cfg_cutoff, deepcache, tome, control_end) takes it from
-    `strengths`."""
+    """"baseline", "dpm++ 10" (a scheduler and its steps), "lcm 4" (the LCM-LoRA at 4 steps), an optimisation name,
+    or several joined with " + ", applied to `baseline`; a name with a strength (cfg_cutoff, deepcache, tome,
+    control_end) takes it from `strengths`. "lcm N" replaces the baseline's scheduler; named beside another scheduler
+    it keeps both, and `why_not` refuses the pair."""
     config = baseline or RungConfig()
+    named_scheduler = False
     for part in (p.strip() for p in name.split(" + ")):  # " + " with spaces: "dpm++" has pluses of its own
         words = part.split()
         if part == "baseline":
             continue
         if len(words) == 2 and (words[0] in SCHEDULERS or words[0] == DEFAULT_SCHEDULER) and words[1].isdigit():
             config = dataclasses.replace(config, scheduler=words[0], steps=int(words[1]))
+            named_scheduler = True
+        elif len(words) == 2 and words[0] == LCM and words[1].isdigit():
+            config = dataclasses.replace(config, lcm=True, steps=int(words[1]),
+                                         scheduler=config.scheduler if named_scheduler else DEFAULT_SCHEDULER)
         elif part in OPTIMISATIONS:
             config = dataclasses.replace(config, **OPTIMISATIONS[part](strengths))
         else:
             raise ValueError(f"rung {name!r}: {part!r} is neither 'baseline', '<scheduler> <steps>' with a scheduler "
-                             f"of {[DEFAULT_SCHEDULER, *sorted(SCHEDULERS)]}, nor an optimisation "
+                             f"of {[DEFAULT_SCHEDULER, *sorted(SCHEDULERS)]}, '{LCM} <steps>', nor an optimisation "
                              f"{sorted(OPTIMISATIONS)}")
     return config
 

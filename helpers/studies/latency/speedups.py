@@ -4,6 +4,7 @@ device)` says why this platform cannot run it (fp16 on a CPU, no compiler, a pac
 
     pipe = latency.copy_pipeline(base)             # shares the base's weights
     latency.use_scheduler(pipe, "dpm++", 6)        # "dpm++ 6"
+    latency.use_lcm(pipe, 2)                       # "lcm 2" (instead of a scheduler; generate at guidance 1)
     latency.use_openvino(pipe, precision="bf16")   # "openvino + bf16"
 """
 
@@ -13,15 +14,23 @@ import functools
 import importlib.util
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from diffusers import AutoencoderTiny
+from diffusers import AutoencoderTiny, LCMScheduler
 from diffusers.models.attention_processor import AttnProcessor
 
 from helpers.core import accelerator
-from helpers.core.models import hub_offline, make_scheduler, tiny_vae_source
+from helpers.core.models import (
+    DEFAULT_SCHEDULER,
+    hub_offline,
+    in_hub_cache,
+    lcm_lora_source,
+    make_scheduler,
+    tiny_vae_source,
+)
 from helpers.studies.latency.profiling import matmul_roofline
-from helpers.studies.latency.rungs import HALF_DTYPES, RungConfig, RungSkipped, decided_as
+from helpers.studies.latency.rungs import HALF_DTYPES, LCM_GUIDANCE_SCALE, RungConfig, RungSkipped, decided_as
 from helpers.studies.openvino_engine import OpenVINOControlNet, OpenVINOTextEncoder, OpenVINOUNet, OpenVINOVAE
 
 
@@ -39,6 +48,43 @@ def networks(pipe, text: bool = True) -> list[torch.nn.Module]:
 def use_scheduler(pipe, name: str, steps: int) -> None:
     """Another scheduler from the pipeline's config ("dpm++", "euler", ...; "default": its own), set to `steps`."""
     pipe.scheduler = make_scheduler(name, pipe.scheduler)
+    pipe.scheduler.set_timesteps(steps)  # DeepCache reads pipe.scheduler.timesteps (denoise uses a copy)
+
+
+LCM_ADAPTER = "lcm"
+LCM_LORA_FILE = "pytorch_lora_weights.safetensors"  # the name LCM-LoRA ships under, which load_lora_weights reads
+
+
+def use_lcm_lora(pipe, source: str | Path | None = None):
+    """Load an LCM-LoRA into `pipe` (`pipe.load_lora_weights`, as LCM-LoRA ships; adapter "lcm") and swap in
+    `LCMScheduler` on the model's own noise schedule (the toy's zero-SNR v-prediction schedule carries over:
+    LCMScheduler implements both; its timesteps come from the distillation grid, original_inference_steps=50, and
+    start at t=999 whatever the model's timestep_spacing). `source`: a folder or hub id; default the model's own
+    (`helpers.core.models.lcm_lora_source`: the toy's shipped folder, or `latent-consistency/lcm-lora-sdv1-5` for SD
+    1.5). Returns the pipeline, changed in place; sample it at guidance_scale 1 (`LCM_GUIDANCE_SCALE`)."""
+    source = lcm_lora_source(pipe.unet) if source is None else source
+    if isinstance(source, Path) or Path(source).is_dir():
+        if not (Path(source) / LCM_LORA_FILE).exists():
+            raise FileNotFoundError(f"no LCM-LoRA in {source}: restore helpers/toy/weights/lcm-lora/ from git or "
+                                    "rebuild it with `python -m helpers.toy.train --stage lcm`")
+    elif hub_offline() and not in_hub_cache(str(source), LCM_LORA_FILE):
+        raise RungSkipped(f"the LCM-LoRA {source} comes from the hub, and HF_HUB_OFFLINE=1 with no copy in the hub "
+                          "cache (HF_HUB_CACHE)")
+    # the file named: offline (HF_HUB_OFFLINE=1, a Kaggle dataset of a cache, the rehearsal) diffusers cannot guess it
+    pipe.load_lora_weights(str(source), weight_name=LCM_LORA_FILE, adapter_name=LCM_ADAPTER)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def use_lcm(pipe, steps: int) -> None:
+    """A latent consistency model in `steps` steps (1-4): the LCM-LoRA (`use_lcm_lora`) fused into the copy's
+    weights, then LCMScheduler set to `steps`. Sampled at guidance 1 (`generate(..., guidance_scale=1.0)`, which the
+    rung passes): one UNet pass a step instead of CFG's two. Fused (`safe_fusing`: new tensors, so the base's shared
+    weights stay as they were) and the LoRA layers removed, the UNet is a plain one again: no extra matmuls per step,
+    and OpenVINO, `torch.compile`, DeepCache and the casts see the layers they know."""
+    use_lcm_lora(pipe)
+    pipe.fuse_lora(adapter_names=[LCM_ADAPTER], safe_fusing=True)
+    pipe.unload_lora_weights()
     pipe.scheduler.set_timesteps(steps)  # DeepCache reads pipe.scheduler.timesteps (denoise uses a copy)
 
 
@@ -159,7 +205,9 @@ def _freeze_when_compiling(compiled: torch.nn.Module) -> None:
 def speedups(config: RungConfig) -> list[tuple[Callable, dict]]:
     """The calls that set a pipeline copy up as `config` says, in order: [(function, keyword arguments)]. The guidance
     cut-off and the ControlNet window are no change to the pipeline: they are `generate`'s arguments."""
-    calls: list[tuple[Callable, dict]] = [(use_scheduler, {"name": config.scheduler, "steps": config.steps})]
+    calls: list[tuple[Callable, dict]] = [  # the LoRA is fused first, into the fp32 weights a cast then halves
+        (use_lcm, {"steps": config.steps}) if config.lcm else
+        (use_scheduler, {"name": config.scheduler, "steps": config.steps})]
     if config.half is not None and config.engine == "torch":  # OpenVINO converts from fp32, the half as its hint
         calls.append((use_half, {"dtype": HALF_DTYPES[config.half]}))
     if config.attention == "slicing":
@@ -229,12 +277,33 @@ def _missing(module: str, package: str) -> str | None:
 
 
 def _combination_why_not(config: RungConfig) -> str | None:
+    if config.lcm:
+        reason = _lcm_why_not(config)
+        if reason:
+            return reason
+    if config.deepcache_interval > 1 and config.steps < 2:
+        return "DeepCache reuses a step's deep features in the next steps: a 1-step rung has no next step"
+    if config.control_guidance_end < 1 and int(config.steps * config.control_guidance_end) == 0:
+        return (f"control_end {config.control_guidance_end} of {config.steps} step(s) leaves the ControlNet no step "
+                "to act on")
     if config.compile and config.deepcache_interval > 1:
         return "DeepCache swaps Python forwards between steps, which torch.compile would trace; not combined"
     if config.fuse_qkv and config.attention != "sdpa":
         # fuse_qkv_projections sets every processor to FusedAttnProcessor2_0, silently undoing the other setting
         return (f"fused QKV runs diffusers' fused SDPA processor, which would replace {config.attention} attention; "
                 "not combined")
+    return None
+
+
+def _lcm_why_not(config: RungConfig) -> str | None:
+    if config.scheduler != DEFAULT_SCHEDULER:
+        return (f"LCM samples with LCMScheduler, on the timesteps it was distilled for; the {config.scheduler!r} "
+                "scheduler would replace it: not combined (the step count is the lcm rung's)")
+    if config.cfg_cutoff is not None:
+        return (f"LCM samples at guidance {LCM_GUIDANCE_SCALE} (the guidance is distilled into the LoRA): there is "
+                "no classifier-free guidance to cut off")
+    if config.steps < 1:
+        return f"lcm {config.steps}: an LCM takes 1 step or more"
     return None
 
 
