@@ -105,6 +105,15 @@ def notebook_results(smoke_runs):
     return results_of
 
 
+@pytest.fixture(scope="module")
+def r(request, notebook_results):
+    """In tests/test_nbNN.py: what notebook NN recorded in its smoke run (NN read from the file's name)."""
+    module = request.module.__name__
+    if not module.startswith("test_nb"):
+        raise ValueError(f"`r` is notebook NN's results, for tests/test_nbNN.py only; {module} is not one")
+    return notebook_results(module.removeprefix("test_nb"))
+
+
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 

@@ -14,11 +14,6 @@ TOLERANCE = 1e-4  # fp32 on the CPU: a batch may sum in another order than a sin
 
 
 @pytest.fixture(scope="module")
-def r(notebook_results):
-    return notebook_results("03")
-
-
-@pytest.fixture(scope="module")
 def params():
     """The parameters the smoke run really used: the notebook's defaults, overridden by the smoke profile."""
     import nbformat

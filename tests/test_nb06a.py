@@ -8,11 +8,6 @@ from helpers.series.profiles import parameters_for
 pytestmark = pytest.mark.notebook
 
 
-@pytest.fixture(scope="module")
-def r(notebook_results):
-    return notebook_results("06a")
-
-
 def test_06a_runs_on_the_toy_with_every_entry(r):
     smoke = parameters_for("06a", "smoke")
     assert len(r["entries"]) == smoke["N_ENTRIES"]

@@ -6,11 +6,6 @@ import pytest
 pytestmark = pytest.mark.notebook
 
 
-@pytest.fixture(scope="module")
-def r(notebook_results):
-    return notebook_results("06b")
-
-
 def test_06b_every_aspect_has_its_size(r):
     aspects = {row["aspect"] for row in r["aspects"]}
     assert {"1:1", "3:2", "2:3", "16:9", "9:16"} <= aspects and any(a.startswith("native") for a in aspects)

@@ -1,5 +1,7 @@
 """Notebook 07 (latency: measure, find the bottlenecks, cut, price in quality) in its smoke run: what it recorded."""
 
+import statistics
+
 import pytest
 
 from helpers.series.profiles import parameters_for
@@ -8,11 +10,6 @@ from helpers.studies import latency
 pytestmark = pytest.mark.notebook
 
 SMOKE = parameters_for("07", "smoke")
-
-
-@pytest.fixture(scope="module")
-def r(notebook_results):
-    return notebook_results("07")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +47,8 @@ def test_07_runs_the_ladder_side_by_side_with_the_baseline(r, rungs):
     assert base["quality"]["ssim"] == pytest.approx(1.0) and base["calls"]["unet"] == r["baseline_steps"]
     for name, rung in rungs.items():
         if rung["status"] == "ok":
-            assert len(rung["latency_s"]) == SMOKE["REPEATS"] and rung["median_s"] > 0
+            assert len(rung["latency_s"]) == SMOKE["REPEATS"]
+            assert rung["median_s"] == pytest.approx(statistics.median(rung["latency_s"])), name
             assert {"prompt_adherence", "control_adherence", "psnr_db", "ssim"} <= set(rung["quality"]), name
     fewer = rungs[f"{SMOKE['SCHEDULER_RUNGS'][0]} {SMOKE['STEP_RUNGS'][0]}"]
     assert fewer["calls"]["unet"] == SMOKE["STEP_RUNGS"][0], "fewer steps, fewer UNet calls (times: the bench)"
@@ -68,6 +66,16 @@ def test_07_the_cuts_that_work_on_the_toy(rungs):
     tiny = rungs["tiny_vae"]
     assert tiny["status"] == "ok", tiny["reason"]
     assert tiny["quality"]["psnr_db"] > 20, "the tiny decoder decodes close to the VAE"
+
+
+def test_07_the_lcm_rung_runs_one_unet_pass_a_step_at_guidance_one(rungs):
+    """The few-step rung on the smoke ladder: the toy's LCM-LoRA at 1 step, priced like every rung."""
+    lcm = rungs["lcm 1"]
+    assert lcm["status"] == "ok", lcm["reason"]
+    assert lcm["changes"] == {**rungs["baseline"]["changes"], "lcm": True, "steps": 1}
+    assert lcm["calls"]["unet"] == 1 and lcm["calls"]["controlnet"] == 1
+    assert {"prompt_adherence", "control_adherence", "psnr_db", "ssim"} <= set(lcm["quality"])
+    assert lcm["median_s"] < rungs["baseline"]["median_s"]
 
 
 def test_07_recommends_a_configuration_within_the_quality_bars(r, rungs):

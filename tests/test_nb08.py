@@ -9,16 +9,11 @@ from helpers.series.profiles import parameters_for
 pytestmark = pytest.mark.notebook
 
 
-@pytest.fixture(scope="module")
-def r(notebook_results):
-    return notebook_results("08")
-
-
 def test_08_trains_a_lora_on_the_toy_and_lowers_the_loss(r):
     smoke = parameters_for("08", "smoke")
     assert r["identifier"] == "xt"
     training = r["training"]
-    assert training["steps"] == smoke["TRAIN_STEPS"] and training["seconds"] > 0
+    assert training["steps"] == smoke["TRAIN_STEPS"]  # the log's seconds: tests/test_lora.py
     assert training["eval_loss_after"] < training["eval_loss_before"], training
     # rank 8 on the attention projections and the resnets' convolutions: 11% of the toy's 1.9 M-parameter UNet
     assert 0 < training["trainable_parameters"] < 0.15 * training["unet_parameters"], "only the adapter trains"

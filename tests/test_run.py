@@ -1,6 +1,7 @@
 """The papermill harness itself: profiles, notebook selection, failure reports."""
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -133,4 +134,5 @@ def test_every_notebook_has_its_smoke_run_tested_in_its_own_file():
         number = notebook_number(path.name)
         test_file = tests_dir / f"test_nb{number}.py"
         assert test_file.exists(), f"{path.name}: no {test_file.name}"
-        assert f'notebook_results("{number}")' in test_file.read_text(), f"{test_file.name} does not run {path.name}"
+        runs = re.search(rf'notebook_results\("{number}"\)|def test_\w+\(r\b', test_file.read_text())
+        assert runs, f"{test_file.name} does not run {path.name} (the `r` fixture or notebook_results)"

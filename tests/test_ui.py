@@ -61,7 +61,6 @@ def test_click_makes_what_generate_makes_with_progress_and_previews(toy_pipe, ca
     # each stage's time, and the preview decoding kept out of the denoising time
     timings = panel.last_result.timings
     assert {"encode_text", "denoise", "decode", "previews", "total"} <= set(timings)
-    assert all(seconds > 0 for seconds in timings.values())
     assert timings["encode_text"] + timings["denoise"] + timings["decode"] + timings["previews"] <= timings["total"]
     for stage in ("encode_text", "denoise", "decode"):
         assert stage in panel.timings.value
