@@ -76,11 +76,15 @@ def test_auto_batch_size_is_within_tolerance_of_the_best(r, params):
 
 
 def test_call_overhead_is_read_at_the_end_of_the_plateau(r):
+    """Where the fit is read, and that its two parts add up to a call of the smallest batch. Its sign is a
+    measurement: on a smoke run's few-millisecond calls on a busy machine a larger batch can come out faster than a
+    smaller one, so the sign is checked on a measured sweep in tests/test_batching.py, not here."""
     for stage, fit in r["call_overhead"].items():
-        rows = {row["batch_size"]: row for row in r["sweep"][stage]}
+        rows = {row["batch_size"]: row for row in r["sweep"][stage] if "call_s" in row}
         assert fit["full_batch_size"] in rows
         assert rows[fit["full_batch_size"]]["throughput"] >= 0.99 * max(row["throughput"] for row in rows.values())
-        assert fit["per_inference_s"] > 0
+        smallest = rows[min(rows)]
+        assert fit["fixed_s"] + smallest["batch_size"] * fit["per_inference_s"] == pytest.approx(smallest["call_s"])
 
 
 def test_chunking_honours_a_small_max_batch(r, params):

@@ -215,3 +215,12 @@ def test_a_seed_out_of_the_generators_range_is_named(tiny_pipe):
     with pytest.raises(TypeError, match="must be an integer"):
         generate(tiny_pipe, ["a cat"], seeds=[1.5], num_inference_steps=1)
     generate(tiny_pipe, ["a cat"], seeds=[2**64 - 1], num_inference_steps=1)  # the largest works
+
+
+def test_img2img_that_leaves_no_step_is_refused(tiny_pipe):
+    """int(1 step × strength 0.7) = 0 steps: it failed deep inside the UNet on an empty batch."""
+    prompt_embeds, negative_prompt_embeds = encode_text(tiny_pipe, "a red circle")
+    clean = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"leaves no step to run.*at least 2"):
+        denoise(tiny_pipe, prompt_embeds, negative_prompt_embeds, num_inference_steps=1, strength=0.7,
+                latents=clean, progress=False)

@@ -348,6 +348,10 @@ def prepare_timesteps(pipe, scheduler, num_inference_steps: int, strength: float
     if strength < 1.0:
         # img2img: skip the noisiest (1 - strength) of the schedule and start from the noised image
         init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+        if init_timestep < 1:  # diffusers' img2img pipeline refuses this too
+            raise ValueError(f"strength={strength} of num_inference_steps={num_inference_steps} leaves no step to run "
+                             f"(int({num_inference_steps} × {strength}) = 0): raise the steps to at least "
+                             f"{math.ceil(1 / strength)} or the strength")
         t_start = max(num_inference_steps - init_timestep, 0)
         timesteps = timesteps[t_start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):

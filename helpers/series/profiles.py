@@ -180,7 +180,8 @@ def parameters_for(notebook_number: str, profile: str) -> dict:
 # rehearsal's --steps and "size" for its --size; the image size is also capped in `stages.default_size`.
 REHEARSAL: dict[str, dict] = {
     "01": {},
-    "02": {"STEPS": "steps", "HEIGHT": "size", "WIDTH": "size", "GRID_STEPS": [1, "steps"],
+    # 02: at least 2 steps, since its img2img at strength 0.7 runs int(steps × 0.7) of them
+    "02": {"STEPS": "steps_at_least_2", "HEIGHT": "size", "WIDTH": "size", "GRID_STEPS": [1, "steps_at_least_2"],
            "GRID_GUIDANCE": [1.0, 7.5], "CALLBACK_EVERY": 1, "ORACLE_SAMPLES": 2},
     "03": {"N": 2, "STEPS": "steps", "HEIGHT": "size", "WIDTH": "size", "MAX_BATCH": 2, "REPEATS": 1,
            "MIN_RUN_S": 0.0, "CHUNK_DEMO_MAX_BATCH": 1, "OOM_DEMO_LIMIT": 1, "LOAD_REPEATS": 1, "SWEEP_MAX": 2},
@@ -209,7 +210,8 @@ def rehearsal_shrinks(notebook_number: str, steps: int, size: int | None = None)
     def fill(value):
         if isinstance(value, list):
             return [fill(v) for v in value]
-        return {"steps": steps, "size": size}.get(value, value) if isinstance(value, str) else value
+        named = {"steps": steps, "steps_at_least_2": max(steps, 2), "size": size}
+        return named.get(value, value) if isinstance(value, str) else value
 
     return {knob: fill(value) for knob, value in REHEARSAL.get(notebook_number, {}).items()
             if not (value == "size" and size is None)}
