@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from helpers import DATA_DIR
 from helpers.core import accelerator
@@ -36,6 +37,7 @@ from helpers.core.stages import decode, denoise, encode_text, generate
 
 PROMPTS_FILE = DATA_DIR / "prompts_128.txt"  # the toy world's (make_prompts)
 SD_PROMPTS_FILE = DATA_DIR / "sd_prompts_64.txt"  # ordinary prompts, for a real SD
+PROGRESS_EVERY_S = 10  # how often a progress bar redraws
 STAGES = ("encode_text", "denoise", "decode", "generate")  # "generate": the three in series
 STAGE_COMPONENTS = {  # what each stage reads of the model
     "encode_text": ("tokenizer", "text_encoder"),
@@ -366,7 +368,8 @@ def sweep(job: StageJob, stage: str, batch_sizes: Sequence[int], *, repeats: int
         raise ValueError(f"batch size {max(sizes)} is more than N={job.n}: sweep sizes up to N")
     job.ensure_inputs(stage, max(sizes))
     rows, too_big = [], None
-    for b in sizes:
+    # a bar per sweep: a notebook shows a widget; a log gets a line every PROGRESS_EVERY_S, not a thousand redraws
+    for b in tqdm(sizes, desc=f"sweep {stage}", unit="size", mininterval=PROGRESS_EVERY_S, leave=False):
         if too_big is not None:
             rows.append(_skipped(stage, b, f"larger than batch {too_big}, which did not fit in memory"))
             continue
