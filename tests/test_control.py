@@ -160,7 +160,7 @@ def test_bad_metadata_is_refused_with_the_line(tmp_path):
     for record, error, message in cases:
         with pytest.raises(error, match=message):
             control.read_metadata(write_metadata(tmp_path, json.dumps(good), json.dumps(record)))
-    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
+    with pytest.raises(ValueError, match="line 1: not valid JSON"):
         control.read_metadata(write_metadata(tmp_path, "{prompt: 1}"))
     with pytest.raises(FileNotFoundError, match="no metadata.jsonl"):
         control.read_metadata(tmp_path / "empty")

@@ -51,6 +51,18 @@ def environment() -> dict:
     }
 
 
+def json_object(line: str, where: str) -> dict:
+    """One line of a JSON-lines file (prompt files, the metadata folder) read as a JSON object; `where` (a file and
+    line) starts the error."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error.msg}); each line must be one JSON object") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: a {type(value).__name__}, but each line must be a JSON object")
+    return value
+
+
 def record_results(name: str, data: dict, out_dir: str | Path | None = None) -> Path:
     """Write `data` (plus when and where) to `<outputs>/<name>.json`; tests and the run summary read it."""
     path = Path(out_dir or outputs_dir()) / f"{name}.json"

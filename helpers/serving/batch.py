@@ -92,12 +92,9 @@ def read_prompt_file(path: str | Path, seed: int = 0) -> list[Entry]:
 
 
 def _entry_from_json(index: int, seed: int, where: str, line: str) -> Entry:
-    try:
-        fields = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not valid JSON ({error.msg}); each line must be one JSON object") from None
-    if not isinstance(fields, dict):
-        raise ValueError(f"{where}: a {type(fields).__name__}, but each line must be a JSON object with 'prompt'")
+    from helpers.core.results import json_object  # here: this module stays light (torch loads when a batch runs)
+
+    fields = json_object(line, where)
     unknown = sorted(set(fields) - set(ENTRY_KEYS))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; the keys are {list(ENTRY_KEYS)}")

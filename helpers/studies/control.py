@@ -13,7 +13,6 @@ Depth follows the ControlNet convention: bright = near.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ import PIL.Image
 
 from helpers import SOURCE_NOTEBOOKS_DIR
 from helpers.core.pictures import to_pil, to_uint8
+from helpers.core.results import json_object
 from helpers.core.stages import default_size, vae_scale_factor
 
 # Depth 1.0 stands this far (as a share of the image width) in front of depth 0.0 when normals are derived: the
@@ -261,7 +261,8 @@ def read_metadata(folder: str | Path) -> list[MetadataEntry]:
     entries = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
-            entries.append(_parse_entry(_json_line(line, path, number), folder, f"{path.name} line {number}"))
+            where = f"{path.name} line {number}"
+            entries.append(_parse_entry(json_object(line, where), folder, where))
     if not entries:
         raise ValueError(f"{path} holds no entries")
     return entries
@@ -274,16 +275,6 @@ def with_prompts(entries: list[MetadataEntry], prompts: dict[str, str]) -> list[
     if unknown:
         raise ValueError(f"prompts for {unknown}, which are not entries; the entries are {[e.name for e in entries]}")
     return [replace(e, prompt=prompts.get(e.name, e.prompt)) for e in entries]
-
-
-def _json_line(line: str, path: Path, number: int) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path.name} line {number} is not valid JSON ({error.msg})") from error
-    if not isinstance(record, dict):
-        raise ValueError(f"{path.name} line {number} must be a JSON object, got {type(record).__name__}")
-    return record
 
 
 def _parse_entry(record: dict, folder: Path, where: str) -> MetadataEntry:
