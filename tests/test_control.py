@@ -92,7 +92,7 @@ def test_normal_map_encoding():
 
 def test_the_toy_trains_on_the_maps_notebook_06_derives(scene_depth):
     """One normal map and one Canny implementation: the toy's ControlNets learnt the maps control_images gives."""
-    from helpers.toy.train import control_condition
+    from helpers.toy.training import control_condition
 
     for kind in ("normal", "canny"):
         trained = control_condition(torch.from_numpy(scene_depth[None]), kind)[0].permute(1, 2, 0).numpy()

@@ -14,7 +14,7 @@ from helpers.core.models import load_pipeline
 from helpers.core.stages import default_size, generate
 from helpers.studies import dreambooth
 from helpers.toy import sample_scenes, world
-from helpers.toy.train import tokenize
+from helpers.toy.training import tokenize
 
 SUBJECT = "xt shape"
 SETTINGS = dict(num_inference_steps=4, guidance_scale=7.5, output_type="np", progress=False)

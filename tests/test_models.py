@@ -72,7 +72,7 @@ def test_load_pipeline_and_component_from_a_local_folder(tmp_path, tiny_pipe):
 def test_schedulers_keep_the_models_noise_schedule():
     from diffusers import DDIMScheduler
 
-    from helpers.toy.train import SD_DDIM_CONFIG
+    from helpers.toy.training import SD_DDIM_CONFIG
 
     toy = DDIMScheduler(**SD_DDIM_CONFIG)  # zero terminal SNR, v-prediction: the toy model's
     default = make_scheduler("default", toy)

@@ -359,9 +359,9 @@ def _build_taesd(snapshot: Path, repo_id: str, fp32: bool, progress) -> None:
 def lcm_lora_layers(unet, rank: int = LCM_LORA_RANK) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """The LCM-LoRA's layers on `unet` as the published file names them (kohya's: `lora_unet_` and the module path
     with underscores, what the LCM training script writes and `load_lora_weights` converts back), with the shapes of
-    their down and up weights: LCM-LoRA's target list (the toy's `helpers.toy.train.LCM_LORA_TARGETS`: attention,
+    their down and up weights: LCM-LoRA's target list (the toy's `helpers.toy.training.LCM_LORA_TARGETS`: attention,
     feed-forward, resnet convs, time projections, down/upsamplers), peft's matching (a name or a dotted suffix)."""
-    from helpers.toy.train import LCM_LORA_TARGETS
+    from helpers.toy.training import LCM_LORA_TARGETS
 
     layers = {}
     for name, module in unet.named_modules():

@@ -17,7 +17,7 @@ On the toy model the subject is a shape outside its world, a five-pointed star i
 the world's shapes (`render_subject`); `five_fold_scores` / `shows_subject` check that a picture shows it (its
 main object's outline is modulated five-fold, at any rotation), validated by `validate_fidelity_check` on renders
 of the star and of the world's shapes, raw and passed through the VAE, and on the model's own pictures. The
-training loss and noising are the toy's own (`helpers.toy.train`: v-prediction on its zero-terminal-SNR schedule;
+training loss and noising are the toy's own (`helpers.toy.training`: v-prediction on its zero-terminal-SNR schedule;
 epsilon on SD 1.5).
 
     check_identifier(tokenizer, identifier, known_words)  -> token id (one token, no meaning yet), else ValueError
@@ -46,6 +46,7 @@ import torch
 from helpers.core.pictures import to_pil
 from helpers.toy import world
 from helpers.toy.oracle import image_object_mask
+from helpers.toy.training import cosine_lr, diffusion_loss, noisy_latents_batch, object_pixel_weight, set_lr, tokenize
 
 SUBJECT_SHAPE = "star"  # not one of world.SHAPES: the toy has never seen it
 STAR_POINTS = 5
@@ -483,7 +484,7 @@ def subject_photos(instance_dir: str | Path, prompt: str, size: tuple[int, int],
 
 @dataclass
 class DreamBoothData:
-    """Everything one fine-tune step draws from: VAE latents (unscaled posterior means, as helpers.toy.train
+    """Everything one fine-tune step draws from: VAE latents (unscaled posterior means, as helpers.toy.training
     caches them) and frozen-text-encoder embeddings of the captions, instance rows first."""
 
     latents: torch.Tensor  # (N, 4, h, w)
@@ -513,7 +514,6 @@ def instance_latents(pipe, images: np.ndarray) -> torch.Tensor:
 @torch.inference_mode()
 def caption_embeddings(pipe, prompts: list[str]) -> torch.Tensor:
     """Frozen text-encoder embeddings (N, 77, hidden), tokenized as the toy was trained."""
-    from helpers.toy.train import tokenize
 
     ids = tokenize(pipe.tokenizer, prompts).to(pipe.text_encoder.device)  # (N, 77)
     return pipe.text_encoder(ids)[0].float()
@@ -528,7 +528,7 @@ def training_data(pipe, instance: InstanceImages, class_prompts: Sequence[str], 
     latents it denoised.
 
     `object_weight` > 1 weighs latent pixels on an object (off the background colour, as the toy's pictures are)
-    that much more in the loss, as the toy was trained (helpers.toy.train.OBJECT_LOSS_WEIGHT): the star's points
+    that much more in the loss, as the toy was trained (helpers.toy.training.OBJECT_LOSS_WEIGHT): the star's points
     are a few latent pixels of a mostly flat picture. Leave it at 1 for photos."""
     class_prompts = list(class_prompts)
     if class_pictures is None:
@@ -579,7 +579,6 @@ def given_class_latents(pipe, class_prompts: list[str], class_pictures) -> tuple
 
 def object_pixel_weights(pictures, latent_size: int, object_weight: float) -> torch.Tensor:
     """uint8 pictures -> (N, 1, h, w) loss weights: `object_weight` on latent pixels an object touches."""
-    from helpers.toy.train import object_pixel_weight
 
     masks = torch.from_numpy(np.stack([image_object_mask(p) for p in pictures])).float()  # (N, H, W)
     # object_pixel_weight thresholds depth maps at the world's object depth; a 0/1 mask passes it the same way
@@ -620,7 +619,6 @@ class TrainingLog:
 
 def eval_loss(pipe, data: DreamBoothData, scheduler, seed: int = 0, repeats: int = 4) -> float:
     """The instance loss on fixed noise and timesteps (the same every call): a fair before/after comparison."""
-    from helpers.toy.train import diffusion_loss, noisy_latents_batch
 
     generator = torch.Generator().manual_seed(seed)
     idx = data.instance_index.repeat(repeats)
@@ -667,7 +665,6 @@ def train_lora(pipe, data: DreamBoothData, *, steps: int, learning_rate: float =
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
-    from helpers.toy.train import cosine_lr, diffusion_loss, noisy_latents_batch, set_lr
 
     check_training_settings(data, steps, batch_size, prior_loss_weight, prior_caption_dropout, prior_target)
     unet = pipe.unet
@@ -721,7 +718,7 @@ def scaled_step(optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
                 max_grad_norm: float = 1.0) -> tuple[float, bool]:
     """Backpropagate the scaled loss, clip the unscaled gradients' norm to `max_grad_norm` and step, unless a
     gradient overflowed (the scaler then skips the step and lowers its scale); (the loss, whether it stepped).
-    With a disabled scaler this is helpers.toy.train.optimizer_step."""
+    With a disabled scaler this is helpers.toy.training.optimizer_step."""
     optimizer.zero_grad()
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
