@@ -15,7 +15,12 @@ import argparse
 import torch
 
 from helpers.core.measure import measure
+from helpers.core.models import load_controlnet, load_pipeline
 from helpers.core.results import format_table, record_results
+from helpers.core.stages import generate
+from helpers.studies.control import control_images
+from helpers.toy import control_adherence, load_oracle, prompt_adherence, sample_scenes
+from helpers.toy.oracle import adherence, attribute_accuracy, read_images, reading_accuracy, scene_spec
 
 CFG_CUTOFF = 0.4  # share of steps with guidance in the cfg-cutoff run (denoise(cfg_cutoff=...))
 
@@ -31,17 +36,12 @@ BARS = {  # the issue's bars (tests check looser ones)
 
 def oracle_accuracy(n: int, seed: int) -> float:
     """Share of rendered held-out scenes (1 or 2 objects) the oracle reads exactly right."""
-    from helpers.toy import sample_scenes
-    from helpers.toy.oracle import reading_accuracy
-
     sample = sample_scenes(n, seed=seed, split="heldout", max_objects=2)
     return reading_accuracy(sample.images, sample.scenes)
 
 
 def seconds_per_image(pipe, steps: int, guidance_scale: float, repeats: int) -> float:
     """Median wall time of one 20-step image through `helpers.core.stages.generate` (warm-up excluded)."""
-    from helpers.core.stages import generate
-
     run = lambda: generate(pipe, ["a red circle on the left"], seeds=[0], num_inference_steps=steps,
                            guidance_scale=guidance_scale, progress=False)
     return measure("seconds_per_image", run, repeats=repeats, warmup=1).median
@@ -51,8 +51,6 @@ def generate_images(pipe, prompts: list[str], seed: int, batch_size: int = 64, *
     """PIL images of `prompts` through `helpers.core.stages.generate`, image i seeded `seed + i` (so the result does
     not depend on `batch_size`), in batches of `batch_size` to bound memory. Control images, if any, are sliced
     along with the prompts."""
-    from helpers.core.stages import generate
-
     control_images = generate_kwargs.pop("image", None)
     images = []
     for start in range(0, len(prompts), batch_size):
@@ -67,8 +65,6 @@ def generate_images(pipe, prompts: list[str], seed: int, batch_size: int = 64, *
 def adherence_by_stated_position(key: str, readings: list, specs: list, scenes: list) -> dict[str, float]:
     """Single-object adherence split by whether the caption names the position or implies the centre: with
     positions anywhere, unplaced objects were the toy model's main miss (two objects drawn, one per slot)."""
-    from helpers.toy.oracle import adherence
-
     results = {}
     for stated, label in ((True, "with_position"), (False, "without_position")):
         picked = [i for i, scene in enumerate(scenes) if ("position" in scene.mentions) == stated]
@@ -79,10 +75,6 @@ def adherence_by_stated_position(key: str, readings: list, specs: list, scenes: 
 
 def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeats: int,
         scheduler: str = "default") -> dict:
-    from helpers.core.models import load_controlnet, load_pipeline
-    from helpers.toy import control_adherence, load_oracle, prompt_adherence, sample_scenes
-    from helpers.toy.oracle import adherence, attribute_accuracy, read_images, scene_spec
-
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     results: dict = {"steps": steps, "scheduler": scheduler, "n_single": n_single, "n_two": n_two,
                      "n_control": n_control}
@@ -135,10 +127,6 @@ def run(n_single: int, n_two: int, n_control: int, steps: int, seed: int, repeat
 def derived_control_iou(pipe, control, seed: int, steps: int) -> dict[str, float]:
     """Mask IoU of the toy's normal and Canny ControlNets on the same held-out scenes as the depth one, their maps
     derived from the 8-bit depth maps as notebook 06 derives them (helpers.studies.control.control_images)."""
-    from helpers.core.models import load_controlnet
-    from helpers.studies.control import control_images
-    from helpers.toy import control_adherence
-
     results = {}
     for kind in ("normal", "canny"):
         controlnet = load_controlnet("toy", kind, pipe.unet.dtype)

@@ -31,6 +31,9 @@ from pathlib import Path
 
 from helpers import DATA_DIR
 
+# Deliberately light (`python -m helpers` imports it for its help): the core and the toy, which pull in torch and
+# diffusers, are imported inside the functions that build a hub.
+
 # Bump when what a repo holds changes: every cache built by an older version is rebuilt.
 HUB_BUILD_VERSION = 1
 MARKER = ".sd-dissected-complete.json"

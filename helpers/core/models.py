@@ -30,8 +30,9 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from helpers.core import accelerator
-from helpers.core.ldm import check_checkpoint
+from helpers.core import accelerator, random_models
+from helpers.core.ldm import check_checkpoint, load_component_from_single_file
+from helpers.toy import TOY_CONTROLNET_DIR, TOY_LCM_LORA_DIR, TOY_LDM_FILE, TOY_SD_DIR
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # ControlNets by name: the toy's ship in helpers/toy/weights/controlnet-<name>; SD 1.5's come from the hub.
@@ -153,8 +154,6 @@ def _check_schedule_supported(scheduler_class: type, config) -> None:
 
 def toy_paths() -> tuple[Path, Path]:
     """(pipeline folder, depth ControlNet folder) of the shipped toy model; a clear error if missing."""
-    from helpers.toy import TOY_CONTROLNET_DIR, TOY_SD_DIR
-
     if not (Path(TOY_SD_DIR) / "model_index.json").exists():
         raise FileNotFoundError(
             f"The toy model's weights are missing at {TOY_SD_DIR}. Rebuild them with "
@@ -176,8 +175,6 @@ def tiny_vae_source(vae) -> str | None:
 def lcm_lora_source(unet) -> str:
     """Where the LCM-LoRA for `unet` lives: the toy's own folder (shipped) for the toy's UNet, else the published
     one for SD 1.5. A UNet of other shapes has none: ValueError."""
-    from helpers.toy import TOY_LCM_LORA_DIR
-
     sd_dir = toy_paths()[0]
     if Path(unet.config.get("_name_or_path") or "").resolve() == (sd_dir / "unet").resolve():
         return str(TOY_LCM_LORA_DIR)
@@ -244,9 +241,7 @@ def load_pipeline(
     device = pick_device(device)
     dtype = dtype or default_dtype(device)
     if model in RANDOM_MODELS:
-        from helpers.core import random_models as testing
-
-        build = testing.tiny_random_pipeline if model == "tiny-random" else testing.sd15_random_pipeline
+        build = random_models.tiny_random_pipeline if model == "tiny-random" else random_models.sd15_random_pipeline
         pipe = build(dtype=dtype)
     else:
         pipe = _load_weights(model, dtype, safety_checker, single_file_config)
@@ -369,9 +364,6 @@ def load_component(
     if model in RANDOM_MODELS:
         return getattr(load_pipeline(model, device=device, dtype=dtype), component)
     if Path(model).is_file():
-        from helpers.core.ldm import load_component_from_single_file
-        from helpers.toy import TOY_LDM_FILE
-
         if config_dir is None and Path(model).resolve() == Path(TOY_LDM_FILE).resolve():
             config_dir = toy_paths()[0]
         if config_dir is None:

@@ -31,9 +31,19 @@ from tqdm.auto import tqdm
 
 from helpers import DATA_DIR
 from helpers.core import accelerator
+from helpers.core.ldm import COMPONENTS  # the networks a single LDM file holds
 from helpers.core.measure import MIN_RUN_S, Measurement, MiB, measure
-from helpers.core.models import TOY_MODELS
+from helpers.core.models import (
+    SD15_HUB_ID,
+    TOY_MODELS,
+    hub_offline,
+    in_hub_cache,
+    load_component,
+    resolve_model,
+    toy_paths,
+)
 from helpers.core.stages import decode, denoise, encode_text, generate
+from helpers.toy import TOY_LDM_FILE, TOY_SD_DIR, world
 
 PROMPTS_FILE = DATA_DIR / "prompts_128.txt"  # the toy world's (make_prompts)
 SD_PROMPTS_FILE = DATA_DIR / "sd_prompts_64.txt"  # ordinary prompts, for a real SD
@@ -64,8 +74,6 @@ def make_prompts(n: int = 128, seed: int = 0, split: str = "heldout") -> list[st
     Held-out captions by default: the toy model never saw them in training. `helpers/data/prompts_128.txt`
     is `make_prompts(128)`; a test checks that the shipped file still equals it.
     """
-    from helpers.toy import world
-
     check_count("n", n)
     prompts: list[str] = []
     start = seed
@@ -478,8 +486,6 @@ def load_stage(model: str, stage: str, *, device=None, dtype=None, config_dir: s
     """Only what `stage` uses (STAGE_COMPONENTS), each through `helpers.core.models.load_component`: one component
     of a folder or hub repo, or, from a single file, only that component's tensors. Returns an object with those
     attributes, which the stage functions accept in place of a pipeline."""
-    from helpers.core.models import load_component, toy_paths
-
     if stage not in STAGE_COMPONENTS:
         raise ValueError(f"stage={stage!r}: only {list(STAGE_COMPONENTS)} run on a part of the model")
     single_file = Path(model).is_file()
@@ -515,9 +521,6 @@ def single_file_for(model: str, single_file: str = "", config_dir: str = "") -> 
     `v1-5-pruned-emaonly.safetensors` from SD 1.5's hub repo for SD 1.5 (`hf_hub_download`: the local cache
     offline, a 4.27 GB download once online). Where there is none, `path` is None and `reason` says why and what
     to set; nothing raises, so a notebook can skip that part and record the reason."""
-    from helpers.core.models import SD15_HUB_ID
-    from helpers.toy import TOY_LDM_FILE, TOY_SD_DIR
-
     if single_file:
         path = Path(single_file).expanduser()
         if not path.is_file():
@@ -544,9 +547,6 @@ def _from_sd15_hub(path: Path | None) -> SingleFile:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    from helpers.core.ldm import COMPONENTS  # the networks a single LDM file holds
-    from helpers.core.models import SD15_HUB_ID, hub_offline, in_hub_cache
-
     offline = hub_offline()
     what = f"{SD15_HUB_ID}'s {SD15_SINGLE_FILE}" if path is None else f"{SD15_HUB_ID}'s configs"
     try:
@@ -569,15 +569,11 @@ def _from_sd15_hub(path: Path | None) -> SingleFile:
 
 
 def _toy_ldm_file() -> Path:
-    from helpers.toy import TOY_LDM_FILE
-
     return Path(TOY_LDM_FILE)
 
 
 def _vae_scale_factor(model: str) -> int:
     from diffusers import AutoencoderKL
-
-    from helpers.core.models import hub_offline, resolve_model, toy_paths
 
     model = resolve_model(model)
     root = toy_paths()[0] if model == "toy" else model

@@ -21,9 +21,11 @@ import numpy as np
 import PIL.Image
 
 from helpers import SOURCE_NOTEBOOKS_DIR
+from helpers.core.models import hub_offline
 from helpers.core.pictures import to_pil, to_uint8
 from helpers.core.results import json_object
-from helpers.core.stages import default_size, vae_scale_factor
+from helpers.core.stages import default_size, generate, make_generators, vae_scale_factor
+from helpers.toy.oracle import ATTRIBUTES, control_adherence, image_object_mask, prompt_adherence
 
 # Depth 1.0 stands this far (as a share of the image width) in front of depth 0.0 when normals are derived: the
 # toy's objects (0.25-0.35 in front of the ground) then get steep rims, and its ground plane stays nearly flat.
@@ -123,8 +125,6 @@ def estimate_depth(image: PIL.Image.Image, model: str = "depth-anything/Depth-An
     Anything and DPT predict relative inverse depth, which is ControlNet's convention). Needs the model from the
     hub: offline it raises an error saying so."""
     from transformers import pipeline
-
-    from helpers.core.models import hub_offline
 
     try:
         estimator = pipeline("depth-estimation", model=model, local_files_only=hub_offline())
@@ -439,8 +439,6 @@ def count_objects(image, min_share: float = 0.004) -> int:
     least `min_share` of the image (a small toy object covers ~0.04 of a 64 × 64 image)."""
     from skimage.measure import label, regionprops
 
-    from helpers.toy.oracle import image_object_mask
-
     mask = image_object_mask(image)  # (H, W) bool
     return int(sum(region.area >= min_share * mask.size for region in regionprops(label(mask))))
 
@@ -450,8 +448,6 @@ def toy_scores(images, control_depths, prompts, attributes: tuple[str, ...] | No
     maps they were conditioned on (each the image's size; None for a text-only image) and their prompts: mean mask
     IoU, the share of images the oracle reads as the prompt (on `square_view`s; `attributes` as in oracle.matches),
     and the objects drawn per image."""
-    from helpers.toy.oracle import ATTRIBUTES, control_adherence, prompt_adherence
-
     arrays = [to_uint8(image, rgb=True) for image in images]
     with_depth = [(a, np.asarray(d)) for a, d in zip(arrays, control_depths, strict=True) if d is not None]
     iou = control_adherence([a for a, _ in with_depth], [d for _, d in with_depth]) if with_depth else None
@@ -489,8 +485,6 @@ class ControlStudy:
     def generate(self, kinds, prompts, maps, height, width, seeds, scales=1.0, start=0.0, end=1.0) -> np.ndarray:
         """uint8 pictures (N, H, W, 3) of `prompts` through our `generate`, with the ControlNets `kinds` on `maps`
         (one {kind: image} per prompt), each checked by `check_control_images`; no kinds: text only."""
-        from helpers.core.stages import generate
-
         common = dict(seeds=seeds, num_inference_steps=self.steps, guidance_scale=self.guidance_scale, height=height,
                       width=width, output_type="np", progress=False)
         if not kinds:
@@ -506,8 +500,6 @@ class ControlStudy:
     def pipeline_images(self, kinds, prompt, maps, height, width, seed, scales=1.0) -> np.ndarray:
         """The same picture through diffusers' StableDiffusionControlNetPipeline: uint8 (H, W, 3)."""
         from diffusers import StableDiffusionControlNetPipeline
-
-        from helpers.core.stages import make_generators
 
         multi = len(kinds) > 1
         # without SD 1.5's safety checker, which our generate does not run either: like with like

@@ -44,8 +44,11 @@ import numpy as np
 import torch
 
 from helpers.core.pictures import to_pil
-from helpers.toy import world
-from helpers.toy.oracle import image_object_mask
+from helpers.core.results import outputs_dir
+from helpers.core.stages import default_size, generate
+from helpers.core.tokenizer import DEFAULT_WORDS
+from helpers.toy import sample_scenes, world
+from helpers.toy.oracle import image_object_mask, load_oracle, matches, parse_prompt, read_images
 from helpers.toy.training import cosine_lr, diffusion_loss, noisy_latents_batch, object_pixel_weight, set_lr, tokenize
 
 SUBJECT_SHAPE = "star"  # not one of world.SHAPES: the toy has never seen it
@@ -102,8 +105,6 @@ def rare_tokens(tokenizer, known_words: set[str], max_length: int = 3) -> list[s
 
 def toy_known_words() -> list[str]:
     """Every word the toy's tokenizer was built from: the world's captions plus common prompt words."""
-    from helpers.core.tokenizer import DEFAULT_WORDS
-
     return sorted({*world.VOCABULARY, *DEFAULT_WORDS})
 
 
@@ -292,9 +293,6 @@ def validate_fidelity_check(pipe=None, n: int = 64, seed: int = 0, steps: int = 
     colour, position and background; the world's held-out scenes), raw and, with `pipe`, passed through its VAE as
     a generated picture would be, plus `n` pictures the model itself generates for held-out prompts (which must
     not count as stars). Accuracy = share right over stars and shapes."""
-    from helpers.core.stages import generate
-    from helpers.toy import sample_scenes
-
     rng = np.random.default_rng([13, seed])
     colours, positions, backgrounds = list(world.COLOURS), list(world.POSITIONS), list(world.BACKGROUNDS)
     layouts = [random_layout(rng, colours[i % 6], positions[i % 3], backgrounds[i % 4]) for i in range(n)]
@@ -321,8 +319,6 @@ def validate_fidelity_check(pipe=None, n: int = 64, seed: int = 0, steps: int = 
 def subject_spec(prompt: str, subject: str, subject_colour: str):
     """What a subject prompt asks for, as the oracle's PromptSpec: the subject read as one object (a stand-in
     world shape, never scored), with the subject's own colour when the prompt names none."""
-    from helpers.toy.oracle import parse_prompt
-
     if subject not in prompt:
         raise ValueError(f"prompt {prompt!r} does not contain the subject {subject!r}")
     spec = parse_prompt(prompt.replace(subject, world.SHAPES[0]))
@@ -336,8 +332,6 @@ def context_scores(images, prompts: list[str], subject: str, subject_colour: str
     """Per distinct prompt, then over all ("all prompts"): the share of pictures that show the subject
     (`fidelity`), and, read by the toy's oracle, that hold one object at the asked position, with the asked
     colour, on the asked background (when stated); `all` = the subject shown with every one of those right."""
-    from helpers.toy.oracle import load_oracle, matches, read_images
-
     readings = read_images(load_oracle(), images)
     shown = shows_subject(images)
     per_image = []
@@ -413,8 +407,6 @@ SAMPLE_SUBJECT_CLASS = "dog"
 def instance_dir_candidates(instance_dir: str | Path) -> list[Path]:
     """Where `instance_dir` may be, as absolute paths: itself when absolute; else in the working directory, then in
     the outputs folder. The working directory differs between runs (papermill: notebooks/; Colab: /content)."""
-    from helpers.core.results import outputs_dir
-
     path = Path(instance_dir).expanduser()
     if path.is_absolute():
         return [path]
@@ -551,8 +543,6 @@ def generated_class_latents(pipe, class_prompts: list[str], seed: int, num_infer
                             guidance_scale: float, batch_size: int) -> tuple[torch.Tensor, list]:
     """The model's own pictures for `class_prompts`: (N, 4, h, w) latents, unscaled like the VAE's means, and the
     PIL pictures."""
-    from helpers.core.stages import generate
-
     latents, images = [], []
     for start in range(0, len(class_prompts), batch_size):
         chunk = class_prompts[start : start + batch_size]
@@ -566,8 +556,6 @@ def generated_class_latents(pipe, class_prompts: list[str], seed: int, num_infer
 def given_class_latents(pipe, class_prompts: list[str], class_pictures) -> tuple[torch.Tensor, list]:
     """Class pictures the caller has (uint8 (N, H, W, 3), one per prompt) -> their VAE latents and PIL pictures."""
     from PIL import Image
-
-    from helpers.core.stages import default_size
 
     pictures = np.asarray(class_pictures)
     if len(pictures) != len(class_prompts):
