@@ -19,6 +19,7 @@ import sys
 import helpers.bench
 from helpers.checkpoints import hub as local_hub  # light: torch and diffusers are imported when it builds
 from helpers.series import rehearse as rehearsal_run
+from helpers.series.run import find_notebooks, run_series, summary_table
 from helpers.serving import app as web_app  # light: gradio and torch are imported when the page is built
 from helpers.serving import batch as batch_job  # light: torch is imported when a batch runs
 
@@ -48,8 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        from helpers.series.run import run_series, summary_table
-
         runs = run_series(args.profile, args.only, args.outputs)
         print(summary_table(runs))
         return 0 if all(r.status == "ok" for r in runs) else 1
@@ -65,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         return local_hub.run_from_args(args)
     if args.command == "rehearse":
         return rehearsal_run.run_from_args(args)
-    from helpers.series.run import find_notebooks
-
     print("notebooks:", *[nb.stem for nb in find_notebooks()], sep="\n  ")
     print("benchmarks:", *benchmarks(), sep="\n  ")
     return 0

@@ -46,6 +46,8 @@ from urllib.parse import parse_qs, urlsplit
 import libtorrent as lt
 from tqdm.auto import tqdm
 
+# torch-free: the safetensors header check imports helpers.core.ldm (and torch with it) only when it runs.
+
 SD15_MAGNET = (
     "magnet:?xt=urn:btih:3f8016061132ad4a475eb33dac569f3a88418974"
     "&dn=v1-5-pruned-emaonly.safetensors&xl=4265146304"

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Light (no torch, no diffusers): settings, the rehearsal and `python -m helpers` read the profiles; the accelerator and
+# the loader are imported when "auto" is resolved.
+
 PROFILE_NAMES = ("smoke", "cpu", "gpu", "auto")
 
 COMMON = {

@@ -25,6 +25,7 @@ from helpers.core import accelerator
 from helpers.core.accelerator import rehearsal
 from helpers.core.measure import peak_memory_MiB
 from helpers.core.models import TOY_MODELS, default_dtype, resolve_model
+from helpers.core.results import format_table
 from helpers.series.profiles import parameters_for
 
 
@@ -39,8 +40,6 @@ class Settings:
     values: dict = field(default_factory=dict)  # every knob in force
 
     def table(self) -> str:
-        from helpers.core.results import format_table
-
         rows = [{"knob": k, "value": _short(self.values[k]), "from": v} for k, v in self.origins.items()]
         head = (f"notebook {self.notebook}: profile {self.profile!r} ({self.why}); model {self.model}; "
                 f"accelerator {self.accelerator.describe()}")

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from helpers.core import accelerator
 from helpers.core.models import (
     DEFAULT_SCHEDULER,
     RANDOM_MODELS,
@@ -65,8 +66,6 @@ def explain_load_error(model: str, error: Exception) -> str:
 
 def memory_settings(model: str) -> dict:
     """`load_pipeline` options that fit SD 1.5 on the GPU there is (a T4 has 15 GiB: fp16 alone fits)."""
-    from helpers.core import accelerator
-
     if model == "toy" or model in RANDOM_MODELS or not accelerator.on_gpu():
         return {}
     total_gib = accelerator.accelerator().memory_gib

@@ -31,7 +31,14 @@ import sys
 from pathlib import Path
 
 from helpers import PACKAGE_DIR
-from helpers.core.ldm import COMPONENTS, LDM_PREFIXES, component_byte_ranges, read_header
+from helpers.core.ldm import (
+    COMPONENTS,
+    LDM_PREFIXES,
+    component_byte_ranges,
+    load_component_from_single_file,
+    load_ldm_state_dict,
+    read_header,
+)
 from helpers.core.measure import MiB, time_load
 
 
@@ -92,9 +99,6 @@ def measure_here(
     config_dir: str | Path | None = None,
 ) -> dict:
     """One load in *this* process (the subprocess side of `measure`). Returns the measurements."""
-
-    from helpers.core.ldm import load_component_from_single_file, load_ldm_state_dict
-
     path = Path(path)
     if mode == "model":  # import everything the load needs now, so the timing holds only the load
         import diffusers.loaders.single_file_utils  # noqa: F401

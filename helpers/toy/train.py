@@ -53,6 +53,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from helpers.core.ldm import export_ldm_checkpoint
+from helpers.core.tokenizer import DEFAULT_WORDS, build_clip_tokenizer
 from helpers.toy import world
 from helpers.toy.oracle import Oracle, oracle_loss, save_oracle, scene_labels
 from helpers.toy.training import (
@@ -160,8 +162,6 @@ def make_unet(cross_attention_dim: int):
 
 
 def make_tokenizer():
-    from helpers.core.tokenizer import DEFAULT_WORDS, build_clip_tokenizer
-
     return build_clip_tokenizer([*world.VOCABULARY, *DEFAULT_WORDS])
 
 
@@ -813,8 +813,6 @@ def stage_tiny_vae(work: Path, budget: Budget) -> list[float]:
 
 def stage_ldm(work: Path, budget: Budget) -> None:
     from diffusers import StableDiffusionPipeline
-
-    from helpers.core.ldm import export_ldm_checkpoint
 
     pipe = StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR / "sd", local_files_only=True)
     path = WEIGHTS_DIR / "toy-sd-ldm.safetensors"
