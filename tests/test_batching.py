@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.checkpoints.single_file import single_file_for
 from helpers.core import measure
 from helpers.studies import batching
 from helpers.studies.batching import StageJob, auto_batch_size, run_in_chunks
@@ -367,7 +368,7 @@ def test_sd15_takes_apart_its_own_single_file_with_the_hub_configs(local_hub):
     local_hub(SD15, {"v1-5-pruned-emaonly.safetensors": b"weights", "model_index.json": "{}",
                      "scheduler/scheduler_config.json": "{}", "tokenizer/vocab.json": "{}",
                      "tokenizer/merges.txt": "", **configs})
-    found = batching.single_file_for(SD15)
+    found = single_file_for(SD15)
     assert found.reason is None and found.path.name == "v1-5-pruned-emaonly.safetensors"
     assert found.path.read_bytes() == b"weights"
     config_dir = Path(found.config_dir)
@@ -377,7 +378,7 @@ def test_sd15_takes_apart_its_own_single_file_with_the_hub_configs(local_hub):
 
 def test_sd15_without_its_single_file_says_so_and_skips(local_hub):
     local_hub(SD15, {"model_index.json": "{}"})  # the diffusers folder is there, the single file is not
-    found = batching.single_file_for(SD15)
+    found = single_file_for(SD15)
     assert found.path is None and "v1-5-pruned-emaonly.safetensors" in found.reason
     assert "HF_HUB_OFFLINE" in found.reason and "SINGLE_FILE" in found.reason
 
@@ -385,13 +386,13 @@ def test_sd15_without_its_single_file_says_so_and_skips(local_hub):
 def test_single_file_for_the_toy_a_given_file_and_other_models(tmp_path):
     from helpers.toy import TOY_LDM_FILE, TOY_SD_DIR
 
-    toy = batching.single_file_for("toy")
+    toy = single_file_for("toy")
     assert toy.path == Path(TOY_LDM_FILE) and Path(toy.config_dir) == Path(TOY_SD_DIR) and toy.reason is None
-    missing = batching.single_file_for("toy", single_file=str(tmp_path / "nope.safetensors"))
+    missing = single_file_for("toy", single_file=str(tmp_path / "nope.safetensors"))
     assert missing.path is None and "nope.safetensors does not exist" in missing.reason
-    given = batching.single_file_for("toy", single_file=str(TOY_LDM_FILE), config_dir=str(tmp_path))
+    given = single_file_for("toy", single_file=str(TOY_LDM_FILE), config_dir=str(tmp_path))
     assert given.path == Path(TOY_LDM_FILE) and given.config_dir == str(tmp_path)
-    other = batching.single_file_for("tiny-random")
+    other = single_file_for("tiny-random")
     assert other.path is None and "SINGLE_FILE" in other.reason
 
 
@@ -404,7 +405,7 @@ def test_each_stage_runs_with_only_its_part_of_sd15s_single_file_from_the_hub(lo
     tiny_pipe.save_pretrained(folder)
     export_ldm_checkpoint(tiny_pipe, folder / "v1-5-pruned-emaonly.safetensors")
     local_hub(SD15, {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()})
-    found = batching.single_file_for(SD15)
+    found = single_file_for(SD15)
     assert found.reason is None, found.reason
     job = StageJob(tiny_pipe, ["a red circle", "a blue square"], [3, 4], num_inference_steps=STEPS)
     job.ensure_inputs("decode", 2)

@@ -10,6 +10,7 @@ import PIL.Image
 import pytest
 import torch
 
+from helpers.core import pictures
 from helpers.studies import control
 from helpers.toy import world
 
@@ -78,16 +79,16 @@ def test_colour_images_and_other_modes_are_refused(tmp_path, scene_depth):
 
 def test_normal_map_encoding():
     flat = np.full((32, 48), 0.5, np.float32)
-    assert (control.normal_map(flat) == [128, 128, 255]).all(), "a surface facing the camera is (128, 128, 255)"
+    assert (pictures.normal_map(flat) == [128, 128, 255]).all(), "a surface facing the camera is (128, 128, 255)"
     nearer_to_the_right = np.tile(np.linspace(0, 1, 48, dtype=np.float32), (32, 1))
-    normals = control.normal_map(nearer_to_the_right)[5:-5, 5:-5].astype(int)
+    normals = pictures.normal_map(nearer_to_the_right)[5:-5, 5:-5].astype(int)
     assert (normals[..., 0] < 128).all() and (abs(normals[..., 1] - 128) <= 1).all(), "it faces left: R < 128"
     nearer_at_the_top = np.tile(np.linspace(1, 0, 32, dtype=np.float32)[:, None], (1, 48))
-    assert (control.normal_map(nearer_at_the_top)[5:-5, 5:-5, 1] < 128).all(), "it faces down: G < 128 (y up)"
+    assert (pictures.normal_map(nearer_at_the_top)[5:-5, 5:-5, 1] < 128).all(), "it faces down: G < 128 (y up)"
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        control.normal_map(flat * 3)
+        pictures.normal_map(flat * 3)
     with pytest.raises(ValueError, match="height, width"):
-        control.normal_map(np.zeros((4, 4, 3)))
+        pictures.normal_map(np.zeros((4, 4, 3)))
 
 
 def test_the_toy_trains_on_the_maps_notebook_06_derives(scene_depth):
@@ -103,12 +104,12 @@ def test_the_toy_trains_on_the_maps_notebook_06_derives(scene_depth):
 def test_normal_map_does_not_depend_on_resolution():
     ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))
     ramp_2x = np.tile(np.linspace(0, 1, 128, dtype=np.float32), (128, 1))
-    small, large = control.normal_map(ramp)[32, 32].astype(int), control.normal_map(ramp_2x)[64, 64].astype(int)
+    small, large = pictures.normal_map(ramp)[32, 32].astype(int), pictures.normal_map(ramp_2x)[64, 64].astype(int)
     assert np.abs(small - large).max() <= 2, "the same slope gives the same normal at twice the resolution"
 
 
 def test_canny_outlines_the_objects_only(scene_depth):
-    edges = control.canny_edges(grey8(scene_depth))
+    edges = pictures.canny_edges(grey8(scene_depth))
     assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
     mask = world.depth_object_mask(scene_depth)
     import cv2
@@ -118,9 +119,9 @@ def test_canny_outlines_the_objects_only(scene_depth):
     on_edge = edges[..., 0] > 0
     assert on_edge.sum() > 40 and (on_edge <= rim.astype(bool)).all(), "every edge lies on an object's rim"
     rgb = world.render(world.make_scene(8, "heldout", 2))[0]
-    assert control.canny_edges(rgb).shape == (64, 64, 3)
+    assert pictures.canny_edges(rgb).shape == (64, 64, 3)
     with pytest.raises(ValueError, match="RGB or an"):
-        control.canny_edges(np.zeros((8, 8, 4), np.uint8))
+        pictures.canny_edges(np.zeros((8, 8, 4), np.uint8))
 
 
 # ------------------------------------------------------------------------------------------- metadata
@@ -280,7 +281,8 @@ def test_toy_controlnets_follow_their_maps(kind):
     pipe.set_progress_bar_config(disable=True)
     sample = sample_scenes(8, seed=100, split="heldout", max_objects=2)
     derive = {"depth": lambda d: np.repeat(grey8(d)[..., None], 3, -1),
-              "normal": lambda d: control.normal_map(grey8(d)), "canny": lambda d: control.canny_edges(grey8(d))}[kind]
+              "normal": lambda d: pictures.normal_map(grey8(d)),
+              "canny": lambda d: pictures.canny_edges(grey8(d))}[kind]
     images = pipe(sample.prompts, image=[PIL.Image.fromarray(derive(d)) for d in sample.depth_maps],
                   num_inference_steps=10, generator=[torch.Generator().manual_seed(i) for i in range(8)],
                   output_type="np").images

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from helpers import DATA_DIR
+from helpers.checkpoints.download import SD15_FILENAME
 
 # Deliberately light (`python -m helpers` imports it for its help): the core and the toy, which pull in torch and
 # diffusers, are imported inside the functions that build a hub.
@@ -40,7 +41,6 @@ MARKER = ".sd-dissected-complete.json"
 
 DEPTH_HUB_ID = "depth-anything/Depth-Anything-V2-Small-hf"  # helpers.studies.control.estimate_depth's default
 DOG_DATASET_ID = "diffusers/dog-example"  # the subject of diffusers' DreamBooth docs (notebook 08's sample)
-SD15_SINGLE_FILE = "v1-5-pruned-emaonly.safetensors"
 
 # Words of the series' SD 1.5 prompts (and diffusers' examples): our tokenizer makes each of them one token, as the
 # real CLIP vocabulary does; any other word is split into byte pieces, which still works.
@@ -318,8 +318,8 @@ def _build_sd15(snapshot: Path, repo_id: str, fp32: bool, progress) -> None:
         save(model, snapshot / name, fp32)
         parts[name] = model.to(torch.float16)  # kept in fp16 for the single file
         progress(f"  {name}: {sum(p.numel() for p in model.parameters()):,} parameters")
-    export_ldm_checkpoint(SimpleNamespace(**parts), snapshot / SD15_SINGLE_FILE, dtype=torch.float16)
-    progress(f"  {SD15_SINGLE_FILE}: the same networks in the original LDM layout (fp16)")
+    export_ldm_checkpoint(SimpleNamespace(**parts), snapshot / SD15_FILENAME, dtype=torch.float16)
+    progress(f"  {SD15_FILENAME}: the same networks in the original LDM layout (fp16)")
     parts.clear()
     gc.collect()
     _build_safety_checker(snapshot / "safety_checker", fp32)

@@ -20,6 +20,9 @@ from urllib.parse import quote
 import libtorrent as lt
 import numpy as np
 
+from helpers.checkpoints import download as dl
+from helpers.core.results import refusals
+
 LOOPBACK = "127.0.0.1"
 
 # Settings shared by every loopback session: no discovery of any kind, loopback only, rate limits that
@@ -176,3 +179,34 @@ class LoopbackSeeder:
 
     def __repr__(self) -> str:
         return f"LoopbackSeeder({self.path.name}, {self.size} bytes, 127.0.0.1:{self.port})"
+
+
+def provoke_download_errors(scratch: str | Path, magnet: str, good_file: str | Path | None = None,
+                            size_bytes: int | None = None) -> dict[str, str]:
+    """Notebook 01's failures that need no network, each provoked once (`helpers.core.results.refusals`).
+    `magnet` is a real magnet (its destination is made unwritable);
+    `good_file`, a downloaded file of `size_bytes`, is copied truncated and verified when given."""
+    scratch = Path(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "a-file").write_text("x")
+    unserved = f"magnet:?xt=urn:btih:{'ab' * 20}&dn=x.bin"
+    cases = {
+        "malformed magnet": lambda: dl.parse_magnet("magnet:?xt=urn:btih:1234&dn=x"),
+        "nobody serves it": lambda: dl.download_torrent(f"{unserved}&xl=10", scratch, metadata_timeout=2,
+                                                        progress=False, **LEECHER_KWARGS),
+        "not writable": lambda: dl.download_torrent(magnet, scratch / "a-file" / "sub", progress=False),
+        "disk too small": lambda: dl.download_torrent(f"{unserved}&xl={10**18}", scratch, **LEECHER_KWARGS),
+    }
+    if good_file is not None:
+        cut = scratch / Path(good_file).name
+
+        def truncated():
+            with open(good_file, "rb") as src, open(cut, "wb") as dst:
+                dst.write(src.read(min(Path(good_file).stat().st_size - 1000, 64 << 20)))
+            try:
+                dl.verify_file(cut, size_bytes)
+            finally:
+                cut.unlink()
+
+        cases["truncated file"] = truncated
+    return refusals(cases, errors=(dl.DownloadError,), width=22)

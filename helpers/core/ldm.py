@@ -311,6 +311,16 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     return header, data_start
 
 
+def float_dtype(path: str | Path):
+    """The torch dtype of the first floating tensor in a safetensors file (None if there is none)."""
+    header, _ = read_header(path)
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    for info in (v for k, v in header.items() if k != "__metadata__"):
+        if info["dtype"] in names:
+            return names[info["dtype"]]
+    return None
+
+
 def component_byte_ranges(path: str | Path) -> dict[str, dict]:
     """For each component: number of tensors, total bytes, and share of the file's size."""
     header, _ = read_header(path)

@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import PIL.Image
 import torch
@@ -118,3 +119,58 @@ def save_gif(images: Sequence, path: str | Path, *, fps: int = 4, bounce: bool =
     if bounce:
         frames = frames + frames[-2:0:-1]  # 0 1 2 3 2 1, then the loop starts again at 0
     return Path(export_to_gif(frames, str(path), fps=fps))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Control maps derived from depth (notebook 06's ControlNets and the toy's training alike)
+
+CONTROL_KINDS = ("depth", "normal", "canny")  # what each ControlNet is conditioned on, all derived from depth
+# Depth 1.0 stands this far (as a share of the image width) in front of depth 0.0 when normals are derived: the
+# toy's objects (0.25-0.35 in front of the ground) then get steep rims, and its ground plane stays nearly flat.
+NORMAL_DEPTH_SCALE = 0.125
+# OpenCV Canny hysteresis thresholds on 8-bit grey (the values diffusers' ControlNet examples use).
+CANNY_LOW, CANNY_HIGH = 100, 200
+
+
+def unit_depth(depth, name: str = "depth") -> np.ndarray:
+    """A depth map as float32 in [0, 1], (H, W): from a DepthMap (`helpers.studies.control`: anything with `.depth`),
+    or an (H, W) uint8, uint16 or float array in [0, 1] (anything else is refused, not rescaled)."""
+    depth = np.asarray(getattr(depth, "depth", depth))
+    if depth.ndim != 2:
+        raise ValueError(f"{name} must be a (height, width) map, got shape {depth.shape}; load_depth_map reads files")
+    if depth.dtype == np.uint8:
+        return depth.astype(np.float32) / 255.0
+    if depth.dtype == np.uint16:
+        return depth.astype(np.float32) / 65535.0
+    depth = depth.astype(np.float32)
+    if depth.min() < 0.0 or depth.max() > 1.0:
+        raise ValueError(f"{name} values span [{depth.min():.3g}, {depth.max():.3g}]; a float map must lie in [0, 1]")
+    return depth
+
+
+def normal_map(depth, depth_scale: float = NORMAL_DEPTH_SCALE) -> np.ndarray:
+    """Surface normals of a depth map (bright = near) as the usual RGB normal map: x right -> R, y up -> G,
+    z towards the viewer -> B, each mapped from [-1, 1] to [0, 255], so a surface facing the camera is (128, 128, 255).
+
+    (H, W) depth (a DepthMap, uint8, uint16 or float in [0, 1]) -> (H, W, 3) uint8. Depth 1.0 counts as
+    `depth_scale` × width pixels in front of depth 0.0, so the same scene gives the same map at any resolution."""
+    depth = unit_depth(depth)
+    height_px = depth * depth_scale * depth.shape[1]  # depth -> distance towards the viewer, in pixels
+    dz_drow, dz_dcol = np.gradient(height_px)  # (H, W) each; rows run downwards, y up is -row
+    normals = np.stack([-dz_dcol, dz_drow, np.ones_like(depth)], axis=-1)  # (H, W, 3), unnormalised
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    return np.round((normals * 0.5 + 0.5) * 255).astype(np.uint8)
+
+
+def canny_edges(image, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> np.ndarray:
+    """Canny edges with OpenCV (`controlnet_aux`'s CannyDetector needs torchvision): an RGB image (H, W, 3; PIL or
+    uint8) or a depth map (a DepthMap, or (H, W) uint8, uint16 or float in [0, 1]) -> (H, W, 3) uint8, 0 or 255."""
+    image = np.asarray(getattr(image, "depth", image))  # a DepthMap's map, or the image
+    if image.ndim == 3 and image.shape[-1] == 3:
+        gray = cv2.cvtColor(np.ascontiguousarray(image, dtype=np.uint8), cv2.COLOR_RGB2GRAY)
+    elif image.ndim == 2:
+        gray = np.round(unit_depth(image, "image") * 255).astype(np.uint8)
+    else:
+        raise ValueError(f"image must be (H, W, 3) RGB or an (H, W) map, got shape {image.shape}")
+    edges = cv2.Canny(gray, low, high)  # (H, W) uint8, 0 or 255
+    return np.repeat(edges[..., None], 3, axis=-1)  # -> (H, W, 3)

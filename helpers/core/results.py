@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -61,6 +62,21 @@ def json_object(line: str, where: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{where}: a {type(value).__name__}, but each line must be a JSON object")
     return value
+
+
+def refusals(bad_calls: dict[str, Callable[[], object]],
+             errors: tuple[type[BaseException], ...] = (ValueError, TypeError), width: int = 30) -> dict[str, str]:
+    """Each bad call made once, for a notebook's "bad input gets a clear error" cell: {case: "ErrorType: message"},
+    printed a line each. A call that raises none of `errors` reads "accepted (should have been refused)"."""
+    messages = {}
+    for case, call in bad_calls.items():
+        try:
+            call()
+            messages[case] = "accepted (should have been refused)"
+        except errors as error:
+            messages[case] = f"{type(error).__name__}: {error}"
+        print(f"{case:{width}s} {messages[case]}")
+    return messages
 
 
 def record_results(name: str, data: dict, out_dir: str | Path | None = None) -> Path:

@@ -28,34 +28,27 @@ KAGGLE_BADGE_SVG = "https://kaggle.com/static/images/open-in-kaggle.svg"
 
 SETUP_CELL_TEMPLATE = '''\
 {marker}, install this project unless it is importable (their CUDA torch is kept); elsewhere
-# it must be installed already (`pip install -e .`, see the README). Written by helpers/series/colab.py: edit it there.
+# install it first (`pip install -e .`, see the README). Written by helpers/series/colab.py: edit it there.
 import os
 import subprocess
 import sys
 
 REPO_URL = "{repo_url}"  # your fork's URL, if you forked it
-CLONE_DIR = "{clone_dir}"
-ON_COLAB_OR_KAGGLE = "google.colab" in sys.modules or any(
-    key in os.environ for key in ("COLAB_RELEASE_TAG", "KAGGLE_KERNEL_RUN_TYPE"))
-DRY_RUN = os.environ.get("{dry_run_env}") == "1"  # print the commands instead of running them (the tests do)
+ON_COLAB_OR_KAGGLE = any(key in os.environ for key in ("COLAB_RELEASE_TAG", "KAGGLE_KERNEL_RUN_TYPE"))
+DRY_RUN = os.environ.get("{dry_run_env}") == "1"  # print the commands, run nothing (the tests)
 try:
     import helpers.series.colab
-    INSTALLED = True
 except ImportError:
-    INSTALLED = False
-if not INSTALLED and not ON_COLAB_OR_KAGGLE:
-    raise ImportError("The project is not installed: run `pip install -e .` in its folder (see the README), "
-                      "then restart the kernel.")
-if not INSTALLED:  # only what the notebooks need (requirements.txt): no harness, web page or test tools
-    commands = [] if os.path.isdir(CLONE_DIR) else [["git", "clone", "-q", "--depth", "1", REPO_URL, CLONE_DIR]]
-    commands.append([sys.executable, "-m", "pip", "install", "-q", "-e", CLONE_DIR])
-    for command in commands:
-        print("$", " ".join(command))
-        # GIT_TERMINAL_PROMPT=0: a wrong URL fails at once instead of waiting for a username
+    if not ON_COLAB_OR_KAGGLE:
+        raise ImportError("The project is not installed: run `pip install -e .` in its folder (see the README), "
+                          "then restart the kernel.") from None
+    clone = [] if os.path.isdir("{clone_dir}") else [["git", "clone", "-q", "--depth", "1", REPO_URL, "{clone_dir}"]]
+    for command in [*clone, [sys.executable, "-m", "pip", "install", "-q", "-e", "{clone_dir}"]]:
+        print("$", " ".join(command))  # GIT_TERMINAL_PROMPT=0: a wrong URL fails at once, never asks for a login
         if not DRY_RUN and subprocess.run(command, env={{**os.environ, "GIT_TERMINAL_PROMPT": "0"}}).returncode:
             raise RuntimeError(f"`{{' '.join(command)}}` failed: is the internet on (Kaggle: Settings > Internet), "
-                               f"and is REPO_URL = {{REPO_URL!r}} a public repository?")
-    sys.path.insert(0, os.path.abspath(CLONE_DIR))  # this kernel started before the install: look in the clone
+                               f"and is REPO_URL = {{REPO_URL!r}} a public repository?") from None
+    sys.path.insert(0, os.path.abspath("{clone_dir}"))  # this kernel started before the install
     if not DRY_RUN:
         import helpers.series.colab
 if ON_COLAB_OR_KAGGLE and "helpers.series.colab" in sys.modules:

@@ -11,7 +11,6 @@
 - `sweep(job, stage, batch_sizes)`: throughput and peak memory per batch size; a size whose one call does not fit in
   memory is skipped with the reason. `auto_batch_size` picks from the sizes that ran.
 - `load_stage(model, stage)`: only the components one stage uses (a single file: only their tensors are read);
-  `single_file_for(model)`: the single file to take apart (the toy's, SD 1.5's from its hub repo), or why there is none.
 
 Timing and memory are `helpers.core.measure`'s: warm-up excluded, `torch.inference_mode()`, synchronised on a GPU,
 the median of repeats while a run is short; the peak memory of each point on its own (`measure.peak_memory`), in MiB.
@@ -31,19 +30,16 @@ from tqdm.auto import tqdm
 
 from helpers import DATA_DIR
 from helpers.core import accelerator
-from helpers.core.ldm import COMPONENTS  # the networks a single LDM file holds
-from helpers.core.measure import MIN_RUN_S, Measurement, MiB, measure
+from helpers.core.measure import MIN_RUN_S, Measurement, MiB, measure, time_load
 from helpers.core.models import (
-    SD15_HUB_ID,
     TOY_MODELS,
     hub_offline,
-    in_hub_cache,
     load_component,
     resolve_model,
     toy_paths,
 )
-from helpers.core.stages import decode, denoise, encode_text, generate
-from helpers.toy import TOY_LDM_FILE, TOY_SD_DIR, world
+from helpers.core.stages import decode, denoise, encode_text, generate, vae_scale_factor
+from helpers.toy import TOY_LDM_FILE, world
 
 PROMPTS_FILE = DATA_DIR / "prompts_128.txt"  # the toy world's (make_prompts)
 SD_PROMPTS_FILE = DATA_DIR / "sd_prompts_64.txt"  # ordinary prompts, for a real SD
@@ -501,73 +497,6 @@ def load_stage(model: str, stage: str, *, device=None, dtype=None, config_dir: s
     return SimpleNamespace(**parts)
 
 
-SD15_SINGLE_FILE = "v1-5-pruned-emaonly.safetensors"  # SD 1.5's original checkpoint in its hub repo (4.27 GB, fp32)
-# what taking a single file apart needs besides it: each component's config, the tokenizer's files, the scheduler's
-SINGLE_FILE_CONFIGS = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*"]
-
-
-@dataclass
-class SingleFile:
-    """The single LDM file to take apart and the diffusers folder holding its configs, or why there is none."""
-
-    path: Path | None
-    config_dir: str | None
-    reason: str | None = None
-
-
-def single_file_for(model: str, single_file: str = "", config_dir: str = "") -> SingleFile:
-    """The single file whose parts a stage loads alone: `single_file` when given (configs from `config_dir`, the
-    toy's folder for the toy's file, SD 1.5's hub folder for SD 1.5), else the toy's own file for the toy and
-    `v1-5-pruned-emaonly.safetensors` from SD 1.5's hub repo for SD 1.5 (`hf_hub_download`: the local cache
-    offline, a 4.27 GB download once online). Where there is none, `path` is None and `reason` says why and what
-    to set; nothing raises, so a notebook can skip that part and record the reason."""
-    if single_file:
-        path = Path(single_file).expanduser()
-        if not path.is_file():
-            return SingleFile(None, None, f"{path} does not exist (SINGLE_FILE): give the path of a single LDM "
-                                          ".safetensors (notebook 01 downloads SD 1.5's), or '' for the model's own")
-        if config_dir:
-            return SingleFile(path, str(config_dir))
-        if path.resolve() == Path(TOY_LDM_FILE).resolve():
-            return SingleFile(path, str(TOY_SD_DIR))
-        if model != SD15_HUB_ID:
-            return SingleFile(None, None, f"SINGLE_FILE={single_file!r} needs LOAD_CONFIG_DIR: a diffusers folder "
-                                          f"with its components' configs (for {model}, there is no default)")
-        return _from_sd15_hub(path)
-    if model == "toy":
-        return SingleFile(Path(TOY_LDM_FILE), str(TOY_SD_DIR))
-    if model == SD15_HUB_ID:
-        return _from_sd15_hub(None)
-    return SingleFile(None, None, f"{model} has no single file here: set SINGLE_FILE (and LOAD_CONFIG_DIR) to take "
-                                  "one apart")
-
-
-def _from_sd15_hub(path: Path | None) -> SingleFile:
-    """SD 1.5's single file (unless `path` is given) and its config folder, from the hub or its local cache."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    offline = hub_offline()
-    what = f"{SD15_HUB_ID}'s {SD15_SINGLE_FILE}" if path is None else f"{SD15_HUB_ID}'s configs"
-    try:
-        if path is None:
-            if not offline and not in_hub_cache(SD15_HUB_ID, SD15_SINGLE_FILE):
-                print(f"downloading {SD15_SINGLE_FILE} from {SD15_HUB_ID} into the hub cache (4.27 GB, once)")
-            path = Path(hf_hub_download(SD15_HUB_ID, SD15_SINGLE_FILE, local_files_only=offline))
-        configs = Path(snapshot_download(SD15_HUB_ID, allow_patterns=SINGLE_FILE_CONFIGS, local_files_only=offline))
-    except (OSError, EntryNotFoundError) as error:
-        why = "HF_HUB_OFFLINE=1 is set and it is not in the local hub cache" if offline else \
-            f"the hub did not give it ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-        return SingleFile(None, None, f"{what} is not available: {why}. Partial loading from the single file is "
-                                      "skipped; set SINGLE_FILE to a local copy (notebook 01 downloads it) to run it")
-    missing = [f"{c}/config.json" for c in COMPONENTS if not (configs / c / "config.json").is_file()]
-    missing += [folder for folder in ("tokenizer", "scheduler") if not (configs / folder).is_dir()]
-    if missing:
-        return SingleFile(None, None, f"{what}: the hub folder {configs} lacks {missing}, which taking the file apart "
-                                      "needs; set LOAD_CONFIG_DIR to a diffusers folder of SD 1.5")
-    return SingleFile(path, str(configs))
-
-
 def _toy_ldm_file() -> Path:
     return Path(TOY_LDM_FILE)
 
@@ -577,8 +506,7 @@ def _vae_scale_factor(model: str) -> int:
 
     model = resolve_model(model)
     root = toy_paths()[0] if model == "toy" else model
-    config = AutoencoderKL.load_config(root, subfolder="vae", local_files_only=hub_offline())
-    return 2 ** (len(config["block_out_channels"]) - 1)
+    return vae_scale_factor(AutoencoderKL.load_config(root, subfolder="vae", local_files_only=hub_offline()))
 
 
 def weights_MiB(*modules) -> float:
@@ -594,3 +522,61 @@ def load_row(loaded, load: Measurement) -> dict:
     """A load's row (`load` from `measure.time_load`): seconds, MiB of the networks it holds, memory it added."""
     modules = [getattr(loaded, name, None) for name in ("text_encoder", "unet", "vae")]
     return {"load_s": load.median, "weights_MiB": weights_MiB(*modules), "load_added_MiB": load.memory["added_MiB"]}
+
+
+def stage_only_rows(job: StageJob, source: str, config_dir: str | None, whole_load: dict, check_n: int = 2,
+                    ) -> list[dict]:
+    """Each stage with only its own part loaded from `source` (a single file or the model's folder; `load_stage`):
+    the load's seconds and memory against the whole pipeline's (`whole_load`, a `load_row`), and the largest
+    difference between its outputs and the whole pipeline's on the first `check_n` inputs. The last row is the whole
+    pipeline's."""
+    device, dtype = job.pipe.device, job.pipe.unet.dtype
+    rows = []
+    for stage in STAGE_COMPONENTS:
+        part, timing = time_load(lambda stage=stage: load_stage(source, stage, device=device, dtype=dtype,
+                                                                config_dir=config_dir), device)
+        load = load_row(part, timing)
+        difference = max_abs_diff(job.call(stage, 0, check_n, pipe=part), job.call(stage, 0, check_n))
+        rows.append({"stage": stage, "loads": "+".join(vars(part)), **load,
+                     "weights_vs_whole": load["weights_MiB"] / whole_load["weights_MiB"],
+                     "time_vs_whole": load["load_s"] / whole_load["load_s"], "max_abs_diff": difference})
+        del part
+    return rows + [{"stage": "(whole pipeline)", "loads": "everything", **whole_load, "weights_vs_whole": 1.0,
+                    "time_vs_whole": 1.0}]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures
+
+
+def plot_sweeps(sweeps: dict[str, list[dict]], auto: dict[str, dict], title: str):
+    """One panel a stage: throughput by batch size (left axis) and the peak memory each call added (right axis);
+    ★ the best batch size, ◆ the auto one, ✕ sizes skipped for memory. Returns the figure."""
+    import matplotlib.pyplot as plt  # only the notebook draws
+
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(4.2 * len(sweeps), 3.2), squeeze=False)
+    for ax, (stage, rows) in zip(axes[0], sweeps.items()):
+        sizes, ran = [r["batch_size"] for r in rows], measured(rows)
+        ax.plot([r["batch_size"] for r in ran], [r["throughput"] for r in ran], "o-", color="C0")
+        best = max(ran, key=lambda r: r["throughput"])
+        ax.plot(best["batch_size"], best["throughput"], "*", color="C3", markersize=16,
+                label=f"best: {best['batch_size']}")
+        picked = next(r for r in rows if r["batch_size"] == auto[stage]["batch_size"])
+        ax.plot(picked["batch_size"], picked["throughput"], "D", color="C2", markersize=8, fillstyle="none",
+                label=f"auto: {picked['batch_size']}")
+        skipped = [r["batch_size"] for r in rows if r["skipped"]]
+        if skipped:
+            ax.plot(skipped, [0] * len(skipped), "x", color="C3", markersize=10, clip_on=False,
+                    label=f"out of memory: {', '.join(map(str, skipped))}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set(xlabel="batch size", title=stage, ylim=(0, None))
+        ax.set_ylabel("inferences / s", color="C0")
+        ax.legend(loc="lower right", fontsize=8)
+        memory = ax.twinx()
+        memory.plot([r["batch_size"] for r in ran], [r["added_MiB"] for r in ran], "s--", color="C1", alpha=0.7)
+        memory.set_ylim(0, max(1.0, *(1.1 * r["added_MiB"] for r in ran)))
+        memory.set_ylabel("peak memory added by the call, MiB", color="C1")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

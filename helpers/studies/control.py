@@ -22,16 +22,11 @@ import PIL.Image
 
 from helpers import SOURCE_NOTEBOOKS_DIR
 from helpers.core.models import hub_offline
-from helpers.core.pictures import to_pil, to_uint8
+from helpers.core.pictures import CONTROL_KINDS, canny_edges, normal_map, to_pil, to_uint8, unit_depth
 from helpers.core.results import json_object
 from helpers.core.stages import default_size, generate, make_generators, vae_scale_factor
 from helpers.toy.oracle import ATTRIBUTES, control_adherence, image_object_mask, prompt_adherence
 
-# Depth 1.0 stands this far (as a share of the image width) in front of depth 0.0 when normals are derived: the
-# toy's objects (0.25-0.35 in front of the ground) then get steep rims, and its ground plane stays nearly flat.
-NORMAL_DEPTH_SCALE = 0.125
-# OpenCV Canny hysteresis thresholds on 8-bit grey (the values diffusers' ControlNet examples use).
-CANNY_LOW, CANNY_HIGH = 100, 200
 FIT_STRATEGIES = ("resize", "crop", "pad")
 METADATA_FILE = "metadata.jsonl"
 # Metadata sizes are written for SD 1.5, which was trained at 512 × 512; `MetadataEntry.size_for` scales them to
@@ -143,53 +138,6 @@ def estimate_depth(image: PIL.Image.Image, model: str = "depth-anything/Depth-An
 # Maps derived from depth
 
 
-def _as_unit_depth(depth, name: str = "depth") -> np.ndarray:
-    depth = depth.depth if isinstance(depth, DepthMap) else np.asarray(depth)
-    if depth.ndim != 2:
-        raise ValueError(f"{name} must be a (height, width) map, got shape {depth.shape}; load_depth_map reads files")
-    if depth.dtype == np.uint8:
-        return depth.astype(np.float32) / 255.0
-    if depth.dtype == np.uint16:
-        return depth.astype(np.float32) / 65535.0
-    depth = depth.astype(np.float32)
-    if depth.min() < 0.0 or depth.max() > 1.0:
-        raise ValueError(f"{name} values span [{depth.min():.3g}, {depth.max():.3g}]; a float map must lie in [0, 1]")
-    return depth
-
-
-def normal_map(depth, depth_scale: float = NORMAL_DEPTH_SCALE) -> np.ndarray:
-    """Surface normals of a depth map (bright = near) as the usual RGB normal map: x right -> R, y up -> G,
-    z towards the viewer -> B, each mapped from [-1, 1] to [0, 255], so a surface facing the camera is (128, 128, 255).
-
-    (H, W) depth (a DepthMap, uint8, uint16 or float in [0, 1]) -> (H, W, 3) uint8. Depth 1.0 counts as
-    `depth_scale` × width pixels in front of depth 0.0, so the same scene gives the same map at any resolution."""
-    depth = _as_unit_depth(depth)
-    height_px = depth * depth_scale * depth.shape[1]  # depth -> distance towards the viewer, in pixels
-    dz_drow, dz_dcol = np.gradient(height_px)  # (H, W) each; rows run downwards, y up is -row
-    normals = np.stack([-dz_dcol, dz_drow, np.ones_like(depth)], axis=-1)  # (H, W, 3), unnormalised
-    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
-    return np.round((normals * 0.5 + 0.5) * 255).astype(np.uint8)
-
-
-def canny_edges(image, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> np.ndarray:
-    """Canny edges with OpenCV (`controlnet_aux`'s CannyDetector needs torchvision): an RGB image (H, W, 3; PIL or
-    uint8) or a depth map (a DepthMap, or (H, W) uint8, uint16 or float in [0, 1]) -> (H, W, 3) uint8, 0 or 255."""
-    import cv2
-
-    image = image if isinstance(image, DepthMap) else np.asarray(image)
-    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3:
-        gray = cv2.cvtColor(np.ascontiguousarray(image, dtype=np.uint8), cv2.COLOR_RGB2GRAY)
-    elif isinstance(image, DepthMap) or image.ndim == 2:
-        gray = np.round(_as_unit_depth(image, "image") * 255).astype(np.uint8)
-    else:
-        raise ValueError(f"image must be (H, W, 3) RGB or an (H, W) map, got shape {image.shape}")
-    edges = cv2.Canny(gray, low, high)  # (H, W) uint8, 0 or 255
-    return np.repeat(edges[..., None], 3, axis=-1)  # -> (H, W, 3)
-
-
-CONTROL_KINDS = ("depth", "normal", "canny")
-
-
 def control_images(depth, height: int, width: int, kinds=CONTROL_KINDS, strategy: str = "resize") -> dict:
     """A depth map (DepthMap, (H, W) array or PIL) fitted to width × height (`fit_control_image`), then each of
     `kinds` derived from the fitted map: {kind: PIL RGB image of the target size}."""
@@ -197,7 +145,7 @@ def control_images(depth, height: int, width: int, kinds=CONTROL_KINDS, strategy
     if unknown:
         raise ValueError(f"kinds {sorted(unknown)} are unknown; choose from {CONTROL_KINDS}")
     if not isinstance(depth, (DepthMap, PIL.Image.Image)):
-        depth = DepthMap(_as_unit_depth(depth), "array", "")
+        depth = DepthMap(unit_depth(depth), "array", "")
     fitted = fit_control_image(depth, height, width, strategy)
     grey = np.asarray(fitted.convert("L"))  # (height, width) uint8
     derive = {"depth": lambda: fitted.convert("RGB"), "normal": lambda: PIL.Image.fromarray(normal_map(grey)),

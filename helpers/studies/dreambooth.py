@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from helpers.core.models import load_pipeline
 from helpers.core.pictures import to_pil
 from helpers.core.results import outputs_dir
 from helpers.core.stages import default_size, generate
@@ -826,6 +827,14 @@ def check_lora_file(unet, path: str | Path) -> None:
                 raise ValueError(f"{path.name} was made for another model: its {name} has {got} "
                                  f"{'inputs' if kind == 'A' else 'outputs'}, this UNet's has {expected}; "
                                  "load it into the model it was trained on")
+
+
+def lora_of_another_model(model: str, folder: str | Path) -> Path:
+    """A LoRA file made for another model than `model` (the tiny random one's; the toy's for the tiny random model),
+    saved in `folder`: what `load_lora` must refuse."""
+    other = load_pipeline("tiny-random" if model != "tiny-random" else "toy")
+    add_lora(other.unet, rank=2)
+    return save_lora(other, folder)
 
 
 def load_lora(pipe, path: str | Path, adapter_name: str | None = None) -> None:

@@ -273,6 +273,25 @@ def morph_midpoints(pipe, prompt_a: str, prompt_b: str, seeds_a: Sequence[int], 
     return latents
 
 
+def lerp_midpoint_stats(morph: dict[str, torch.Tensor], morph_images: dict[str, list], noise_a: torch.Tensor,
+                        noise_b: torch.Tensor) -> tuple[dict[str, dict[str, float]], float]:
+    """Notebook 04's midpoints (`morph_midpoints` and their decoded images) against their ends: for the noise lerp
+    and the final-latent lerp, the latent norm over the ends' and the pixel contrast over the ends'. Returns those
+    and the ends' mean contrast."""
+    endpoint_contrast = float(np.concatenate([pixel_contrast(morph_images["A"]), pixel_contrast(morph_images["B"])])
+                              .mean())
+
+    def mean_norm(latents: torch.Tensor) -> float:
+        return float(latents.flatten(1).norm(dim=1).mean())  # (batch, 4, h/8, w/8) -> a norm per sample -> mean
+
+    final_ends = torch.cat([morph["A"], morph["B"]])
+    norms = {"noise lerp": mean_norm(lerp(0.5, noise_a, noise_b)) / mean_norm(torch.cat([noise_a, noise_b])),
+             "final-latent lerp": mean_norm(morph["final-latent lerp"]) / mean_norm(final_ends)}
+    return {method: {"latent_norm_ratio": norm,
+                     "contrast_ratio": float(pixel_contrast(morph_images[method]).mean() / endpoint_contrast)}
+            for method, norm in norms.items()}, endpoint_contrast
+
+
 def midpoint_images(pipe, prompt_pairs: Sequence[Sequence[str]], seeds: Sequence[int], *, alpha: float = 0.5,
                     seed_offset: int = SEED_OFFSET, **denoise_kwargs) -> dict[str, list]:
     """Generations A and B and their midpoints (MIDPOINT_METHODS) for every (pair, seed), decoded: {"A", "B",

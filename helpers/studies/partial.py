@@ -35,9 +35,9 @@ from helpers.core.ldm import (
     COMPONENTS,
     LDM_PREFIXES,
     component_byte_ranges,
+    float_dtype,
     load_component_from_single_file,
     load_ldm_state_dict,
-    read_header,
 )
 from helpers.core.measure import MiB, time_load
 
@@ -62,18 +62,6 @@ def io_read_bytes() -> int:
     except OSError:
         pass
     return -1
-
-
-def float_dtype(path: str | Path):
-    """The torch dtype of the first floating tensor in a safetensors file (None if there is none)."""
-    import torch
-
-    header, _ = read_header(path)
-    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-    for info in (v for k, v in header.items() if k != "__metadata__"):
-        if info["dtype"] in names:
-            return names[info["dtype"]]
-    return None
 
 
 def _touch_every_page(tensors) -> float:

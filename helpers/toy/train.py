@@ -77,7 +77,6 @@ DEFAULT_WORK_DIR = Path(__file__).resolve().parents[2] / "scratch" / "toy"
 STAGES = ("data", "oracle", "vae", "latents", "clip", "unet", "decoder", "pipeline", "controlnet",
           "controlnet-normal", "controlnet-canny", "tiny-vae", "ldm", "lcm")
 DEFAULT_STAGES = STAGES[:-1]  # the LCM-LoRA is distilled from the shipped UNet on demand: `--stage lcm`
-CONTROL_KINDS = ("depth", "normal", "canny")  # what each ControlNet is conditioned on, all derived from depth
 
 UNET_LR = 2e-3  # peak; linear warm-up, cosine decay (the model is small: 2.5 M parameters)
 CONTROLNET_LR = 1e-3
@@ -111,6 +110,7 @@ class Budget:
     lcm_steps: int = 3250
     lcm_batch_size: int = 16
     lcm_target_ema: float = 0.95  # the LCM paper's EMA target; 0: the student is its own target (LCM-LoRA)
+    lcm_full_unet: bool = False  # distil into every UNet weight (the LCM paper's way) instead of a LoRA
     n_scenes: int = 20000
 
 
@@ -690,8 +690,8 @@ CONTROL_SEEDS = {"depth": 3, "normal": 6, "canny": 7}
 
 
 def stage_controlnet(work: Path, budget: Budget, caption_dropout: float = 0.1, kind: str = "depth") -> list[float]:
-    """A ControlNet for `kind` (see CONTROL_KINDS) on the frozen shipped pipeline. Depth starts from the UNet's
-    encoder (`ControlNetModel.from_unet`), normal and Canny from the trained depth net."""
+    """A ControlNet for `kind` (`helpers.core.pictures.CONTROL_KINDS`) on the frozen shipped pipeline. Depth starts
+    from the UNet's encoder (`ControlNetModel.from_unet`), normal and Canny from the trained depth net."""
     target = WEIGHTS_DIR / f"controlnet-{kind}"
     if (target / "config.json").exists():
         return []
@@ -836,6 +836,7 @@ LCM_HUBER_C = 0.001  # the LCM paper's pseudo-Huber constant
 LCM_LR = 1e-3  # LoRA only (SD 1.5's LCM-LoRA: 1e-4 at rank 64, on a teacher 500x bigger)
 LCM_LORA_RANK = 16  # the toy's layers are 32-64 wide (SD's LCM-LoRA: rank 64 on 320-1280)
 LCM_LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights reads
+LCM_FULL_LR = 3e-4  # every UNet weight trains: a smaller step than the LoRA's (the UNet itself trained at 2e-3)
 
 
 def lcm_boundary_scalings(timesteps: torch.Tensor, timestep_scaling: float = LCM_TIMESTEP_SCALING,
@@ -949,9 +950,11 @@ def save_lcm_lora(unet, target: Path) -> None:
 
 
 def stage_lcm(work: Path, budget: Budget) -> list[float]:
-    """Distil the shipped UNet into a latent consistency model, as a LoRA on it (see lcm_targets_step)."""
-    target = WEIGHTS_DIR / "lcm-lora"
-    if (target / LCM_LORA_FILE).exists():
+    """Distil the shipped UNet into a latent consistency model (see lcm_targets_step): as a LoRA on it, the way
+    LCM-LoRA ships, or with `budget.lcm_full_unet` into every weight, the way the LCM paper's models ship."""
+    full = budget.lcm_full_unet
+    target = WEIGHTS_DIR / ("lcm-unet" if full else "lcm-lora")
+    if (target / ("config.json" if full else LCM_LORA_FILE)).exists():
         return []
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -967,24 +970,25 @@ def stage_lcm(work: Path, budget: Budget) -> list[float]:
     text_encoder = CLIPTextModel.from_pretrained(sd / "text_encoder").eval().requires_grad_(False)
     teacher = UNet2DConditionModel.from_pretrained(sd / "unet", dtype=torch.float32).eval().requires_grad_(False)
     student = UNet2DConditionModel.from_pretrained(sd / "unet", dtype=torch.float32)
-    params = add_lcm_lora(student)
+    params = list(student.parameters()) if full else add_lcm_lora(student)
+    learning_rate = LCM_FULL_LR if full else LCM_LR
     target_net, target_params = None, []
     if budget.lcm_target_ema:  # the LCM paper's EMA target network; 0: the student itself (LCM-LoRA)
         target_net = copy.deepcopy(student).eval().requires_grad_(False)
-        target_params = [param for name, param in target_net.named_parameters() if "lora_" in name]
+        target_params = [param for name, param in target_net.named_parameters() if full or "lora_" in name]
     scheduler = DDPMScheduler.from_pretrained(sd / "scheduler")  # the teacher's own (zero-SNR) schedule
     alphas_cumprod, prediction_type = scheduler.alphas_cumprod, scheduler.config.prediction_type
     token_ids = tokenize(tokenizer, data["captions"])
     with torch.no_grad():
         uncond = text_encoder(tokenize(tokenizer, [""]))[0]  # (1, 77, hidden)
-    optimizer = torch.optim.AdamW(params, lr=LCM_LR, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(8)
     ema_modules = {} if target_net is None else {"target": target_net}
     checkpointer = Checkpointer(work / "lcm.ckpt", optimizer, generator, unet=student, **ema_modules)
     index_batches = batches(len(token_ids), budget.lcm_batch_size, generator)
 
     def step_fn(step: int, progress: float) -> float:
-        set_lr(optimizer, LCM_LR * cosine_lr(progress))
+        set_lr(optimizer, learning_rate * cosine_lr(progress))
         idx = next(index_batches)
         with torch.no_grad():
             prompt_embeds = text_encoder(token_ids[idx])[0]  # (B, 77, hidden)
@@ -999,8 +1003,11 @@ def stage_lcm(work: Path, budget: Budget) -> list[float]:
         return loss
 
     losses = train_loop("lcm", budget.lcm_steps, step_fn, checkpointer, budget.max_minutes)
-    save_lcm_lora(student, target)
-    log(f"LCM-LoRA saved -> {target}")
+    if full:
+        student.to(torch.float16).save_pretrained(target)  # fp16, like the shipped UNet
+    else:
+        save_lcm_lora(student, target)
+    log(f"LCM {'UNet' if full else 'LoRA'} saved -> {target}")
     return losses
 
 
@@ -1039,6 +1046,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="wall-time cap per training stage")
     parser.add_argument("--lcm-target-ema", type=float, default=defaults.lcm_target_ema,
                         help="the LCM stage's target network: EMA decay of the student (0: the student itself)")
+    parser.add_argument("--lcm-full-unet", action="store_true",
+                        help="the LCM stage distils into every UNet weight (-> weights/lcm-unet/), not a LoRA")
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from helpers.studies.control import canny_edges, normal_map
+from helpers.core.pictures import canny_edges, normal_map
 from helpers.toy import world
 
 # SD 1.5's training noise schedule (scheduler_config.json of stable-diffusion-v1-5), with two changes from

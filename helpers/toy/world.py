@@ -11,7 +11,7 @@ text encoder has to read word order as well as words.
 Depth follows the ControlNet convention (bright = near): the backdrop is a ground plane that comes
 nearer towards the bottom of the picture, objects stand in front of it (large ones nearer than small
 ones) and circles bulge like spheres. Normal maps and Canny edges are derived from the depth map by
-`helpers.studies.control` (`normal_map`, `canny_edges`), for notebook 06 and the toy's training alike.
+`helpers.core.pictures` (`normal_map`, `canny_edges`), for notebook 06 and the toy's training alike.
 
 Held-out split: a caption whose CRC32 is divisible by 10 is never shown in training; held-out scenes
 use only such captions and a separate seed space.
