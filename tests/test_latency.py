@@ -1,6 +1,8 @@
 """helpers.studies.latency: rung names, what a platform can run, part timers, quality scores, the Pareto front and the
 recommendation, FLOPs and the roofline; the rungs themselves on the toy (small: 4-8 steps, one prompt)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -149,6 +151,33 @@ def test_time_request_splits_the_request_into_its_parts(toy_depth_pipe, inputs):
     assert calls["unet"] == 2 and set(stages) >= {"encode_text", "denoise", "decode"}
 
 
+def test_same_arithmetic_rungs_are_priced_by_an_equality_check(toy_depth_pipe):
+    """channels_last changes how the baseline's arithmetic runs, not what it computes: its first pictures are checked
+    equal to the baseline's and it inherits the oracle's scores; a rung that computes something else, or a same-
+    arithmetic rung whose pictures differ from its reference's, is priced on every prompt."""
+    scenes = sample_scenes(4, seed=0)
+    inputs = latency.Inputs(scenes.prompts, [0, 1, 2, 3], scenes.control_images(), list(scenes.depth_maps))
+    ladder = latency.Ladder(toy_depth_pipe, inputs, latency.RungConfig(scheduler="ddim", steps=4), on_toy=True,
+                            repeats=1, quality_batch=4, equality_images=2)
+    assert latency.same_arithmetic_reference(ladder.config("ddim 2 + channels_last")) == ladder.config("ddim 2")
+    assert latency.same_arithmetic_reference(ladder.config("ddim 2 + cfg_cutoff")) is None
+    layout = ladder.run("channels_last")
+    base = ladder.results["baseline"]
+    assert len(layout.images) == 2 and layout.quality["quality_from"] == "baseline"
+    assert layout.quality["equality_lowest_psnr_db"] >= ladder.equality_min_psnr_db
+    assert layout.quality["prompt_adherence"] == base.quality["prompt_adherence"]
+    assert layout.quality["control_adherence"] == base.quality["control_adherence"]
+    fewer = ladder.run("ddim 2")
+    assert len(fewer.images) == len(inputs.prompts) and "quality_from" not in fewer.quality
+    fused = ladder.run("ddim 2 + fused_qkv")
+    assert fused.quality["quality_from"] == "ddim 2", "any rung priced in full is a reference"
+    shuffled = dataclasses.replace(base, images=base.images[::-1])  # a baseline whose first pictures are others'
+    other = latency.Ladder(toy_depth_pipe, inputs, ladder.baseline, on_toy=True, repeats=1, quality_batch=4,
+                           equality_images=2, results={"baseline": shuffled})
+    layout_again = other.run("classic_attention")
+    assert len(layout_again.images) == len(inputs.prompts) and "quality_from" not in layout_again.quality
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Rungs on the toy: fewer steps, guidance cut-off, DeepCache, the tiny decoder
 
@@ -243,9 +272,11 @@ def test_image_similarity_is_perfect_for_the_same_images_and_drops_with_noise():
     image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     noisy = np.clip(image.astype(int) + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)
     same = latency.image_similarity([image], [image])
-    assert same == {"psnr_db": float("inf"), "ssim": pytest.approx(1.0)}
+    assert same == {"psnr_db": float("inf"), "ssim": pytest.approx(1.0), "lowest_psnr_db": float("inf")}
     worse = latency.image_similarity([noisy], [image])
     assert 15 < worse["psnr_db"] < 35 and worse["ssim"] < 0.99
+    mixed = latency.image_similarity([image, noisy], [image, image])  # one identical picture hides nothing
+    assert mixed["psnr_db"] == pytest.approx(worse["psnr_db"]) and mixed["lowest_psnr_db"] == worse["psnr_db"]
     with pytest.raises(ValueError, match="2 images but 1 reference"):
         latency.image_similarity([image, image], [image])
     with pytest.raises(ValueError, match="cannot be compared"):

@@ -61,6 +61,7 @@ from helpers.studies.latency.rungs import (
     HALF_DTYPES,
     LCM_GUIDANCE_SCALE,
     OPTIMISATIONS,
+    SAME_ARITHMETIC,
     STRENGTHS,
     Inputs,
     RungConfig,
@@ -68,6 +69,7 @@ from helpers.studies.latency.rungs import (
     decided_as,
     half_name,
     parse_rung,
+    same_arithmetic_reference,
     sd15_prompts,
 )
 from helpers.studies.latency.speedups import (
@@ -93,13 +95,14 @@ from helpers.studies.latency.speedups import (
 )
 
 __all__ = [
-    "HALF_DTYPES", "LCM_GUIDANCE_SCALE", "OPTIMISATIONS", "PARTS", "STRENGTHS", "Inputs", "Ladder", "RungConfig",
-    "RungResult", "RungSkipped", "UNetOnly", "apply_speedups", "capture_stage_calls", "compile_unet", "configure",
-    "copy_pipeline", "count_flops", "decided_as", "fuse_qkv", "generate_config", "half_name", "image_similarity",
-    "interleaved_step_times", "interleaved_times", "matmul_roofline", "networks", "out_of_memory", "owned_bytes",
-    "parse_rung", "pareto_front", "part_timers", "profile_top_ops", "quality", "quality_images", "recipe", "recommend",
-    "release_memory", "rooflines", "run_rung", "sd15_prompts", "sharing_copy", "skip_reason", "slow_bf16_reason",
-    "speedups", "stage_bottlenecks", "time_loads", "time_request", "time_unet_steps", "unet_step_inputs",
-    "use_attention_slicing", "use_channels_last", "use_classic_attention", "use_deepcache", "use_half", "use_lcm",
-    "use_lcm_lora", "use_openvino", "use_scheduler", "use_tiny_decoder", "use_tome", "why_not", "within_bars",
+    "HALF_DTYPES", "LCM_GUIDANCE_SCALE", "OPTIMISATIONS", "PARTS", "SAME_ARITHMETIC", "STRENGTHS", "Inputs",
+    "Ladder", "RungConfig", "RungResult", "RungSkipped", "UNetOnly", "apply_speedups", "capture_stage_calls",
+    "compile_unet", "configure", "copy_pipeline", "count_flops", "decided_as", "fuse_qkv", "generate_config",
+    "half_name", "image_similarity", "interleaved_step_times", "interleaved_times", "matmul_roofline", "networks",
+    "out_of_memory", "owned_bytes", "parse_rung", "pareto_front", "part_timers", "profile_top_ops", "quality",
+    "quality_images", "recipe", "recommend", "release_memory", "rooflines", "run_rung", "same_arithmetic_reference",
+    "sd15_prompts", "sharing_copy", "skip_reason", "slow_bf16_reason", "speedups", "stage_bottlenecks",
+    "time_loads", "time_request", "time_unet_steps", "unet_step_inputs", "use_attention_slicing",
+    "use_channels_last", "use_classic_attention", "use_deepcache", "use_half", "use_lcm", "use_lcm_lora",
+    "use_openvino", "use_scheduler", "use_tiny_decoder", "use_tome", "why_not", "within_bars",
 ]

@@ -20,8 +20,15 @@ import torch
 from helpers.core.measure import in_turn, more_runs, time_load, timed
 from helpers.core.stages import generate
 from helpers.studies.latency.profiling import part_timers
-from helpers.studies.latency.quality import quality
-from helpers.studies.latency.rungs import STRENGTHS, Inputs, RungConfig, RungSkipped, parse_rung
+from helpers.studies.latency.quality import image_similarity, quality
+from helpers.studies.latency.rungs import (
+    STRENGTHS,
+    Inputs,
+    RungConfig,
+    RungSkipped,
+    parse_rung,
+    same_arithmetic_reference,
+)
 from helpers.studies.latency.speedups import apply_speedups, networks, why_not
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,6 +123,7 @@ class RungResult:
     calls: dict[str, int] = field(default_factory=dict)  # calls per part in one request
     images: list = field(default_factory=list)  # the quality images (PIL), one per prompt
     quality: dict = field(default_factory=dict)
+    wall_s: float = 0.0  # the whole rung: setup, warm-up, timed requests and quality images
 
     @property
     def median_s(self) -> float | None:
@@ -134,7 +142,7 @@ class RungResult:
                 "status": self.status, "reason": self.reason, "setup_s": self.setup_s,
                 "first_call_s": self.first_call_s, "latency_s": self.latency_s, "median_s": self.median_s,
                 "parts_s": self.parts_s, "stages_s": self.stages_s, "calls": self.calls,
-                "quality": self.quality}
+                "quality": self.quality, "wall_s": self.wall_s}
 
 
 def generate_config(pipe, config: RungConfig, inputs: Inputs, output_type: str = "pil"):
@@ -167,8 +175,9 @@ def run_rung(base_pipe, name: str, config: RungConfig, inputs: Inputs, *, reques
     the copy is freed either way."""
     result = RungResult(name, config, "ok")
     pipe = None
+    began = time.perf_counter()
     try:
-        start = time.perf_counter()
+        start = began
         pipe = configure(base_pipe, config)
         result.setup_s = time.perf_counter() - start
         request = inputs.subset(request_size)
@@ -185,8 +194,10 @@ def run_rung(base_pipe, name: str, config: RungConfig, inputs: Inputs, *, reques
         result.stages_s = {stage: statistics.median(run[2][stage] for run in runs) for stage in runs[0][2]}
         result.calls = runs[0][3]
         result.images = quality_images(pipe, config, inputs, quality_batch)
+        result.wall_s = time.perf_counter() - began
     except Exception as error:  # noqa: BLE001 - whatever this platform cannot do is recorded, never a crash
-        return RungResult(name, config, "skipped", skip_reason(error), setup_s=result.setup_s)
+        return RungResult(name, config, "skipped", skip_reason(error), setup_s=result.setup_s,
+                          wall_s=time.perf_counter() - began)
     finally:
         pipe = None
         release_memory(base_pipe.device)
@@ -264,7 +275,13 @@ def interleaved_times(base_pipe, configs: dict[str, RungConfig], request: Inputs
 class Ladder:
     """The rungs of one run, side by side with the baseline: `ladder.run("dpm++ 10 + deepcache")` times a rung,
     scores its images against the prompt, the control map and the baseline's image of the same seed. A name is read
-    by `parse_rung` on `baseline`, with `strengths` for the speed-ups that have one."""
+    by `parse_rung` on `baseline`, with `strengths` for the speed-ups that have one.
+
+    With `equality_images` > 0, a rung that only changes how the arithmetic of a rung already priced runs
+    (`SAME_ARITHMETIC`: channels_last, fused QKV, compile, the attention kernel, OpenVINO at the same precision) is
+    priced by an equality check instead: its first `equality_images` pictures against that rung's, and when they
+    agree to `equality_min_psnr_db`, its oracle scores are that rung's ("quality_from" says which). Pictures that
+    disagree get the full pricing on every prompt. 0: every rung is priced on every prompt."""
 
     pipe: object
     inputs: Inputs
@@ -275,6 +292,8 @@ class Ladder:
     repeats: int = 3
     min_time_s: float = 0.0
     quality_batch: int = 8
+    equality_images: int = 0
+    equality_min_psnr_db: float = 40.0
     results: dict[str, RungResult] = field(default_factory=dict)
 
     def config(self, name: str) -> RungConfig:
@@ -286,16 +305,46 @@ class Ladder:
             return self.results[name]
         if "baseline" not in self.results and name != "baseline":
             self.run("baseline")
-        result = run_rung(self.pipe, name, self.config(name), self.inputs, request_size=self.request_size,
-                          repeats=self.repeats, min_time_s=self.min_time_s, quality_batch=self.quality_batch)
+        reference = self.same_arithmetic_as(name)
+        result = self._run(name, self.inputs.subset(self.equality_images) if reference else self.inputs)
+        if result.status == "ok" and reference:
+            equality = image_similarity(result.images, self.results[reference].images[:len(result.images)])
+            if equality["lowest_psnr_db"] >= self.equality_min_psnr_db:
+                result.quality = self._inherited_quality(result, reference, equality)
+                self.results[name] = result
+                return result
+            checked_s = result.wall_s
+            result = self._run(name, self.inputs)  # not the same pictures after all: priced in full
+            result.wall_s += checked_s
         if name == "baseline" and result.status != "ok":
             raise RuntimeError(f"the baseline could not run ({result.reason}), and every rung is priced against it: "
                                "lower what it needs (QUALITY_BATCH, REQUEST_SIZE, the image size) or free memory")
         if result.status == "ok":
-            reference = self.results["baseline"].images if name != "baseline" else result.images
-            result.quality = quality(result.images, self.inputs, reference, self.on_toy)
+            reference_images = self.results["baseline"].images if name != "baseline" else result.images
+            result.quality = quality(result.images, self.inputs, reference_images, self.on_toy)
         self.results[name] = result
         return result
+
+    def _run(self, name: str, inputs: Inputs) -> RungResult:
+        return run_rung(self.pipe, name, self.config(name), inputs, request_size=self.request_size,
+                        repeats=self.repeats, min_time_s=self.min_time_s, quality_batch=self.quality_batch)
+
+    def same_arithmetic_as(self, name: str) -> str | None:
+        """The rung already priced on every prompt that computes what `name` computes (`same_arithmetic_reference`),
+        when equality checks are on; else None."""
+        reference = same_arithmetic_reference(self.config(name)) if self.equality_images else None
+        return next((ran for ran, result in self.results.items() if result.config == reference
+                     and result.status == "ok" and "quality_from" not in result.quality
+                     and len(result.images) >= self.equality_images), None)
+
+    def _inherited_quality(self, result: RungResult, reference: str, equality: dict) -> dict:
+        """The reference's oracle scores, this rung's PSNR/SSIM against the baseline on its own pictures, and the
+        equality check that allows it."""
+        scores = {key: value for key, value in self.results[reference].quality.items()
+                  if key not in ("psnr_db", "ssim", "lowest_psnr_db")}
+        baseline_images = self.results["baseline"].images[:len(result.images)]
+        return {**scores, **image_similarity(result.images, baseline_images), "quality_from": reference,
+                "equality_images": len(result.images), "equality_lowest_psnr_db": equality["lowest_psnr_db"]}
 
     def rows(self) -> list[dict]:
         base = self.results["baseline"].median_s

@@ -14,7 +14,8 @@ from helpers.toy import control_adherence, prompt_adherence
 
 
 def image_similarity(images: Sequence, references: Sequence) -> dict[str, float]:
-    """Mean PSNR (dB) and SSIM of each image against its reference (same seed), with scikit-image."""
+    """Mean PSNR (dB) and SSIM of each image against its reference (same seed), with scikit-image, and the lowest
+    PSNR (inf: every image identical)."""
     if len(images) != len(references):
         raise ValueError(f"{len(images)} images but {len(references)} reference images: give one per image")
     psnrs, ssims = [], []
@@ -24,9 +25,9 @@ def image_similarity(images: Sequence, references: Sequence) -> dict[str, float]
             raise ValueError(f"an image of shape {a.shape} cannot be compared with a reference of shape {b.shape}")
         psnrs.append(peak_signal_noise_ratio(b, a, data_range=255) if not np.array_equal(a, b) else float("inf"))
         ssims.append(structural_similarity(b, a, channel_axis=-1, data_range=255))
-    finite = [p for p in psnrs if np.isfinite(p)]
-    return {"psnr_db": float(np.mean(finite)) if len(finite) == len(psnrs) else float("inf"),
-            "ssim": float(np.mean(ssims))}
+    finite = [p for p in psnrs if np.isfinite(p)]  # identical pictures have no PSNR: the mean is over the others
+    return {"psnr_db": float(np.mean(finite)) if finite else float("inf"), "ssim": float(np.mean(ssims)),
+            "lowest_psnr_db": float(min(psnrs))}
 
 
 def quality(images: Sequence, inputs: Inputs, baseline_images: Sequence | None, on_toy: bool) -> dict:

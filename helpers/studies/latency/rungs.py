@@ -85,6 +85,20 @@ OPTIMISATIONS: dict[str, Callable[[RungConfig], dict]] = {  # a name: the change
 }
 
 
+# Speed-ups that change how the same arithmetic runs (memory layout, fused kernels, the attention kernel, the compiler,
+# another engine at the same precision), not what is computed: a rung made of them and a rung already priced differs
+# from that rung's pictures by rounding only, which an equality check on a few images shows (`Ladder.equality_images`).
+SAME_ARITHMETIC = ("channels_last", "attention", "fuse_qkv", "compile", "engine")
+
+
+def same_arithmetic_reference(config: RungConfig) -> RungConfig | None:
+    """`config` without its SAME_ARITHMETIC speed-ups: the rung that computes the same numbers the plain way; None
+    when `config` has none of them."""
+    default = RungConfig()
+    reference = dataclasses.replace(config, **{name: getattr(default, name) for name in SAME_ARITHMETIC})
+    return None if reference == config else reference
+
+
 def parse_rung(name: str, strengths: RungConfig = STRENGTHS, baseline: RungConfig | None = None) -> RungConfig:
     """"baseline", "dpm++ 10" (a scheduler and its steps), "lcm 4" (the LCM-LoRA at 4 steps), an optimisation name,
     or several joined with " + ", applied to `baseline`; a name with a strength (cfg_cutoff, deepcache, tome,
