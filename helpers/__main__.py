@@ -1,6 +1,6 @@
 """Command line: `python -m helpers run|bench|list`.
 
-  python -m helpers run [--profile smoke|cpu|gpu|auto] [--only 02 03] [--outputs DIR]
+  python -m helpers run [--profile smoke|cpu|full|gpu|auto] [--only 02 03] [--outputs DIR]
   python -m helpers bench NAME [args...]      (NAME: a module in helpers/bench/, e.g. load, toy)
   python -m helpers list                      the notebooks and benchmarks there are
   python -m helpers app [--port 7860]         the web page: text in, image out (helpers/serving/app.py)
@@ -19,6 +19,7 @@ import sys
 import helpers.bench
 from helpers.checkpoints import hub as local_hub  # light: torch and diffusers are imported when it builds
 from helpers.series import rehearse as rehearsal_run
+from helpers.series.profiles import PROFILE_NAMES
 from helpers.series.run import find_notebooks, run_series, summary_table
 from helpers.serving import app as web_app  # light: gradio and torch are imported when the page is built
 from helpers.serving import batch as batch_job  # light: torch is imported when a batch runs
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="execute the notebooks with papermill into outputs/")
-    run.add_argument("--profile", default="auto", choices=["smoke", "cpu", "gpu", "auto"])
+    run.add_argument("--profile", default="auto", choices=PROFILE_NAMES,
+                     help="auto (default): gpu for SD 1.5 on a GPU with the hub, else cpu (~10 min on 2 cores); "
+                          "full: every measurement on the toy (~40 min)")
     run.add_argument("--only", nargs="+", help="notebook numbers or names, e.g. 02")
     run.add_argument("--outputs", help="where executed notebooks and results go (default: outputs/)")
     bench = commands.add_parser("bench", help="run a benchmark: prints a table, writes outputs/bench_NAME.json")

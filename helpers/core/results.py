@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+PROGRESS_EVERY_S = 10  # how often a progress bar in a long cell redraws: a log file gets a line, not a thousand
+
 
 def outputs_dir() -> Path:
     """Where executed notebooks, images and results go (created if missing): $SD_OUTPUTS, else `./outputs`;

@@ -1,7 +1,10 @@
 """Run profiles: which model and how much work each notebook does under papermill.
 
 - `smoke`: CI and the tests. The toy model, tiny N and few steps: minutes for the whole series.
-- `cpu`:   the offline main job. The toy model at full size (N=128 and 20 steps where a notebook asks).
+- `cpu`:   the offline main job, about 10 minutes on 2 cores. The toy model at the mission's sizes (N = 128, 64
+           held-out prompts for quality), each notebook's whole story, with what costs most and teaches least trimmed.
+- `full`:  every measurement the notebooks can make on the toy (about 40 minutes on 2 cores): all four schedulers at
+           five step counts, every optimisation priced on every prompt, 20 steps in 03, two more loads of each kind.
 - `gpu`:   SD 1.5 from the hub on Kaggle/Colab.
 - `auto`:  `gpu` when CUDA and the hub are both there, else `cpu`.
 Each notebook's `parameters` cell holds its defaults (the `cpu` values); a profile overrides some of them, here and
@@ -15,11 +18,12 @@ from pathlib import Path
 # Light (no torch, no diffusers): settings, the rehearsal and `python -m helpers` read the profiles; the accelerator and
 # the loader are imported when "auto" is resolved.
 
-PROFILE_NAMES = ("smoke", "cpu", "gpu", "auto")
+PROFILE_NAMES = ("smoke", "cpu", "full", "gpu", "auto")
 
 COMMON = {
     "smoke": {"MODEL": "toy"},
     "cpu": {"MODEL": "toy"},
+    "full": {"MODEL": "toy"},
     "gpu": {"MODEL": "stable-diffusion-v1-5/stable-diffusion-v1-5"},  # helpers.core.models.SD15_HUB_ID
 }
 
@@ -45,7 +49,8 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
     "03": {  # smoke: N=4 at 2 steps, chunks of 3, room for 1 in the OOM demo, cold loads of state dicts only
         "smoke": {"N": 4, "STEPS": 2, "MAX_BATCH": 4, "REPEATS": 2, "MIN_RUN_S": 0.2, "CHUNK_DEMO_MAX_BATCH": 3,
                   "OOM_DEMO_LIMIT": 1, "LOAD_MODES": ["tensors"], "LOAD_REPEATS": 1},
-        "cpu": {},  # the toy at N=128, 20 steps: several minutes
+        "cpu": {},  # the toy at N=128, 10 steps (the parameters cell): the ratios of 20 steps, at half the time
+        "full": {"STEPS": 20, "REPEATS": 3, "MIN_RUN_S": 2.0, "LOAD_REPEATS": 3},
         # SD 1.5 at 512², 20 steps, fp16, on a 16 GB T4 (15 GiB budget). From FLOPs (torch.utils.flop_counter on SD
         # 1.5's shapes) and a T4's published ~7.6 it/s (a UNet step of batch 2 at 64² latents, 1.61 TFLOP: ~12 TFLOP/s):
         # an image's 20 steps (PNDM: 21 UNet calls) 2.8 s, a 512² decode (2.51 TFLOP) 0.21 s. The notebook denoises
@@ -109,7 +114,23 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
                   "OPTIMISATION_RUNGS": ["fp16", "cfg_cutoff", "deepcache", "tiny_vae", "lcm 1"],
                   "COMBINED_RUNGS": ["dpm++ 4 + cfg_cutoff + deepcache + tiny_vae"], "SHOW_RUNGS": 2,
                   "FINALISTS": 2, "HEAD_TO_HEAD_ROUNDS": 2},
+        # cpu (the parameters cell): two schedulers at three step counts, the optimisations that teach something on a
+        # CPU, rungs that only change how the same arithmetic runs priced by an equality check on 6 pictures
         "cpu": {},
+        "full": {"MIN_RUN_S": 2.0, "EQUALITY_IMAGES": 0, "SCHEDULER_RUNGS": ["ddim", "euler", "dpm++", "unipc"],
+                 "STEP_RUNGS": [30, 20, 10, 6, 4],
+                 "OPTIMISATION_RUNGS": ["half", "fp16", "channels_last", "attention_slicing", "classic_attention",
+                                        "fused_qkv", "compile", "cfg_cutoff", "deepcache", "tome", "control_end",
+                                        "tiny_vae", "openvino", "openvino + bf16", "lcm 4", "lcm 2", "lcm 1"],
+                 "COMBINED_RUNGS": ["dpm++ 10 + cfg_cutoff + openvino", "dpm++ 10 + cfg_cutoff + deepcache",
+                                    "dpm++ 6 + deepcache", "dpm++ 6 + openvino + bf16",
+                                    "dpm++ 6 + cfg_cutoff + openvino + bf16", "dpm++ 4 + openvino + bf16",
+                                    "dpm++ 4 + cfg_cutoff + openvino + bf16",
+                                    "dpm++ 6 + cfg_cutoff + openvino + bf16 + tiny_vae",
+                                    "dpm++ 4 + cfg_cutoff + openvino + bf16 + tiny_vae", "lcm 4 + openvino + bf16",
+                                    "lcm 2 + openvino + bf16", "lcm 1 + openvino + bf16",
+                                    "lcm 1 + openvino + bf16 + tiny_vae"],
+                 "HEAD_TO_HEAD_ROUNDS": 10},
         # SD 1.5 + depth ControlNet at 512² on a 16 GB T4, baseline fp16 PNDM 50 steps, every rung fp16 (no OpenVINO,
         # no bf16: a T4 only emulates it). Time, from FLOPs (flop_counter) at the T4's ~7.6 it/s for SD 1.5's UNet
         # (1,607 GFLOP a step at batch 2 with CFG, so ~12.2 TFLOP/s): a step with the ControlNet (+567 GFLOP) 0.18 s,

@@ -38,12 +38,12 @@ from helpers.core.models import (
     resolve_model,
     toy_paths,
 )
+from helpers.core.results import PROGRESS_EVERY_S
 from helpers.core.stages import decode, denoise, encode_text, generate, vae_scale_factor
 from helpers.toy import TOY_LDM_FILE, world
 
 PROMPTS_FILE = DATA_DIR / "prompts_128.txt"  # the toy world's (make_prompts)
 SD_PROMPTS_FILE = DATA_DIR / "sd_prompts_64.txt"  # ordinary prompts, for a real SD
-PROGRESS_EVERY_S = 10  # how often a progress bar redraws
 STAGES = ("encode_text", "denoise", "decode", "generate")  # "generate": the three in series
 STAGE_COMPONENTS = {  # what each stage reads of the model
     "encode_text": ("tokenizer", "text_encoder"),

@@ -45,7 +45,7 @@ import torch
 
 from helpers.core.models import load_pipeline
 from helpers.core.pictures import to_pil
-from helpers.core.results import outputs_dir
+from helpers.core.results import PROGRESS_EVERY_S, outputs_dir
 from helpers.core.stages import default_size, generate
 from helpers.core.tokenizer import DEFAULT_WORDS
 from helpers.toy import sample_scenes, world
@@ -671,7 +671,7 @@ def train_lora(pipe, data: DreamBoothData, *, steps: int, learning_rate: float =
     latents, scaling_factor = {"mean": data.latents}, pipe.vae.config.scaling_factor
     losses, started = [], time.perf_counter()
     unet.train()
-    for step in tqdm(range(steps), desc="LoRA", disable=not progress, mininterval=10):
+    for step in tqdm(range(steps), desc="LoRA", disable=not progress, mininterval=PROGRESS_EVERY_S):
         set_lr(optimizer, learning_rate * cosine_lr(step / steps))
         idx = torch.cat([pick(data.instance_index, batch_size, generator), pick(data.class_index, batch_size,
                                                                                 generator)])
