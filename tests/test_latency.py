@@ -46,6 +46,25 @@ def test_config_passes_steps_cutoff_and_control_window_to_generate():
     assert config.generate_kwargs() == {"num_inference_steps": 6, "control_guidance_end": 0.6, "cfg_cutoff": 0.3}
 
 
+def test_ays_is_align_your_steps_schedule_with_dpm_solver(toy_depth_pipe, inputs):
+    """"ays 10" runs DPM-Solver++ on diffusers' AysSchedules["StableDiffusionTimesteps"]: 10 UNet calls, at those
+    timesteps (not 10 evenly spaced ones); other step counts are refused (the schedule is defined for 10)."""
+    from diffusers.schedulers import AysSchedules
+
+    config = latency.parse_rung("ays 10 + cfg_cutoff")
+    assert (config.scheduler, config.steps) == ("dpm++", 10)
+    assert config.generate_kwargs()["timesteps"] == AysSchedules["StableDiffusionTimesteps"]
+    assert "timesteps=[999, 850" in latency.recipe(config)
+    with pytest.raises(ValueError, match="has 10 steps"):
+        latency.parse_rung("ays 6")
+    pipe = latency.configure(toy_depth_pipe, latency.parse_rung("ays 10"))
+    seen = []
+    with latency.part_timers(pipe) as calls:
+        pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(int(args[1].flatten()[0])))
+        latency.generate_config(pipe, latency.parse_rung("ays 10"), inputs.subset(1))
+    assert len(calls["unet"]) == 10 and seen == AysSchedules["StableDiffusionTimesteps"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What this platform can run: reasons, never crashes
 
@@ -716,7 +735,7 @@ def test_notebook_07_gpu_rungs_are_a_t4s(pretend_t4, monkeypatch):
 
 
 def test_notebook_07_gpu_profile_fits_a_t4_in_about_15_minutes():
-    """Denoising steps the gpu profile asks for, at a T4's rate (the estimate written in helpers/profiles.py)."""
+    """Denoising steps the gpu profile asks for, at a T4's rate (the estimate written in helpers/series/profiles.py)."""
     def request_s(steps: int, images: int = 1) -> float:
         return images * (steps * T4_STEP_S + T4_DECODE_S)
 

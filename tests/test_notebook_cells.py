@@ -1,4 +1,4 @@
-"""Kaggle/Colab readiness, tested here: each notebook's setup cell is the canonical one from helpers/colab.py and
+"""Kaggle/Colab readiness, tested here: each notebook's setup cell is the canonical one from helpers/series/colab.py and
 runs offline without installing anything; its parameters cell parses, has Colab forms, and holds every value the
 profiles override with a compatible type; its title carries the Open in Colab / Kaggle badges.
 

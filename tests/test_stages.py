@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from reference import assert_different_pictures, assert_same_pictures, theirs
+from reference import ours as our_pictures
 
 from helpers.core.models import make_scheduler
 from helpers.core.stages import decode, denoise, encode_image, encode_text, generate
@@ -44,6 +45,21 @@ def test_generate_equals_pipeline_call(tiny_pipe, scheduler):
     assert set(timings) == {"encode_text", "denoise", "decode", "total"}
     stages = timings["encode_text"] + timings["denoise"] + timings["decode"]
     assert 0 < stages <= timings["total"] <= wall, f"the stages run one after another inside the call: {timings}"
+
+
+def test_generate_takes_a_schedule_of_its_own_as_the_pipeline_does(tiny_pipe):
+    """Align Your Steps' SD 1.5 timesteps (diffusers' AysSchedules) through `timesteps=`: the pipeline's pictures with
+    the same schedule, not those of 10 evenly spaced steps; a scheduler without custom timesteps is refused."""
+    from diffusers.schedulers import AysSchedules
+
+    schedule = AysSchedules["StableDiffusionTimesteps"]
+    tiny_pipe.scheduler = make_scheduler("dpm++", tiny_pipe.scheduler)
+    # 99 steps asked, but the schedule's length wins, as in diffusers
+    mine = our_pictures(tiny_pipe, PROMPTS[:2], [3, 4], 99, timesteps=schedule)
+    assert_same_pictures(mine, theirs(tiny_pipe, PROMPTS[:2], [3, 4], None, timesteps=schedule))
+    assert_different_pictures(mine, our_pictures(tiny_pipe, PROMPTS[:2], [3, 4], len(schedule)), at_least=1e-3)
+    with pytest.raises(ValueError, match="takes no custom timesteps"):
+        our_pictures(tiny_pipe, PROMPTS[:1], [0], 2, timesteps=[999, 500], scheduler="ddim")
 
 
 def test_negative_prompt_and_guidance_change_the_image(tiny_pipe):

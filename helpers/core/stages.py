@@ -9,6 +9,7 @@ the two can be read side by side; `tests/test_stages.py` checks that both give t
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 import warnings
@@ -184,6 +185,7 @@ def denoise(
     negative_prompt_embeds: torch.Tensor | None = None,
     *,
     num_inference_steps: int = 20,
+    timesteps: Sequence[int] | None = None,
     guidance_scale: float = 7.5,
     seeds: Sequence[int] | None = None,
     height: int | None = None,
@@ -209,6 +211,8 @@ def denoise(
     - `seeds`: one per sample (default 0, 1, 2, ...), so a batch equals the same samples made one by one.
     - `scheduler`: a name from `helpers.core.models.SCHEDULERS`, a class or an instance; default: the pipeline's.
       A fresh copy is used, so calls never share scheduler state.
+    - `timesteps`: the schedule itself (e.g. Align Your Steps' `AysSchedules["StableDiffusionTimesteps"]`), for a
+      scheduler whose `set_timesteps` takes one; `num_inference_steps` is then its length, as in diffusers.
     - `latents`: the starting noise (default: drawn from the seeds); with `strength` < 1 (img2img) they are
       instead the clean latents of an image (`encode_image`), noised to `strength` and denoised from there.
     - `cfg_cutoff` in [0, 1]: guidance only for steps i <= int(len(timesteps) * cfg_cutoff), then the prompt alone
@@ -224,7 +228,8 @@ def denoise(
     The body is the pipeline's numbered steps as an outline (longer than most functions here for that reason:
     one step, one line or two); each step's detail lives in the functions below it.
     """
-    # 0. Default height and width to unet
+    # 0. Default height and width to unet (and the steps to a given schedule's length)
+    num_inference_steps = num_inference_steps if timesteps is None else len(timesteps)
     default_height, default_width = default_size(pipe)
     height = default_height if height is None else height
     width = default_width if width is None else width
@@ -258,7 +263,7 @@ def denoise(
                          "the pipeline with load_pipeline(model, controlnet='depth')")
 
     # 5. Prepare timesteps
-    scheduler, timesteps = prepare_timesteps(pipe, scheduler, num_inference_steps, strength, device)
+    scheduler, timesteps = prepare_timesteps(pipe, scheduler, num_inference_steps, strength, device, timesteps)
 
     # 6. Prepare latent variables
     latents = prepare_latents(pipe, scheduler, timesteps, batch_size, height, width, generator, device,
@@ -339,11 +344,19 @@ def _check_denoise_inputs(pipe, prompt_embeds, negative_prompt_embeds, height, w
         )
 
 
-def prepare_timesteps(pipe, scheduler, num_inference_steps: int, strength: float, device):
-    """A fresh scheduler set to `num_inference_steps`, and the timesteps to run (the last `strength` of them)."""
+def prepare_timesteps(pipe, scheduler, num_inference_steps: int, strength: float, device,
+                      timesteps: Sequence[int] | None = None):
+    """A fresh scheduler set to `num_inference_steps` (or to the given `timesteps`, as diffusers' `retrieve_timesteps`
+    does), and the timesteps to run (the last `strength` of them)."""
     scheduler = make_scheduler(scheduler or pipe.scheduler, pipe.scheduler)
     scheduler = copy.deepcopy(scheduler)  # schedulers keep state (e.g. PNDM's past noise): never share it
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    if timesteps is None:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    elif "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
+        scheduler.set_timesteps(timesteps=list(timesteps), device=device)
+    else:
+        raise ValueError(f"{type(scheduler).__name__} takes no custom timesteps: use a scheduler that does "
+                         "(e.g. 'dpm++', DPMSolverMultistepScheduler) or pass num_inference_steps instead")
     timesteps = scheduler.timesteps
     if strength < 1.0:
         # img2img: skip the noisiest (1 - strength) of the schedule and start from the noised image

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers.schedulers import AysSchedules
 
 from helpers.core import accelerator
 from helpers.core.models import DEFAULT_SCHEDULER, SCHEDULERS
@@ -17,6 +18,11 @@ LCM = "lcm"  # "lcm 4": the LCM-LoRA and LCMScheduler at 4 steps
 # An LCM samples at guidance 1: the teacher's guidance (7.5) was distilled into the LoRA, so the unconditional half of
 # each step (CFG's second UNet pass) would only pull away from it; diffusers' docs sample LCM-LoRA at 1.0 (1-2 at most)
 LCM_GUIDANCE_SCALE = 1.0
+# "ays 10": Align Your Steps (Sabour et al. 2024), the 10 timesteps NVIDIA optimised for SD 1.5, as diffusers ships
+# them, run by DPM-Solver++ (the sampler they were optimised for). They are defined for 10 steps only.
+AYS = "ays"
+AYS_TIMESTEPS = tuple(AysSchedules["StableDiffusionTimesteps"])
+AYS_SCHEDULER = "dpm++"
 
 
 def half_name(dtype: torch.dtype) -> str | None:
@@ -36,6 +42,7 @@ class RungConfig:
 
     scheduler: str = "default"  # a name of helpers.core.models.SCHEDULERS, or the pipeline's own
     steps: int = 50
+    timesteps: tuple[int, ...] | None = None  # a schedule of its own (Align Your Steps'); `steps` is its length
     lcm: bool = False  # the LCM-LoRA with LCMScheduler at `steps` steps, guidance LCM_GUIDANCE_SCALE
     half: str | None = None  # "bf16" or "fp16" weights and activations; None: fp32
     channels_last: bool = False
@@ -52,6 +59,8 @@ class RungConfig:
     def generate_kwargs(self) -> dict:
         """What `helpers.core.stages.generate` needs from this config (the rest is applied to the pipeline)."""
         kwargs = {"num_inference_steps": self.steps, "control_guidance_end": self.control_guidance_end}
+        if self.timesteps is not None:
+            kwargs["timesteps"] = list(self.timesteps)
         if self.lcm:
             kwargs["guidance_scale"] = LCM_GUIDANCE_SCALE  # the guidance is in the weights
         if self.cfg_cutoff is not None:
@@ -100,7 +109,8 @@ def same_arithmetic_reference(config: RungConfig) -> RungConfig | None:
 
 
 def parse_rung(name: str, strengths: RungConfig = STRENGTHS, baseline: RungConfig | None = None) -> RungConfig:
-    """"baseline", "dpm++ 10" (a scheduler and its steps), "lcm 4" (the LCM-LoRA at 4 steps), an optimisation name,
+    """"baseline", "dpm++ 10" (a scheduler and its steps), "ays 10" (Align Your Steps' schedule with DPM-Solver++),
+    "lcm 4" (the LCM-LoRA at 4 steps), an optimisation name,
     or several joined with " + ", applied to `baseline`; a name with a strength (cfg_cutoff, deepcache, tome,
     control_end) takes it from `strengths`. "lcm N" replaces the baseline's scheduler; named beside another scheduler
     it keeps both, and `why_not` refuses the pair."""
@@ -113,6 +123,13 @@ def parse_rung(name: str, strengths: RungConfig = STRENGTHS, baseline: RungConfi
         if len(words) == 2 and (words[0] in SCHEDULERS or words[0] == DEFAULT_SCHEDULER) and words[1].isdigit():
             config = dataclasses.replace(config, scheduler=words[0], steps=int(words[1]))
             named_scheduler = True
+        elif len(words) == 2 and words[0] == AYS:
+            if words[1] != str(len(AYS_TIMESTEPS)):
+                raise ValueError(f"rung {name!r}: Align Your Steps' SD 1.5 schedule has {len(AYS_TIMESTEPS)} steps "
+                                 f"(diffusers' AysSchedules): write '{AYS} {len(AYS_TIMESTEPS)}'")
+            config = dataclasses.replace(config, scheduler=AYS_SCHEDULER, steps=len(AYS_TIMESTEPS),
+                                         timesteps=AYS_TIMESTEPS)
+            named_scheduler = True
         elif len(words) == 2 and words[0] == LCM and words[1].isdigit():
             config = dataclasses.replace(config, lcm=True, steps=int(words[1]),
                                          scheduler=config.scheduler if named_scheduler else DEFAULT_SCHEDULER)
@@ -120,8 +137,8 @@ def parse_rung(name: str, strengths: RungConfig = STRENGTHS, baseline: RungConfi
             config = dataclasses.replace(config, **OPTIMISATIONS[part](strengths))
         else:
             raise ValueError(f"rung {name!r}: {part!r} is neither 'baseline', '<scheduler> <steps>' with a scheduler "
-                             f"of {[DEFAULT_SCHEDULER, *sorted(SCHEDULERS)]}, '{LCM} <steps>', nor an optimisation "
-                             f"{sorted(OPTIMISATIONS)}")
+                             f"of {[DEFAULT_SCHEDULER, *sorted(SCHEDULERS)]}, '{AYS} 10', '{LCM} <steps>', nor an "
+                             f"optimisation {sorted(OPTIMISATIONS)}")
     return config
 
 
