@@ -281,6 +281,11 @@ def test_openvino_runs_every_network_and_draws_what_torch_draws(toy_depth_pipe, 
                                           latency.generate_config(reference, config, request).images)
     assert similarity["psnr_db"] > 40, similarity
     assert pipe.vae.inference_precision == "f32"
+    pair = inputs.subset(2)  # new input shapes: each graph is reshaped and compiled again, not traced again
+    similarity = latency.image_similarity(latency.generate_config(pipe, config, pair).images,
+                                          latency.generate_config(reference, config, pair).images)
+    assert similarity["lowest_psnr_db"] > 40, similarity
+    assert all(getattr(pipe, name).traces == 1 for name in ("text_encoder", "unet", "controlnet", "vae"))
 
 # ---------------------------------------------------------------------------------------------------------------
 # Quality, the front and the recommendation

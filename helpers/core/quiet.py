@@ -10,6 +10,9 @@ Never blanket-silenced: each filter names the one logger and the one message it 
 - diffusers: "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'" on every
   `pipe.load_lora_weights` of a LoRA that adapts the UNet only, as LCM-LoRA does (notebook 07's lcm rungs): a text
   encoder left alone is what such a LoRA means. A UNet without keys still warns (another logger, peft's loader).
+- transformers: "`loss_type=None` was set in the config but it is unrecognized. Using the default loss" when
+  OpenVINO traces the text encoder (notebook 07): the tracer reads every property, a loss among them, and no loss is
+  ever computed here.
 - PyTorch's profiler (kineto) prints "USDT: ... profiler_start" / "profiler_stop" to stderr around every profile
   (notebook 07 profiles its requests): its log level, `KINETO_LOG_LEVEL`, defaults to 6 here (the lines are
   trace markers for system tracers). It is read when torch is first imported, so `helpers` sets it on import
@@ -28,6 +31,7 @@ FILTERS = {
     "diffusers.models.modeling_utils": re.compile(r"that should be kept in float32: \[\]\."),
     "diffusers.loaders.lora_base": re.compile(r"No LoRA keys associated to CLIPTextModel found with the "
                                               r"prefix='text_encoder'"),
+    "transformers.modeling_utils": re.compile(r"`loss_type=None` was set in the config but it is unrecognized"),
 }
 
 

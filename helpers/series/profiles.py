@@ -114,8 +114,10 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
                   "OPTIMISATION_RUNGS": ["fp16", "cfg_cutoff", "deepcache", "tiny_vae", "lcm 1"],
                   "COMBINED_RUNGS": ["dpm++ 4 + cfg_cutoff + deepcache + tiny_vae"], "SHOW_RUNGS": 2,
                   "FINALISTS": 2, "HEAD_TO_HEAD_ROUNDS": 2},
-        # cpu (the parameters cell): two schedulers at three step counts, the optimisations that teach something on a
-        # CPU, rungs that only change how the same arithmetic runs priced by an equality check on 6 pictures
+        # cpu (the parameters cell, ~4 min on 2 cores): two schedulers at three step counts and Align Your Steps; alone
+        # on the 50-step baseline the levers that change what is computed (guidance cut-off, DeepCache) and three that
+        # change only how (channels_last, fused QKV, OpenVINO f32: equality-checked on 6 pictures); the LCM rungs;
+        # the combinations that reach the recommendation. full: every rung of today's ladder, each priced in full.
         "cpu": {},
         "full": {"MIN_RUN_S": 2.0, "EQUALITY_IMAGES": 0, "SCHEDULER_RUNGS": ["ddim", "euler", "dpm++", "unipc"],
                  "STEP_RUNGS": [30, 20, 10, 6, 4],
@@ -131,7 +133,7 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
                                     "dpm++ 4 + cfg_cutoff + openvino + bf16 + tiny_vae", "lcm 4 + openvino + bf16",
                                     "lcm 2 + openvino + bf16", "lcm 1 + openvino + bf16",
                                     "lcm 1 + openvino + bf16 + tiny_vae"],
-                 "HEAD_TO_HEAD_ROUNDS": 10},
+                 "FINALISTS": 3, "HEAD_TO_HEAD_ROUNDS": 10},
         # SD 1.5 + depth ControlNet at 512² on a 16 GB T4, baseline fp16 PNDM 50 steps, every rung fp16 (no OpenVINO,
         # no bf16: a T4 only emulates it). Time, from FLOPs (flop_counter) at the T4's ~7.6 it/s for SD 1.5's UNet
         # (1,607 GFLOP a step at batch 2 with CFG, so ~12.2 TFLOP/s): a step with the ControlNet (+567 GFLOP) 0.18 s,

@@ -4,10 +4,13 @@ optimum-intel's `OVStableDiffusionPipeline` runs them) converted offline from th
 the originals.
 
 Shapes are static, as OpenVINO runs fastest: one compiled model per set of input shapes (a guidance cut-off halves
-the UNet batch, so that run converts twice). `precision` is OpenVINO's inference precision hint ("f32" or "bf16").
+the UNet batch, so that run compiles twice); each network is traced once and its graph reshaped for new shapes.
+`precision` is OpenVINO's inference precision hint ("f32" or "bf16").
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -49,8 +52,10 @@ class _OpenVINOModule(torch.nn.Module):
         self.config = module.config
         self.precision = precision
         self._source = [module.float().eval()]  # a list: not registered as a submodule, not moved or copied twice
+        self._model = None  # the converted graph (openvino.Model), reshaped for each new set of input shapes
         self._compiled: dict = {}
         self.convert_seconds = 0.0
+        self.traces = 0  # how often the PyTorch module was traced (once: new shapes reshape the graph)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -78,9 +83,18 @@ class _OpenVINOModule(torch.nn.Module):
         key = tuple((tuple(x.shape), x.dtype) for x in inputs)
         if key not in self._compiled:
             start = time.perf_counter()
-            with torch.no_grad():
-                model = openvino.convert_model(self.flat_module(), example_input=inputs)
-            self._compiled[key] = openvino.compile_model(model, "CPU", compile_config(self.precision))
+            if self._model is None:  # traced once (seconds); new input shapes only reshape it (a fraction of that)
+                with torch.no_grad(), warnings.catch_warnings():
+                    # the tracer's notes on Python branches over shapes: each branch it records is the one these
+                    # networks take at every shape the loop gives them
+                    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                            category=FutureWarning)
+                    self._model = openvino.convert_model(self.flat_module(), example_input=inputs)
+                self.traces += 1
+            else:
+                self._model.reshape({index: list(x.shape) for index, x in enumerate(inputs)})
+            self._compiled[key] = openvino.compile_model(self._model, "CPU", compile_config(self.precision))
             self.convert_seconds += time.perf_counter() - start
         compiled = self._compiled[key]
         outputs = compiled([x.detach().numpy() for x in inputs])

@@ -807,6 +807,9 @@ def stage_tiny_vae(work: Path, budget: Budget) -> list[float]:
     losses = train_loop("tiny-vae", budget.tiny_vae_steps, step_fn, checkpointer, budget.max_minutes)
     tiny.register_to_config(_name_or_path=None)
     tiny.to(torch.float16).save_pretrained(target, safe_serialization=True)  # as the other weights; upcast on load
+    config = json.loads((target / "config.json").read_text())
+    config.pop("block_out_channels")  # diffusers' save adds it and loading then warns that it is not expected
+    (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     log(f"tiny VAE saved -> {target}")
     return losses
 
