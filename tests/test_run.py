@@ -37,6 +37,24 @@ def test_profiles():
         resolve_profile("fast")
 
 
+def test_the_full_profile_keeps_every_measurement_the_cpu_default_trims():
+    """`cpu` (the parameters cells) trims 03 and 07 to fit ten minutes; `full` puts back every rung, step count and
+    repeat, and prices every rung on every prompt."""
+    from helpers.series.settings import notebook_defaults
+
+    cpu, full = notebook_defaults("07"), {**notebook_defaults("07"), **parameters_for("07", "full")}
+    for knob in ("SCHEDULER_RUNGS", "STEP_RUNGS", "OPTIMISATION_RUNGS", "COMBINED_RUNGS"):
+        assert set(cpu[knob]) < set(full[knob]), f"full must hold every {knob} of cpu, and more"
+    assert {"compile", "fp16", "half", "tome", "openvino + bf16"} <= set(full["OPTIMISATION_RUNGS"])
+    assert full["EQUALITY_IMAGES"] == 0 < cpu["EQUALITY_IMAGES"], "full prices every rung on every prompt"
+    assert full["HEAD_TO_HEAD_ROUNDS"] > cpu["HEAD_TO_HEAD_ROUNDS"] and full["FINALISTS"] > cpu["FINALISTS"]
+    cpu, full = notebook_defaults("03"), {**notebook_defaults("03"), **parameters_for("03", "full")}
+    assert cpu["N"] == full["N"] == 128, "N = 128 in both: the mission's size"
+    for knob in ("STEPS", "REPEATS", "MIN_RUN_S", "LOAD_REPEATS"):
+        assert full[knob] > cpu[knob], knob
+    assert full["SWEEP_MAX"] == 0 and 0 < cpu["SWEEP_MAX"] < cpu["N"], "full sweeps to N"
+
+
 def test_a_failing_notebook_names_the_failing_cell(notebooks_dir, tmp_path):
     write_notebook(
         notebooks_dir / "98_fails.ipynb",

@@ -49,8 +49,11 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
     "03": {  # smoke: N=4 at 2 steps, chunks of 3, room for 1 in the OOM demo, cold loads of state dicts only
         "smoke": {"N": 4, "STEPS": 2, "MAX_BATCH": 4, "REPEATS": 2, "MIN_RUN_S": 0.2, "CHUNK_DEMO_MAX_BATCH": 3,
                   "OOM_DEMO_LIMIT": 1, "LOAD_MODES": ["tensors"], "LOAD_REPEATS": 1},
-        "cpu": {},  # the toy at N=128, 10 steps (the parameters cell): the ratios of 20 steps, at half the time
-        "full": {"STEPS": 20, "REPEATS": 3, "MIN_RUN_S": 2.0, "LOAD_REPEATS": 3},
+        # cpu (the parameters cell): the toy at N=128, 10 steps (the ratios of 20 steps at half the time), one timed
+        # run of each 128 calls (short calls repeated for 0.5 s), the sweep to 64, one cold load of each kind: ~2.5 min
+        # on 2 cores (full: ~6)
+        "cpu": {},
+        "full": {"STEPS": 20, "REPEATS": 3, "MIN_RUN_S": 2.0, "SWEEP_MAX": 0, "LOAD_REPEATS": 3},
         # SD 1.5 at 512², 20 steps, fp16, on a 16 GB T4 (15 GiB budget). From FLOPs (torch.utils.flop_counter on SD
         # 1.5's shapes) and a T4's published ~7.6 it/s (a UNet step of batch 2 at 64² latents, 1.61 TFLOP: ~12 TFLOP/s):
         # an image's 20 steps (PNDM: 21 UNet calls) 2.8 s, a 512² decode (2.51 TFLOP) 0.21 s. The notebook denoises
@@ -114,10 +117,10 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
                   "OPTIMISATION_RUNGS": ["fp16", "cfg_cutoff", "deepcache", "tiny_vae", "lcm 1"],
                   "COMBINED_RUNGS": ["dpm++ 4 + cfg_cutoff + deepcache + tiny_vae"], "SHOW_RUNGS": 2,
                   "FINALISTS": 2, "HEAD_TO_HEAD_ROUNDS": 2},
-        # cpu (the parameters cell, ~4 min on 2 cores): two schedulers at three step counts and Align Your Steps; alone
-        # on the 50-step baseline the levers that change what is computed (guidance cut-off, DeepCache) and three that
-        # change only how (channels_last, fused QKV, OpenVINO f32: equality-checked on 6 pictures); the LCM rungs;
-        # the combinations that reach the recommendation. full: every rung of today's ladder, each priced in full.
+        # cpu (the parameters cell, ~3.5 min on 2 cores): two schedulers at 10 and 6 steps and Align Your Steps;
+        # alone on the 50-step baseline the levers that change what is computed (guidance cut-off, DeepCache) and two
+        # that change only how (channels_last, OpenVINO f32: equality-checked on 6 pictures); the LCM rungs; the
+        # combinations that reach the recommendation. full: every rung of today's ladder, each priced in full.
         "cpu": {},
         "full": {"MIN_RUN_S": 2.0, "EQUALITY_IMAGES": 0, "SCHEDULER_RUNGS": ["ddim", "euler", "dpm++", "unipc"],
                  "STEP_RUNGS": [30, 20, 10, 6, 4],
