@@ -287,6 +287,25 @@ def test_openvino_runs_every_network_and_draws_what_torch_draws(toy_depth_pipe, 
     assert similarity["lowest_psnr_db"] > 40, similarity
     assert all(getattr(pipe, name).traces == 1 for name in ("text_encoder", "unet", "controlnet", "vae"))
 
+def test_int8_quantizes_the_openvino_unet_and_controlnet_on_the_warm_up_calls(toy_depth_pipe, inputs):
+    """"openvino + int8": NNCF quantizes the UNet and the ControlNet (weights and activations) on the calls of the
+    warm-up request, which PyTorch answers; the text encoder and the decode stay f32. The int8 pictures stay close to
+    f32's (quantization noise, not another picture), and int8 without OpenVINO is refused with the reason."""
+    from helpers.studies.openvino_engine import OpenVINOUNet
+
+    config = latency.parse_rung("ddim 4 + openvino + int8")
+    assert latency.why_not(latency.parse_rung("ddim 4 + int8"), "cpu").startswith("int8 is NNCF's quantization")
+    pipe = latency.configure(toy_depth_pipe, config)
+    assert isinstance(pipe.unet, OpenVINOUNet) and pipe.unet.calibration == [] and pipe.vae.calibration is None
+    latency.warm_up(pipe, config, inputs.subset(1), inputs)
+    assert pipe.unet.traces == 1 and pipe.controlnet.traces == 1, "converted once, after calibrating"
+    assert pipe.unet.quantized and pipe.controlnet.quantized and not pipe.text_encoder.quantized
+    images = latency.generate_config(pipe, config, inputs.subset(1)).images
+    reference = latency.configure(toy_depth_pipe, latency.parse_rung("ddim 4"))
+    similarity = latency.image_similarity(images, latency.generate_config(reference, config, inputs.subset(1)).images)
+    assert 20 < similarity["psnr_db"] < float("inf"), similarity
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Quality, the front and the recommendation
 
@@ -423,6 +442,24 @@ def test_bench_latency_times_torch_and_openvino_again_in_turn(tmp_path, monkeypa
     assert summary["head to head rounds"] == 3 and summary["head to head torch s"] > 0
     assert summary["head to head torch vs OpenVINO"] == pytest.approx(
         summary["head to head OpenVINO s"] / summary["head to head torch s"])
+
+
+def test_bench_latency_sets_an_int8_rung_against_an_int8_roofline(tmp_path, monkeypatch):
+    """"openvino + int8" is calibrated on a few steps, quantized, timed, and set against an int8 matmul roofline
+    measured in the same run; the float comparison (torch against OpenVINO at one precision) leaves it out."""
+    import json
+
+    from helpers.bench import latency as bench
+
+    monkeypatch.setenv("SD_OUTPUTS", str(tmp_path))
+    assert bench.main(["--model", "tiny-random", "--rungs", "baseline", "openvino", "openvino + int8", "--repeats", "1",
+                       "--latent-size", "8", "--head-to-head", "0"]) == 0
+    record = json.loads((tmp_path / "bench_latency.json").read_text())
+    rows = {row["rung"]: row for row in record["rows"]}
+    assert rows["openvino + int8"]["status"] == "ok" and rows["openvino + int8"]["dtype"] == "int8"
+    assert record["roofline_gflops"]["int8"] > 0 and rows["openvino + int8"]["roofline share"] > 0
+    summary = record["summary"]
+    assert summary["best int8 rung"] == "openvino + int8" and summary["best OpenVINO rung"] == "openvino"
 
 
 # ---------------------------------------------------------------------------------------------------------------

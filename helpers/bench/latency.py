@@ -1,7 +1,8 @@
 """The per-step latency ladder: `python -m helpers bench latency [--model sd15-random] [--latent-size 32]`.
 
 One UNet step (batch 2 at 32×32 latents by default: 343 GFLOP on SD 1.5's shapes) under each rung of the ladder
-(fp32, attention variants, fused QKV, channels_last, bf16, token merging, DeepCache, torch.compile, OpenVINO),
+(fp32, attention variants, fused QKV, channels_last, bf16, token merging, DeepCache, torch.compile, OpenVINO f32 and
+bf16, OpenVINO int8 through NNCF: calibrated on a few steps, set against an int8 matmul roofline),
 warm-up excluded, median of repeats. FLOPs come from torch.utils.flop_counter; each rung's rate is set against the
 matmul roofline of its dtype, measured in the same run with the same threads (the faster of torch's and OpenVINO's
 matmul: on an AMD EPYC torch's fp32 matmul ran at half of OpenVINO's, whose UNet then showed 156% of it). A rung
@@ -27,10 +28,12 @@ from helpers.core.models import RANDOM_MODELS, load_component
 from helpers.core.random_models import SD15_SCHEDULER_CONFIG
 from helpers.core.results import cpu_model, format_table, record_results
 from helpers.studies import latency
+from helpers.studies.openvino_engine import int8_matmul_rate
 
 DEFAULT_RUNGS = ["baseline", "classic_attention", "attention_slicing", "fused_qkv", "channels_last",
                  "fused_qkv + channels_last", "bf16", "bf16 + channels_last", "bf16 + channels_last + fused_qkv",
-                 "tome", "deepcache", "bf16 + channels_last + fused_qkv + deepcache", "openvino", "openvino + bf16"]
+                 "tome", "deepcache", "bf16 + channels_last + fused_qkv + deepcache", "openvino", "openvino + bf16",
+                 "openvino + int8"]
 ANCHORS = [  # published numbers, for context only: other machines, other shapes
     {"source": "diffusers docs (A100, SD 1.5, 512×512, 30 steps)", "config": "fp32", "seconds": 1.53},
     {"source": "diffusers docs (A100, SD 1.5, 512×512, 30 steps)", "config": "bf16 + SDPA + fused QKV + compile",
@@ -47,7 +50,12 @@ ANCHORS = [  # published numbers, for context only: other machines, other shapes
 
 
 def rung_dtype(config: latency.RungConfig) -> torch.dtype:
+    if config.int8:
+        return torch.int8
     return latency.HALF_DTYPES[config.half] if config.half else torch.float32
+
+
+CALIBRATION_STEPS = 4  # an int8 rung is calibrated on this many UNet calls at the schedule's first timesteps
 
 
 def bench_rung(base: latency.UNetOnly, name: str, args, flops: int, rooflines: dict) -> dict:
@@ -59,13 +67,18 @@ def bench_rung(base: latency.UNetOnly, name: str, args, flops: int, rooflines: d
         seconds: dict[str, float] = {}
         with timed(seconds, "setup s", base.device):
             holder = latency.configure(base, config)
+            if config.int8:  # calibrated on a few steps' inputs (PyTorch answers them), then quantized by NNCF
+                sample, text = latency.unet_step_inputs(holder.unet, args.batch_size, args.latent_size)
+                for t in base.scheduler.timesteps[:CALIBRATION_STEPS]:
+                    holder.unet(sample, t, encoder_hidden_states=text)
+                latency.finish_calibration(holder)
         row.update(seconds)
         timing = latency.time_unet_steps(holder, config, args.batch_size, args.latent_size, repeats=args.repeats)
     except (latency.RungSkipped, ImportError, RuntimeError, NotImplementedError) as error:
         return {**row, "status": "skipped", "reason": latency.skip_reason(error)}
     dtype = rung_dtype(config)
     precision = getattr(holder.unet, "inference_precision", None)  # OpenVINO's actual one
-    if precision is not None:
+    if precision is not None and not config.int8:
         dtype = torch.bfloat16 if "bf16" in precision else torch.float32
     rate = flops / timing["step_s"]  # full-step FLOPs: cached or merged rungs show an effective rate
     del holder
@@ -102,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     t = scheduler.timesteps[0]
     flops = latency.count_flops(lambda: unet(sample, t, encoder_hidden_states=encoder_hidden_states))
     rooflines, roofline_sources = latency.rooflines(unet.device)
+    if any(latency.parse_rung(name).int8 for name in rungs) and latency.why_not(latency.parse_rung("openvino + int8"),
+                                                                              unet.device) is None:
+        roofline_sources[torch.int8] = {"openvino": int8_matmul_rate()}
+        rooflines[torch.int8] = roofline_sources[torch.int8]["openvino"]
     print(f"{args.model} UNet, batch {args.batch_size} at {args.latent_size}×{args.latent_size} latents: "
           f"{flops / 1e9:.0f} GFLOP per step; {cpu_model()}, {torch.get_num_threads()} threads; matmul roofline "
           + ", ".join(f"{str(d).removeprefix('torch.')} {r / 1e9:.0f} GFLOP/s ("
@@ -153,23 +170,27 @@ def _head_to_head(base: latency.UNetOnly, torch_rung: str, openvino_rung: str, a
 
 def _summary(rows: list[dict]) -> dict:
     """The best PyTorch rung doing a full step's work (its share of the roofline is real), the best overall (with
-    cached or merged steps, whose rate is only effective), and OpenVINO's best, each against the others."""
+    cached or merged steps, whose rate is only effective), and OpenVINO's best at a float precision, each against the
+    others; and the best int8 rung with its share of the int8 roofline."""
     ok = [r for r in rows if r["status"] == "ok"]
     torch_rows = [r for r in ok if not r["rung"].startswith("openvino")]
     full_rows = [r for r in torch_rows if r["rate"] == "measured"]
-    openvino_rows = [r for r in ok if r["rung"].startswith("openvino")]
+    openvino_rows = [r for r in ok if r["rung"].startswith("openvino") and r["dtype"] != "int8"]
+    int8_rows = [r for r in ok if r["dtype"] == "int8"]
 
     def fastest(candidates):
         return min(candidates, key=lambda r: r["s per step"]) if candidates else None
 
-    full, best, best_ov = fastest(full_rows), fastest(torch_rows), fastest(openvino_rows)
+    full, best, best_ov, int8 = fastest(full_rows), fastest(torch_rows), fastest(openvino_rows), fastest(int8_rows)
     return {"best full-step torch rung": full and full["rung"], "its s": full and full["s per step"],
             "its roofline share": full and full["roofline share"],
             "best torch rung": best and best["rung"], "best torch s": best and best["s per step"],
             "best OpenVINO rung": best_ov and best_ov["rung"], "OpenVINO s": best_ov and best_ov["s per step"],
             "OpenVINO roofline share": best_ov and best_ov["roofline share"],
             "full-step torch vs OpenVINO": (best_ov["s per step"] / full["s per step"]) if full and best_ov else None,
-            "best torch vs OpenVINO": (best_ov["s per step"] / best["s per step"]) if best and best_ov else None}
+            "best torch vs OpenVINO": (best_ov["s per step"] / best["s per step"]) if best and best_ov else None,
+            "best int8 rung": int8 and int8["rung"], "int8 s": int8 and int8["s per step"],
+            "int8 roofline share": int8 and int8["roofline share"]}
 
 
 if __name__ == "__main__":

@@ -120,13 +120,15 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
         # cpu (the parameters cell, ~3.5 min on 2 cores): two schedulers at 10 and 6 steps and Align Your Steps;
         # alone on the 50-step baseline the levers that change what is computed (guidance cut-off, DeepCache) and two
         # that change only how (channels_last, OpenVINO f32: equality-checked on 6 pictures); the LCM rungs; the
-        # combinations that reach the recommendation. full: every rung of today's ladder, each priced in full.
+        # combinations that reach the recommendation (LCM 1 step + OpenVINO bf16 or NNCF int8). full: every rung of the
+        # ladder, each priced in full.
         "cpu": {},
         "full": {"MIN_RUN_S": 2.0, "EQUALITY_IMAGES": 0, "SCHEDULER_RUNGS": ["ddim", "euler", "dpm++", "unipc"],
                  "STEP_RUNGS": [30, 20, 10, 6, 4],
                  "OPTIMISATION_RUNGS": ["half", "fp16", "channels_last", "attention_slicing", "classic_attention",
                                         "fused_qkv", "compile", "cfg_cutoff", "deepcache", "tome", "control_end",
-                                        "tiny_vae", "openvino", "openvino + bf16", "lcm 4", "lcm 2", "lcm 1"],
+                                        "tiny_vae", "openvino", "openvino + bf16", "openvino + int8", "lcm 4", "lcm 2",
+                                        "lcm 1"],
                  "COMBINED_RUNGS": ["ays 10", "ays 10 + cfg_cutoff", "dpm++ 10 + cfg_cutoff + openvino",
                                     "dpm++ 10 + cfg_cutoff + deepcache",
                                     "dpm++ 6 + deepcache", "dpm++ 6 + openvino + bf16",
@@ -135,7 +137,8 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
                                     "dpm++ 6 + cfg_cutoff + openvino + bf16 + tiny_vae",
                                     "dpm++ 4 + cfg_cutoff + openvino + bf16 + tiny_vae", "lcm 4 + openvino + bf16",
                                     "lcm 2 + openvino + bf16", "lcm 1 + openvino + bf16",
-                                    "lcm 1 + openvino + bf16 + tiny_vae"],
+                                    "lcm 1 + openvino + bf16 + tiny_vae", "dpm++ 6 + cfg_cutoff + openvino + int8",
+                                    "lcm 1 + openvino + int8"],
                  "FINALISTS": 3, "HEAD_TO_HEAD_ROUNDS": 10},
         # SD 1.5 + depth ControlNet at 512² on a 16 GB T4, baseline fp16 PNDM 50 steps, every rung fp16 (no OpenVINO,
         # no bf16: a T4 only emulates it). Time, from FLOPs (flop_counter) at the T4's ~7.6 it/s for SD 1.5's UNet

@@ -10,10 +10,16 @@ the UNet batch, so that run compiles twice); each network is traced once and its
 
 from __future__ import annotations
 
+import io
+import time
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
+import openvino
 import torch
+
+from helpers.core.measure import measure
 
 
 def compile_config(precision: str) -> dict:
@@ -26,10 +32,6 @@ def matmul_rate(precision: str, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of an n×n @ n×n matmul run by OpenVINO's CPU plugin in `precision` ("f32" or "bf16"), with torch's
     threads, median of repeats. Its oneDNN kernels can beat torch's own matmul (fp32 on one AMD EPYC thread: 193
     against 92 GFLOP/s), so a roofline that ignored them would put OpenVINO above 100% of it."""
-    import openvino
-
-    from helpers.core.measure import measure
-
     class MatMul(torch.nn.Module):
         def forward(self, a, b):
             return a @ b
@@ -41,16 +43,52 @@ def matmul_rate(precision: str, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / measure("openvino matmul", lambda: compiled(inputs), repeats=repeats).median
 
 
+@contextmanager
+def quiet_nncf_progress():
+    """NNCF draws rich progress bars ("Statistics collection", "Applying Smooth Quant", ...) for every network it
+    quantizes: a dozen bars a rung, in a notebook or a log, that no user can act on. Its bars draw on rich's global
+    console, which is pointed at a buffer for the duration (NNCF's warnings go through `logging`, untouched)."""
+    import rich
+
+    saved = rich.get_console()
+    rich._console = rich.console.Console(file=io.StringIO(), force_jupyter=False, force_terminal=False)
+    try:
+        yield
+    finally:
+        rich._console = saved
+
+
+def int8_matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    """Operations per second (2 n³ a product, as for FLOP/s) of an n×n activation times an n×n weight, both int8,
+    through NNCF's quantization of a `torch.nn.Linear` and OpenVINO's CPU plugin (VNNI or AMX-INT8 where the CPU has
+    them), with torch's threads: the int8 roofline the int8 rungs are set against."""
+    import nncf  # heavy (scikit-learn, pandas): only the int8 rungs need it
+
+    linear = torch.nn.Linear(n, n, bias=False).eval()
+    a = torch.randn(n, n)
+    with torch.no_grad():
+        model = openvino.convert_model(linear, example_input=(a,))
+    calibration = nncf.Dataset([[torch.randn(n, n).numpy()] for _ in range(4)])
+    with quiet_nncf_progress():
+        model = nncf.quantize(model, calibration, subset_size=4)
+    compiled = openvino.compile_model(model, "CPU", compile_config("f32"))
+    inputs = [a.numpy()]
+    return 2 * n**3 / measure("openvino int8 matmul", lambda: compiled(inputs), repeats=repeats).median
+
+
 class _OpenVINOModule(torch.nn.Module):
     """Shared part: converts on first use per input shapes, runs, and exposes what the loop reads (config, dtype,
     device) like a diffusers model."""
 
-    def __init__(self, module: torch.nn.Module, precision: str):
+    def __init__(self, module: torch.nn.Module, precision: str, int8: bool = False):
         super().__init__()
         if precision not in ("f32", "bf16"):
             raise ValueError(f"precision={precision!r} must be 'f32' or 'bf16'")
         self.config = module.config
         self.precision = precision
+        # int8: NNCF's post-training quantization (weights and activations), calibrated on the inputs of the calls
+        # made until `finish_calibration()`: until then the PyTorch module answers and its inputs are kept
+        self.calibration: list[tuple[torch.Tensor, ...]] | None = [] if int8 else None
         self._source = [module.float().eval()]  # a list: not registered as a submodule, not moved or copied twice
         self._model = None  # the converted graph (openvino.Model), reshaped for each new set of input shapes
         self._compiled: dict = {}
@@ -72,26 +110,25 @@ class _OpenVINOModule(torch.nn.Module):
             return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32" or "bf16"
         return None
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the graph holds NNCF's int8 quantize/dequantize pairs (FakeQuantize operations)."""
+        return self._model is not None and any(op.get_type_name() == "FakeQuantize" for op in self._model.get_ops())
+
     def flat_module(self) -> torch.nn.Module:
         raise NotImplementedError
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        import time
-
-        import openvino
-
+        if self.calibration is not None and self._model is None:  # int8, still calibrating: PyTorch answers
+            self.calibration.append(tuple(x.detach().clone() for x in inputs))
+            with torch.no_grad():
+                outputs = self.flat_module()(*inputs)
+            return list(outputs) if isinstance(outputs, tuple) else [outputs]
         key = tuple((tuple(x.shape), x.dtype) for x in inputs)
         if key not in self._compiled:
             start = time.perf_counter()
             if self._model is None:  # traced once (seconds); new input shapes only reshape it (a fraction of that)
-                with torch.no_grad(), warnings.catch_warnings():
-                    # the tracer's notes on Python branches over shapes: each branch it records is the one these
-                    # networks take at every shape the loop gives them
-                    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-                    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                            category=FutureWarning)
-                    self._model = openvino.convert_model(self.flat_module(), example_input=inputs)
-                self.traces += 1
+                self._model = self._convert(inputs)
             else:
                 self._model.reshape({index: list(x.shape) for index, x in enumerate(inputs)})
             self._compiled[key] = openvino.compile_model(self._model, "CPU", compile_config(self.precision))
@@ -99,6 +136,40 @@ class _OpenVINOModule(torch.nn.Module):
         compiled = self._compiled[key]
         outputs = compiled([x.detach().numpy() for x in inputs])
         return [torch.from_numpy(np.asarray(outputs[out])) for out in compiled.outputs]
+
+
+    def _convert(self, inputs: tuple[torch.Tensor, ...]):
+        with torch.no_grad(), warnings.catch_warnings():
+            # the tracer's notes on Python branches over shapes: each branch it records is the one these networks
+            # take at every shape the loop gives them
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            model = openvino.convert_model(self.flat_module(), example_input=inputs)
+        self.traces += 1
+        return model
+
+    def finish_calibration(self) -> None:
+        """Quantize to int8 with NNCF on the inputs the calls so far were given (one at least), at the shapes of the
+        first; later calls run the quantized graph (reshaped for new shapes). A no-op for a network that is not int8
+        or is already quantized."""
+        if self.calibration is None or self._model is not None:
+            return
+        if not self.calibration:
+            raise RuntimeError(f"{type(self).__name__}: no call to calibrate int8 on; run one request first")
+        import nncf  # heavy (scikit-learn, pandas): only the int8 rungs need it
+
+        start = time.perf_counter()
+        samples = self.calibration
+        model = self._convert(samples[0])
+        shapes = [tuple(x.shape) for x in samples[0]]
+        dataset = nncf.Dataset([[x.numpy() for x in sample] for sample in samples
+                                if [tuple(x.shape) for x in sample] == shapes])
+        with quiet_nncf_progress():
+            self._model = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
+                                        subset_size=len(samples), preset=nncf.QuantizationPreset.MIXED)
+        self.calibration = []  # kept empty: quantized
+        self.convert_seconds += time.perf_counter() - start
 
 
 class _FlatUNet(torch.nn.Module):

@@ -47,6 +47,7 @@ from helpers.studies.latency.ladder import (
     skip_reason,
     time_loads,
     time_request,
+    warm_up,
 )
 from helpers.studies.latency.profiling import (
     PARTS,
@@ -75,6 +76,7 @@ from helpers.studies.latency.rungs import (
 from helpers.studies.latency.speedups import (
     apply_speedups,
     compile_unet,
+    finish_calibration,
     fuse_qkv,
     networks,
     recipe,
@@ -95,14 +97,15 @@ from helpers.studies.latency.speedups import (
 )
 
 __all__ = [
-    "HALF_DTYPES", "LCM_GUIDANCE_SCALE", "OPTIMISATIONS", "PARTS", "SAME_ARITHMETIC", "STRENGTHS", "Inputs",
-    "Ladder", "RungConfig", "RungResult", "RungSkipped", "UNetOnly", "apply_speedups", "capture_stage_calls",
-    "compile_unet", "configure", "copy_pipeline", "count_flops", "decided_as", "fuse_qkv", "generate_config",
-    "half_name", "image_similarity", "interleaved_step_times", "interleaved_times", "matmul_roofline", "networks",
-    "out_of_memory", "owned_bytes", "parse_rung", "pareto_front", "part_timers", "profile_top_ops", "quality",
-    "quality_images", "recipe", "recommend", "release_memory", "rooflines", "run_rung", "same_arithmetic_reference",
-    "sd15_prompts", "sharing_copy", "skip_reason", "slow_bf16_reason", "speedups", "stage_bottlenecks",
-    "time_loads", "time_request", "time_unet_steps", "unet_step_inputs", "use_attention_slicing",
-    "use_channels_last", "use_classic_attention", "use_deepcache", "use_half", "use_lcm", "use_lcm_lora",
-    "use_openvino", "use_scheduler", "use_tiny_decoder", "use_tome", "why_not", "within_bars",
+    "HALF_DTYPES", "Inputs", "LCM_GUIDANCE_SCALE", "Ladder", "OPTIMISATIONS", "PARTS", "RungConfig", "RungResult",
+    "RungSkipped", "SAME_ARITHMETIC", "STRENGTHS", "UNetOnly", "apply_speedups", "capture_stage_calls",
+    "compile_unet", "configure", "copy_pipeline", "count_flops", "decided_as", "finish_calibration", "fuse_qkv",
+    "generate_config", "half_name", "image_similarity", "interleaved_step_times", "interleaved_times",
+    "matmul_roofline", "networks", "out_of_memory", "owned_bytes", "pareto_front", "parse_rung", "part_timers",
+    "profile_top_ops", "quality", "quality_images", "recipe", "recommend", "release_memory", "rooflines",
+    "run_rung", "same_arithmetic_reference", "sd15_prompts", "sharing_copy", "skip_reason", "slow_bf16_reason",
+    "speedups", "stage_bottlenecks", "time_loads", "time_request", "time_unet_steps", "unet_step_inputs",
+    "use_attention_slicing", "use_channels_last", "use_classic_attention", "use_deepcache", "use_half", "use_lcm",
+    "use_lcm_lora", "use_openvino", "use_scheduler", "use_tiny_decoder", "use_tome", "warm_up", "why_not",
+    "within_bars",
 ]

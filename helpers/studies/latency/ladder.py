@@ -29,7 +29,7 @@ from helpers.studies.latency.rungs import (
     parse_rung,
     same_arithmetic_reference,
 )
-from helpers.studies.latency.speedups import apply_speedups, networks, why_not
+from helpers.studies.latency.speedups import apply_speedups, finish_calibration, networks, why_not
 
 # ---------------------------------------------------------------------------------------------------
 # Copies that share the base's weights
@@ -183,7 +183,7 @@ def run_rung(base_pipe, name: str, config: RungConfig, inputs: Inputs, *, reques
         request = inputs.subset(request_size)
         for _ in range(warmup):  # compiling / converting happens here: a failure means the platform cannot
             start = time.perf_counter()
-            generate_config(pipe, config, request)
+            warm_up(pipe, config, request, inputs)
             result.first_call_s = time.perf_counter() - start
         runs = []
         with torch.inference_mode():
@@ -202,6 +202,16 @@ def run_rung(base_pipe, name: str, config: RungConfig, inputs: Inputs, *, reques
         pipe = None
         release_memory(base_pipe.device)
     return result
+
+
+CALIBRATION_IMAGES = 4  # an int8 rung's warm-up generates this many pictures, and NNCF calibrates on their calls
+
+
+def warm_up(pipe, config: RungConfig, request: Inputs, inputs: Inputs) -> None:
+    """The first request, untimed (compiling, converting and allocating happen here). An int8 rung's networks answer
+    it in PyTorch for the first CALIBRATION_IMAGES pictures of `inputs` and are quantized on those calls after it."""
+    generate_config(pipe, config, inputs.subset(CALIBRATION_IMAGES) if config.int8 else request)
+    finish_calibration(pipe)
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -237,7 +247,7 @@ def quality_images(pipe, config: RungConfig, inputs: Inputs, batch_size: int) ->
 
 
 def interleaved_times(base_pipe, configs: dict[str, RungConfig], request: Inputs, rounds: int,
-                      skipped: dict[str, str] | None = None) -> dict[str, list[float]]:
+                      skipped: dict[str, str] | None = None, inputs: Inputs | None = None) -> dict[str, list[float]]:
     """Seconds of one request of each config, timed `in_turn` (helpers.core.measure): what a ratio of two
     latencies on a busy machine needs. The copies are configured and warmed up one at a time, each sharing the base's
     weights; one that runs out of memory beside the others is freed and left out (its reason in `skipped`), except
@@ -255,8 +265,10 @@ def interleaved_times(base_pipe, configs: dict[str, RungConfig], request: Inputs
     runs = {}
     for name, config in configs.items():
         try:
-            runs[name] = request_timer(configure(base_pipe, config), config)
-            runs[name]()  # the warm-up: compile compiles, and memory that cannot hold this copy tells now
+            pipe = configure(base_pipe, config)
+            runs[name] = request_timer(pipe, config)
+            # the warm-up: compile compiles, int8 calibrates (on `inputs`), memory that cannot hold this copy tells now
+            warm_up(pipe, config, request, request if inputs is None else inputs)
         except Exception as error:
             if not runs or not out_of_memory(error):
                 raise
@@ -364,7 +376,7 @@ class Ladder:
         names = ["baseline", *(name for name in names if name != "baseline")]
         skipped: dict[str, str] = {}
         times = interleaved_times(self.pipe, {name: self.results[name].config for name in names},
-                                  self.inputs.subset(self.request_size), rounds, skipped)
+                                  self.inputs.subset(self.request_size), rounds, skipped, self.inputs)
         medians = {name: statistics.median(seconds) for name, seconds in times.items()}
         rows = {row["rung"]: row for row in self.rows()}
         return [{**rows[name], "ladder latency s": rows[name]["latency s"], "latency s": medians[name],

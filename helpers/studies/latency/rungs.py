@@ -55,6 +55,7 @@ class RungConfig:
     control_guidance_end: float = 1.0  # ControlNet acts on the first share of the steps
     tiny_vae: bool = False
     engine: str = "torch"  # "torch" or "openvino"
+    int8: bool = False  # the OpenVINO UNet and ControlNet quantized to int8 by NNCF (weights and activations)
 
     def generate_kwargs(self) -> dict:
         """What `helpers.core.stages.generate` needs from this config (the rest is applied to the pipeline)."""
@@ -91,6 +92,7 @@ OPTIMISATIONS: dict[str, Callable[[RungConfig], dict]] = {  # a name: the change
     "control_end": lambda s: {"control_guidance_end": s.control_guidance_end},
     "tiny_vae": lambda s: {"tiny_vae": True},
     "openvino": lambda s: {"engine": "openvino"},
+    "int8": lambda s: {"int8": True},
 }
 
 

@@ -167,15 +167,26 @@ def use_tiny_decoder(pipe) -> None:
     pipe.vae = tiny.to(pipe.vae.device)
 
 
-def use_openvino(pipe, precision: str = "f32") -> None:
+def use_openvino(pipe, precision: str = "f32", int8: bool = False) -> None:
     """Every network in OpenVINO (as optimum-intel's OVStableDiffusionPipeline), converted from fp32 with
     `precision` ("f32" or "bf16") as a hint: after the steps are cut, the text encoder and the decode are a fifth of
-    the toy's request (the decoder: 2.3 ms in OpenVINO bf16 against 6.6 ms)."""
+    the toy's request (the decoder: 2.3 ms in OpenVINO bf16 against 6.6 ms). `int8`: the UNet and the ControlNet
+    quantized by NNCF (`nncf.quantize`, weights and activations), calibrated on the first request's calls: run one,
+    then `finish_calibration(pipe)`."""
     engines = {"unet": OpenVINOUNet, "controlnet": OpenVINOControlNet, "text_encoder": OpenVINOTextEncoder,
                "vae": OpenVINOVAE}
     for name, engine in engines.items():
         if isinstance(getattr(pipe, name, None), torch.nn.Module):
-            setattr(pipe, name, engine(getattr(pipe, name), precision))
+            quantized = int8 and name in ("unet", "controlnet")  # the decode and the text encoder stay in precision
+            setattr(pipe, name, engine(getattr(pipe, name), precision, int8=quantized))
+
+
+def finish_calibration(pipe) -> None:
+    """Quantize the int8 OpenVINO networks of `pipe` on what the requests so far gave them (`use_openvino`)."""
+    for name in ("unet", "controlnet"):
+        network = getattr(pipe, name, None)
+        if hasattr(network, "finish_calibration"):
+            network.finish_calibration()
 
 
 def compile_unet(pipe) -> None:
@@ -227,7 +238,7 @@ def speedups(config: RungConfig) -> list[tuple[Callable, dict]]:
     if config.tiny_vae:
         calls.append((use_tiny_decoder, {}))
     if config.engine == "openvino":
-        calls.append((use_openvino, {"precision": "bf16" if config.half == "bf16" else "f32"}))
+        calls.append((use_openvino, {"precision": "bf16" if config.half == "bf16" else "f32", "int8": config.int8}))
     if config.compile:
         calls.append((compile_unet, {}))
     return calls
@@ -266,6 +277,9 @@ def why_not(config: RungConfig, device: torch.device | str) -> str | None:
         reasons.append(_missing("DeepCache", "DeepCache"))
     if config.engine == "openvino":
         reasons.append(_openvino_why_not(config, device))
+    if config.int8:
+        reasons.append("int8 is NNCF's quantization of the OpenVINO graph: name it with openvino ('openvino + int8')"
+                       if config.engine != "openvino" else _missing("nncf", "nncf"))
     if config.compile:
         reasons.append(_compile_why_not(device))
     reasons = [r for r in reasons if r]
