@@ -51,7 +51,8 @@ def test_method_is_recorded(r):
 
 
 def test_sweep_per_stage_with_best_marked(r, params):
-    sizes = sweep_sizes(params["N"], params["SWEEP_MAX"] or params["N"])
+    n, largest = params["N"], params["SWEEP_MAX"]
+    sizes = sweep_sizes(n, min(largest, n) if largest else n)  # SWEEP_MAX above N sweeps to N
     assert set(r["sweep"]) == set(params["SWEEP_STAGES"])
     for stage, rows in r["sweep"].items():
         assert [row["batch_size"] for row in rows] == sizes
