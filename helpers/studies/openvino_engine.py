@@ -160,13 +160,13 @@ class _OpenVINOModule(torch.nn.Module):
         import nncf  # heavy (scikit-learn, pandas): only the int8 rungs need it
 
         start = time.perf_counter()
-        samples = self.calibration
-        model = self._convert(samples[0])
-        shapes = [tuple(x.shape) for x in samples[0]]
-        dataset = nncf.Dataset([[x.numpy() for x in sample] for sample in samples
-                                if [tuple(x.shape) for x in sample] == shapes])
+        shapes = [tuple(x.shape) for x in self.calibration[0]]
+        # the traced graph takes the first call's shapes (a guidance cut-off halves the batch of the later ones)
+        samples = [[x.numpy() for x in sample] for sample in self.calibration
+                   if [tuple(x.shape) for x in sample] == shapes]
+        model = self._convert(self.calibration[0])
         with quiet_nncf_progress():
-            self._model = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
+            self._model = nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
                                         subset_size=len(samples), preset=nncf.QuantizationPreset.MIXED)
         self.calibration = []  # kept empty: quantized
         self.convert_seconds += time.perf_counter() - start
