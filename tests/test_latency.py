@@ -246,6 +246,42 @@ def test_deepcache_after_a_guidance_cutoff_still_runs(toy_depth_pipe, inputs):
     assert 0 < np.abs(images - plain).mean() < 0.1, "cached steps change the picture a little, not entirely"
 
 
+def _cross_attention_key_calls(pipe) -> list[int]:
+    """The batch of every cross-attention key projection the UNet computes (attn2.to_k reads the prompt)."""
+    calls = []
+    for name, module in pipe.unet.named_modules():
+        if name.endswith("attn2.to_k"):
+            module.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_tgate_caches_the_cross_attention_after_its_gate_and_drops_guidance_there(toy_depth_pipe, inputs):
+    """T-GATE at gate 0.4 of 10 steps: guided steps 0-4 compute the cross-attention on the doubled batch, then it is
+    cached and reused (no key projection reads the prompt) while each step runs one pass; the count starts again for
+    the next request, which draws the same picture."""
+    config = latency.parse_rung("dpm++ 10 + tgate")
+    assert (config.generate_kwargs()["cfg_cutoff"], config.tgate_gate_step()) == (0.4, 5)
+    pipe = latency.configure(toy_depth_pipe, config)
+    batches, keys = _unet_batches(pipe), _cross_attention_key_calls(pipe)
+    layers = sum(name.endswith("attn2.to_k") for name, _ in pipe.unet.named_modules())
+    first = latency.generate_config(pipe, config, inputs.subset(1), "np").images
+    assert batches == [2] * 5 + [1] * 5, "guidance until the gate, one pass a step after it"
+    assert keys == [2] * 5 * layers, "the cross-attention is computed before the gate only"
+    again = latency.generate_config(pipe, config, inputs.subset(1), "np").images
+    assert np.array_equal(first, again), "a second request starts a new step count"
+    cutoff = latency.configure(toy_depth_pipe, latency.parse_rung("dpm++ 10 + cfg_cutoff", latency.RungConfig(
+        cfg_cutoff=0.4)))
+    plain = latency.generate_config(cutoff, config, inputs.subset(1), "np").images
+    assert 0 < np.abs(first - plain).mean() < 0.1, "cached attention changes the picture a little, not entirely"
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("lcm 4 + tgate", "no halves to average"), ("tgate + cfg_cutoff", "its own gate"),
+    ("tgate + deepcache", "not combined"), ("tgate + openvino", "not combined"), ("tgate + compile", "not combined")])
+def test_tgate_refuses_what_it_cannot_combine_with_and_says_why(name, reason):
+    assert reason in (latency.why_not(latency.parse_rung(name), "cpu") or ""), name
+
+
 def test_tiny_decoder_of_the_toy_decodes_like_its_vae(toy_depth_pipe, inputs):
     from diffusers import AutoencoderTiny
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -415,9 +417,27 @@ def tiny_lcm_lora(tmp_path, monkeypatch):
     weights.mkdir()
     (weights / "sd").symlink_to(TOY_SD_DIR)
     monkeypatch.setattr(train, "WEIGHTS_DIR", weights)
+    monkeypatch.setitem(train.LCM_VALIDATION, "n_prompts", 2)
     (tmp_path / "work").mkdir()
-    losses = train.stage_lcm(tmp_path / "work", train.Budget(lcm_steps=3, lcm_batch_size=4, n_scenes=16))
+    losses = train.stage_lcm(tmp_path / "work", train.Budget(lcm_steps=3, lcm_batch_size=4, n_scenes=16,
+                                                             lcm_validate_every=2))
     return weights / "lcm-lora", losses
+
+
+def test_lcm_validation_puts_back_the_best_weights_it_scored(monkeypatch):
+    from helpers.toy import train
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    validation = train.LCMValidation(torch.nn.Linear(1, 1), [param], every=1)
+    scores = iter([0.5, 0.9, 0.7])
+    monkeypatch.setattr(validation, "adherence", lambda: {"adherence 4": next(scores)})
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            param.fill_(step)
+        validation(step)
+    validation.keep_best()
+    assert [row["mean"] for row in validation.history] == [0.5, 0.9, 0.7]
+    assert param.tolist() == [2.0, 2.0], "the weights scored 0.9, not the last ones"
 
 
 def test_lcm_stage_saves_a_lora_that_lcm_scheduler_samples_with(tiny_lcm_lora):
@@ -429,6 +449,9 @@ def test_lcm_stage_saves_a_lora_that_lcm_scheduler_samples_with(tiny_lcm_lora):
     assert len(losses) == 3 and np.isfinite(losses).all()
     assert (folder / "pytorch_lora_weights.safetensors").stat().st_size < 2e6  # fp16, rank 16: ~1.3 MB
     assert (folder.parent.parent / "work" / "lcm.ckpt").exists()  # resumable
+    history = json.loads((folder.parent.parent / "work" / "lcm_validation.json").read_text())
+    assert [row["step"] for row in history] == [0, 2, 3], "scored at the start, every 2 steps and at the end"
+    assert all(0 <= row["adherence 4"] <= 1 and set(row) >= {"adherence 2", "adherence 1", "mean"} for row in history)
     pipe = use_lcm_lora(load_pipeline("toy"), folder)  # diffusers' own loader, as LCM-LoRA ships
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.scheduler.config.rescale_betas_zero_snr

@@ -118,19 +118,19 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
                   "COMBINED_RUNGS": ["dpm++ 4 + cfg_cutoff + deepcache + tiny_vae"], "SHOW_RUNGS": 2,
                   "FINALISTS": 2, "HEAD_TO_HEAD_ROUNDS": 2},
         # cpu (the parameters cell, ~3.5 min on 2 cores): two schedulers at 10 and 6 steps and Align Your Steps;
-        # alone on the 50-step baseline the levers that change what is computed (guidance cut-off, DeepCache) and two
-        # that change only how (channels_last, OpenVINO f32: equality-checked on 6 pictures); the LCM rungs; the
+        # alone on the 50-step baseline the levers that change what is computed (guidance cut-off, DeepCache, T-GATE)
+        # and two that change only how (channels_last, OpenVINO f32: equality-checked on 6 pictures); the LCM rungs; the
         # combinations that reach the recommendation (LCM 1 step + OpenVINO bf16 or NNCF int8). full: every rung of the
         # ladder, each priced in full.
         "cpu": {},
         "full": {"MIN_RUN_S": 2.0, "EQUALITY_IMAGES": 0, "SCHEDULER_RUNGS": ["ddim", "euler", "dpm++", "unipc"],
                  "STEP_RUNGS": [30, 20, 10, 6, 4],
                  "OPTIMISATION_RUNGS": ["half", "fp16", "channels_last", "attention_slicing", "classic_attention",
-                                        "fused_qkv", "compile", "cfg_cutoff", "deepcache", "tome", "control_end",
+                                        "fused_qkv", "compile", "cfg_cutoff", "deepcache", "tgate", "tome", "control_end",
                                         "tiny_vae", "openvino", "openvino + bf16", "openvino + int8", "lcm 4", "lcm 2",
                                         "lcm 1"],
                  "COMBINED_RUNGS": ["ays 10", "ays 10 + cfg_cutoff", "dpm++ 10 + cfg_cutoff + openvino",
-                                    "dpm++ 10 + cfg_cutoff + deepcache",
+                                    "dpm++ 10 + cfg_cutoff + deepcache", "dpm++ 10 + tgate",
                                     "dpm++ 6 + deepcache", "dpm++ 6 + openvino + bf16",
                                     "dpm++ 6 + cfg_cutoff + openvino + bf16", "dpm++ 4 + openvino + bf16",
                                     "dpm++ 4 + cfg_cutoff + openvino + bf16",
@@ -160,7 +160,7 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
                                    "dpm++ 20 + channels_last + fused_qkv + compile",
                                    "dpm++ 20 + cfg_cutoff + control_end + tiny_vae",
                                    "dpm++ 20 + channels_last + fused_qkv + cfg_cutoff + tiny_vae",
-                                   "dpm++ 20 + deepcache + tiny_vae",
+                                   "dpm++ 20 + deepcache + tiny_vae", "dpm++ 20 + tgate + tiny_vae",
                                    "dpm++ 10 + channels_last + fused_qkv + cfg_cutoff + tiny_vae",
                                    "dpm++ 10 + channels_last + fused_qkv + tome + tiny_vae",
                                    "lcm 4 + channels_last", "lcm 4 + channels_last + fused_qkv + tiny_vae",

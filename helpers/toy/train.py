@@ -111,6 +111,9 @@ class Budget:
     lcm_batch_size: int = 16
     lcm_target_ema: float = 0.95  # the LCM paper's EMA target; 0: the student is its own target (LCM-LoRA)
     lcm_full_unet: bool = False  # distil into every UNet weight (the LCM paper's way) instead of a LoRA
+    # every N steps the student is scored (LCM_VALIDATION) and the best weights so far are kept; 0: the last are saved
+    lcm_validate_every: int = 250
+    lcm_guidance_scale: float = 7.5  # the teacher's guidance folded into the student (the baseline's)
     n_scenes: int = 20000
 
 
@@ -261,6 +264,7 @@ def train_loop(
     step_fn: Callable[[int, float], float],
     checkpointer: Checkpointer,
     max_minutes: float,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Run step_fn(step, progress) -> loss from the checkpoint's step (or 0) until `steps` or `max_minutes`,
     whichever comes first, with progress, checkpoints and a smoothed loss. `progress` in [0, 1) is the further
@@ -280,6 +284,8 @@ def train_loop(
         running = loss if running is None else 0.98 * running + 0.02 * loss
         bar.set_postfix(loss=f"{running:.4f}", refresh=False)
         checkpointer.maybe_save(step + 1)
+        if after_step is not None:
+            after_step(step + 1)
     bar.close()
     checkpointer.save(start_step + len(losses))
     log(f"{name}: done in {(time.time() - started) / 60:.1f} min, smoothed loss {running}")
@@ -840,6 +846,9 @@ LCM_LR = 1e-3  # LoRA only (SD 1.5's LCM-LoRA: 1e-4 at rank 64, on a teacher 500
 LCM_LORA_RANK = 16  # the toy's layers are 32-64 wide (SD's LCM-LoRA: rank 64 on 320-1280)
 LCM_LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights reads
 LCM_FULL_LR = 3e-4  # every UNet weight trains: a smaller step than the LoRA's (the UNet itself trained at 2e-3)
+# Validation while distilling: held-out scenes other than notebook 07's (sample_scenes(64, seed=0)), sampled as 07's lcm
+# rungs sample them (LCMScheduler, guidance 1, the depth ControlNet), scored by the toy oracle's prompt adherence.
+LCM_VALIDATION = {"n_prompts": 64, "seed": 1, "steps": (4, 2, 1), "controlnet": "depth"}
 
 
 def lcm_boundary_scalings(timesteps: torch.Tensor, timestep_scaling: float = LCM_TIMESTEP_SCALING,
@@ -952,6 +961,69 @@ def save_lcm_lora(unet, target: Path) -> None:
                                               safe_serialization=True)
 
 
+class LCMValidation:
+    """Scores the student every `every` steps on LCM_VALIDATION (the toy oracle's prompt adherence at each step
+    count) and keeps a copy of the trainable weights with the best mean: a consistency distillation can drift away
+    from its best few-step pictures while its loss still falls. `history` holds every score."""
+
+    def __init__(self, student, params: list[torch.nn.Parameter], every: int):
+        self.student, self.params, self.every = student, params, every
+        self.history: list[dict] = []
+        self.best: tuple[float, list[torch.Tensor]] | None = None
+        self.last_step = 0
+        self._pipe = self._scenes = None
+
+    def __call__(self, step: int) -> None:
+        self.last_step = step
+        if self.every and step % self.every == 0:
+            self.score(step)
+
+    def score(self, step: int) -> None:
+        self.record({"step": step, **self.adherence()})
+
+    def adherence(self) -> dict[str, float]:
+        """The student's prompt adherence at each of LCM_VALIDATION's step counts, sampled as notebook 07 does."""
+        from diffusers import LCMScheduler
+
+        from helpers.bench.toy import generate_images
+        from helpers.core.models import load_pipeline
+        from helpers.toy import prompt_adherence, sample_scenes
+
+        if self._pipe is None:
+            self._pipe = load_pipeline("toy", controlnet=LCM_VALIDATION["controlnet"])
+            self._pipe.scheduler = LCMScheduler.from_config(self._pipe.scheduler.config)
+            self._scenes = sample_scenes(LCM_VALIDATION["n_prompts"], seed=LCM_VALIDATION["seed"])
+        self._pipe.unet = self.student.eval()
+        scores = {}
+        with torch.inference_mode():
+            for steps in LCM_VALIDATION["steps"]:
+                images = generate_images(self._pipe, self._scenes.prompts, LCM_VALIDATION["seed"], batch_size=16,
+                                         image=self._scenes.control_images(), num_inference_steps=steps,
+                                         guidance_scale=1.0)
+                scores[f"adherence {steps}"] = prompt_adherence(images, self._scenes.scenes)
+        self.student.train()
+        return scores
+
+    def record(self, row: dict) -> None:
+        """Log a score and keep the weights if their mean is the best so far."""
+        row["mean"] = float(np.mean([value for key, value in row.items() if key.startswith("adherence")]))
+        self.history.append(row)
+        log(f"lcm validation {row}")
+        if self.best is None or row["mean"] > self.best[0]:
+            self.best = (row["mean"], [param.detach().clone() for param in self.params])
+
+    def keep_best(self) -> None:
+        """Score the last weights (unless just scored), then put the best weights seen back into the student."""
+        if not self.every:
+            return
+        if not self.history or self.history[-1]["step"] != self.last_step:
+            self.score(self.last_step)
+        with torch.no_grad():
+            for param, best in zip(self.params, self.best[1]):
+                param.copy_(best)
+        log(f"lcm: kept the weights of mean validation adherence {self.best[0]:.3f}")
+
+
 def stage_lcm(work: Path, budget: Budget) -> list[float]:
     """Distil the shipped UNet into a latent consistency model (see lcm_targets_step): as a LoRA on it, the way
     LCM-LoRA ships, or with `budget.lcm_full_unet` into every weight, the way the LCM paper's models ship."""
@@ -997,7 +1069,8 @@ def stage_lcm(work: Path, budget: Budget) -> list[float]:
             prompt_embeds = text_encoder(token_ids[idx])[0]  # (B, 77, hidden)
         prediction, lcm_target = lcm_targets_step(student, teacher, latents[idx] * scaling_factor, prompt_embeds,
                                                   uncond.expand_as(prompt_embeds), alphas_cumprod, prediction_type,
-                                                  generator, target_net=target_net)
+                                                  generator, guidance_scale=budget.lcm_guidance_scale,
+                                                  target_net=target_net)
         pixel_weight = object_pixel_weight(data["depths"][idx], prediction.shape[-1], OBJECT_LOSS_WEIGHT)
         loss = optimizer_step(optimizer, pseudo_huber(prediction, lcm_target, pixel_weight))
         with torch.no_grad():
@@ -1005,7 +1078,12 @@ def stage_lcm(work: Path, budget: Budget) -> list[float]:
                 ema_param.lerp_(param, 1 - budget.lcm_target_ema)
         return loss
 
-    losses = train_loop("lcm", budget.lcm_steps, step_fn, checkpointer, budget.max_minutes)
+    validation = LCMValidation(student, params, budget.lcm_validate_every)
+    if budget.lcm_validate_every and not (work / "lcm.ckpt").exists():
+        validation.score(0)  # the teacher itself under LCMScheduler (the adapter starts at zero)
+    losses = train_loop("lcm", budget.lcm_steps, step_fn, checkpointer, budget.max_minutes, validation)
+    validation.keep_best()
+    (work / "lcm_validation.json").write_text(json.dumps(validation.history, indent=2))
     if full:
         student.to(torch.float16).save_pretrained(target)  # fp16, like the shipped UNet
     else:
@@ -1049,6 +1127,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="wall-time cap per training stage")
     parser.add_argument("--lcm-target-ema", type=float, default=defaults.lcm_target_ema,
                         help="the LCM stage's target network: EMA decay of the student (0: the student itself)")
+    parser.add_argument("--lcm-validate-every", type=int, default=defaults.lcm_validate_every,
+                        help="score the student every N steps and keep the best weights (0: keep the last)")
+    parser.add_argument("--lcm-guidance-scale", type=float, default=defaults.lcm_guidance_scale,
+                        help="the teacher's guidance distilled into the student")
     parser.add_argument("--lcm-full-unet", action="store_true",
                         help="the LCM stage distils into every UNet weight (-> weights/lcm-unet/), not a LoRA")
     parser.add_argument("--threads", type=int, default=2)

@@ -8,7 +8,7 @@ quality. Read in this order:
 - `speedups`: how each speed-up is applied, one small function each on a pipeline copy (`use_scheduler`, `use_lcm`
   (with `use_lcm_lora`: the toy's LCM-LoRA or SD 1.5's published one, and LCMScheduler), `use_half`,
   `use_attention_slicing`, `use_classic_attention`, `fuse_qkv`, `use_channels_last`, `use_tome`, `use_deepcache`,
-  `use_tiny_decoder`, `use_openvino`, `compile_unet`); `speedups(config)` lists a rung's calls, `recipe(config)`
+  `use_tgate`, `use_tiny_decoder`, `use_openvino`, `compile_unet`); `speedups(config)` lists a rung's calls, `recipe(config)`
   prints them as code, `why_not(config, device)` says why this platform cannot run it. Device decisions (which
   half, bf16, compile, OpenVINO) ask `helpers.core.accelerator`: under the rehearsal's pretended T4 the rungs are a
   T4's while the CPU computes.
@@ -91,6 +91,7 @@ from helpers.studies.latency.speedups import (
     use_lcm_lora,
     use_openvino,
     use_scheduler,
+    use_tgate,
     use_tiny_decoder,
     use_tome,
     why_not,
@@ -106,6 +107,6 @@ __all__ = [
     "run_rung", "same_arithmetic_reference", "sd15_prompts", "sharing_copy", "skip_reason", "slow_bf16_reason",
     "speedups", "stage_bottlenecks", "time_loads", "time_request", "time_unet_steps", "unet_step_inputs",
     "use_attention_slicing", "use_channels_last", "use_classic_attention", "use_deepcache", "use_half", "use_lcm",
-    "use_lcm_lora", "use_openvino", "use_scheduler", "use_tiny_decoder", "use_tome", "warm_up", "why_not",
-    "within_bars",
+    "use_lcm_lora", "use_openvino", "use_scheduler", "use_tgate", "use_tiny_decoder", "use_tome", "warm_up",
+    "why_not", "within_bars",
 ]

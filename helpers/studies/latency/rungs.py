@@ -51,6 +51,7 @@ class RungConfig:
     compile: bool = False
     cfg_cutoff: float | None = None  # guidance for the first share of the steps only
     deepcache_interval: int = 1  # N > 1: the full UNet every N steps, cached deep features in between
+    tgate_gate: float | None = None  # T-GATE: cross-attention (and guidance) for the first share of the steps only
     tome_ratio: float = 0.0  # share of tokens merged by tomesd in the highest-resolution attention
     control_guidance_end: float = 1.0  # ControlNet acts on the first share of the steps
     tiny_vae: bool = False
@@ -66,7 +67,14 @@ class RungConfig:
             kwargs["guidance_scale"] = LCM_GUIDANCE_SCALE  # the guidance is in the weights
         if self.cfg_cutoff is not None:
             kwargs["cfg_cutoff"] = self.cfg_cutoff
+        if self.tgate_gate is not None:  # guidance ends where T-GATE caches the cross-attention, as its pipeline does
+            kwargs["cfg_cutoff"] = self.tgate_gate
         return kwargs
+
+    def tgate_gate_step(self) -> int:
+        """T-GATE's gate_step: the first step that reuses the cached cross-attention, the first one after the last
+        guided step of `generate(..., cfg_cutoff=tgate_gate)` (guided while i <= int(steps * cfg_cutoff))."""
+        return int(self.steps * self.tgate_gate) + 1
 
     def changes(self) -> dict:
         """The settings that differ from the fp32 baseline's defaults."""
@@ -75,7 +83,8 @@ class RungConfig:
                 if getattr(self, f.name) != getattr(default, f.name)}
 
 
-STRENGTHS = RungConfig(cfg_cutoff=0.5, deepcache_interval=3, tome_ratio=0.5, control_guidance_end=0.5)
+# T-GATE's gate at 0.4: its default, gate_step 10 of 25 steps
+STRENGTHS = RungConfig(cfg_cutoff=0.5, deepcache_interval=3, tome_ratio=0.5, control_guidance_end=0.5, tgate_gate=0.4)
 
 OPTIMISATIONS: dict[str, Callable[[RungConfig], dict]] = {  # a name: the changes it makes, given the strengths
     "bf16": lambda s: {"half": "bf16"},
@@ -88,6 +97,7 @@ OPTIMISATIONS: dict[str, Callable[[RungConfig], dict]] = {  # a name: the change
     "compile": lambda s: {"compile": True},
     "cfg_cutoff": lambda s: {"cfg_cutoff": s.cfg_cutoff},
     "deepcache": lambda s: {"deepcache_interval": s.deepcache_interval},
+    "tgate": lambda s: {"tgate_gate": s.tgate_gate},
     "tome": lambda s: {"tome_ratio": s.tome_ratio},
     "control_end": lambda s: {"control_guidance_end": s.control_guidance_end},
     "tiny_vae": lambda s: {"tiny_vae": True},
@@ -113,7 +123,7 @@ def same_arithmetic_reference(config: RungConfig) -> RungConfig | None:
 def parse_rung(name: str, strengths: RungConfig = STRENGTHS, baseline: RungConfig | None = None) -> RungConfig:
     """"baseline", "dpm++ 10" (a scheduler and its steps), "ays 10" (Align Your Steps' schedule with DPM-Solver++),
     "lcm 4" (the LCM-LoRA at 4 steps), an optimisation name,
-    or several joined with " + ", applied to `baseline`; a name with a strength (cfg_cutoff, deepcache, tome,
+    or several joined with " + ", applied to `baseline`; a name with a strength (cfg_cutoff, deepcache, tgate, tome,
     control_end) takes it from `strengths`. "lcm N" replaces the baseline's scheduler; named beside another scheduler
     it keeps both, and `why_not` refuses the pair."""
     config = baseline or RungConfig()

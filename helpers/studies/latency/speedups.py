@@ -141,6 +141,28 @@ def use_deepcache(pipe, interval: int) -> None:
     pipe._deepcache_helper = helper  # keep it alive with the pipeline
 
 
+def use_tgate(pipe, gate_step: int) -> None:
+    """T-GATE (Liu et al. 2024, the `tgate` package's hooks): the UNet's cross-attention runs until `gate_step`, where
+    its output (the mean of the unconditional and prompt halves) is cached and reused for every later step, which
+    then runs without guidance (`RungConfig.generate_kwargs` ends it there); before the gate the self-attention is
+    computed every `sp_interval` steps and reused in between, after it every step (the package's defaults). The
+    step counter restarts when the timestep rises: a new request."""
+    from tgate.tgate_utils import register_forward, tgate_scheduler  # optional: why_not says when it is missing
+
+    unet, inner = pipe.unet, pipe.unet.forward
+    state = {"step": -1, "timestep": None}
+
+    def forward(sample, timestep, *args, **kwargs):
+        t = float(timestep)
+        state["step"] = 0 if state["timestep"] is None or t > state["timestep"] else state["step"] + 1
+        state["timestep"] = t
+        ca_kward, sa_kward, keep_shape = tgate_scheduler(cur_step=state["step"], gate_step=gate_step)
+        register_forward(unet, "Attention", ca_kward=ca_kward, sa_kward=sa_kward, keep_shape=keep_shape)
+        return inner(sample, timestep, *args, **kwargs)
+
+    pipe.unet.forward = forward
+
+
 def _refresh_deepcache_on_batch_change(pipe, helper) -> None:
     """After a guidance cut-off the UNet batch halves, and DeepCache's cached features (of the old batch) would
     not fit: make the step where the batch changes a full step, and restart the cache phase there."""
@@ -235,6 +257,8 @@ def speedups(config: RungConfig) -> list[tuple[Callable, dict]]:
         calls.append((use_tome, {"ratio": config.tome_ratio}))
     if config.deepcache_interval > 1:
         calls.append((use_deepcache, {"interval": config.deepcache_interval}))
+    if config.tgate_gate is not None:
+        calls.append((use_tgate, {"gate_step": config.tgate_gate_step()}))
     if config.tiny_vae:
         calls.append((use_tiny_decoder, {}))
     if config.engine == "openvino":
@@ -275,6 +299,8 @@ def why_not(config: RungConfig, device: torch.device | str) -> str | None:
         reasons.append(_missing("tomesd", "tomesd"))
     if config.deepcache_interval > 1:
         reasons.append(_missing("DeepCache", "DeepCache"))
+    if config.tgate_gate is not None:
+        reasons.append(_tgate_why_not(config) or _missing("tgate", "tgate"))
     if config.engine == "openvino":
         reasons.append(_openvino_why_not(config, device))
     if config.int8:
@@ -318,6 +344,23 @@ def _lcm_why_not(config: RungConfig) -> str | None:
                 "no classifier-free guidance to cut off")
     if config.steps < 1:
         return f"lcm {config.steps}: an LCM takes 1 step or more"
+    return None
+
+
+def _tgate_why_not(config: RungConfig) -> str | None:
+    if not 0.0 <= config.tgate_gate < 1.0:
+        return f"tgate's gate {config.tgate_gate} must be in [0, 1): the share of steps with cross-attention"
+    if config.lcm:
+        return ("T-GATE caches the mean of the guided batch's two halves; an LCM samples without guidance, so there "
+                "are no halves to average: not combined")
+    if config.cfg_cutoff is not None:
+        return "T-GATE ends the guidance at its own gate: not combined with cfg_cutoff"
+    clashes = [name for name, on in (("deepcache", config.deepcache_interval > 1), ("tome", config.tome_ratio > 0),
+                                     ("attention " + config.attention, config.attention != "sdpa"),
+                                     ("compile", config.compile), ("openvino", config.engine == "openvino")) if on]
+    if clashes:
+        return (f"T-GATE replaces the forward of every attention layer with its own (SDPA, caches kept in Python), "
+                f"which {clashes} would skip, undo or trace: not combined")
     return None
 
 
