@@ -326,11 +326,10 @@ def test_openvino_runs_every_network_and_draws_what_torch_draws(toy_depth_pipe, 
 def test_int8_quantizes_the_openvino_unet_and_controlnet_on_the_warm_up_calls(toy_depth_pipe, inputs):
     """"openvino + int8": NNCF quantizes the UNet and the ControlNet (weights and activations) on the calls of the
     warm-up request, which PyTorch answers; the text encoder and the decode stay f32. The int8 pictures stay close to
-    f32's (quantization noise, not another picture), and int8 without OpenVINO is refused with the reason."""
+    f32's (quantization noise, not another picture)."""
     from helpers.studies.openvino_engine import OpenVINOUNet
 
     config = latency.parse_rung("ddim 4 + openvino + int8")
-    assert latency.why_not(latency.parse_rung("ddim 4 + int8"), "cpu").startswith("int8 is NNCF's quantization")
     pipe = latency.configure(toy_depth_pipe, config)
     assert isinstance(pipe.unet, OpenVINOUNet) and pipe.unet.calibration == [] and pipe.vae.calibration is None
     latency.warm_up(pipe, config, inputs.subset(1), inputs)
@@ -480,22 +479,55 @@ def test_bench_latency_times_torch_and_openvino_again_in_turn(tmp_path, monkeypa
         summary["head to head OpenVINO s"] / summary["head to head torch s"])
 
 
-def test_bench_latency_sets_an_int8_rung_against_an_int8_roofline(tmp_path, monkeypatch):
-    """"openvino + int8" is calibrated on a few steps, quantized, timed, and set against an int8 matmul roofline
-    measured in the same run; the float comparison (torch against OpenVINO at one precision) leaves it out."""
+def test_bench_latency_sets_int8_rungs_against_an_int8_roofline_and_in_turn(tmp_path, monkeypatch):
+    """"openvino + int8" (NNCF, calibrated on a few steps) and torch's "int8" (torchao) are timed and set against an
+    int8 roofline (OpenVINO's int8 matmul and convolution) measured in the same run, then against each other in turn;
+    the float comparison (torch against OpenVINO at one precision) leaves them out. Every roofline has a matmul and
+    a convolution source."""
     import json
 
     from helpers.bench import latency as bench
 
     monkeypatch.setenv("SD_OUTPUTS", str(tmp_path))
-    assert bench.main(["--model", "tiny-random", "--rungs", "baseline", "openvino", "openvino + int8", "--repeats", "1",
-                       "--latent-size", "8", "--head-to-head", "0"]) == 0
+    assert bench.main(["--model", "tiny-random", "--rungs", "baseline", "openvino", "int8", "openvino + int8",
+                       "--repeats", "1", "--latent-size", "8", "--head-to-head", "1"]) == 0
     record = json.loads((tmp_path / "bench_latency.json").read_text())
     rows = {row["rung"]: row for row in record["rows"]}
-    assert rows["openvino + int8"]["status"] == "ok" and rows["openvino + int8"]["dtype"] == "int8"
-    assert record["roofline_gflops"]["int8"] > 0 and rows["openvino + int8"]["roofline share"] > 0
+    for rung in ("int8", "openvino + int8"):
+        assert rows[rung]["status"] == "ok" and rows[rung]["dtype"] == "int8" and rows[rung]["roofline share"] > 0
+    assert record["roofline_gflops"]["int8"] > 0
+    assert set(record["roofline_sources_gflops"]["float32"]) == {"torch matmul", "torch conv", "openvino matmul",
+                                                                 "openvino conv"}
+    assert set(record["roofline_sources_gflops"]["int8"]) == {"openvino matmul", "openvino conv"}
     summary = record["summary"]
-    assert summary["best int8 rung"] == "openvino + int8" and summary["best OpenVINO rung"] == "openvino"
+    assert (summary["best torch int8 rung"], summary["OpenVINO int8 rung"]) == ("int8", "openvino + int8")
+    assert summary["best OpenVINO rung"] == "openvino" and summary["best full-step torch rung"] == "baseline"
+    assert summary["int8 head to head torch vs OpenVINO"] == pytest.approx(
+        summary["int8 head to head OpenVINO s"] / summary["int8 head to head torch s"])
+
+
+def test_torch_int8_quantizes_the_copys_linear_layers_and_draws_what_fp32_draws(toy_depth_pipe, inputs):
+    """torchao's dynamic int8 on every linear layer of the copy's UNet and ControlNet (the base keeps its floats),
+    convolutions untouched; the pictures stay close to fp32's. An int8 rung keeps its engine as its reference:
+    OpenVINO's int8 is another quantization, not the same arithmetic."""
+    from torchao.quantization import Int8Tensor
+
+    config = latency.parse_rung("int8")
+    assert latency.why_not(config, "cpu") is None
+    pipe = latency.configure(toy_depth_pipe, config)
+    for network, base in ((pipe.unet, toy_depth_pipe.unet), (pipe.controlnet, toy_depth_pipe.controlnet)):
+        linears = [m for m in network.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(isinstance(m.weight, Int8Tensor) for m in linears)
+        assert all(not isinstance(m.weight, Int8Tensor) for m in base.modules() if isinstance(m, torch.nn.Linear))
+        assert all(m.weight.dtype == torch.float32 for m in network.modules() if isinstance(m, torch.nn.Conv2d))
+    request = inputs.subset(1)
+    quantized = latency.generate_config(pipe, config, request, "np").images
+    plain = latency.generate_config(latency.configure(toy_depth_pipe, latency.RungConfig(steps=config.steps)), config,
+                                    request, "np").images
+    assert 0 < np.abs(quantized - plain).mean() < 0.05
+    assert latency.same_arithmetic_reference(latency.parse_rung("openvino + int8")) is None
+    assert latency.same_arithmetic_reference(latency.parse_rung("int8 + compile")) == config
+    assert "GPU" in latency.why_not(config, "cuda")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,15 +2,17 @@
 
 One UNet step (batch 2 at 32×32 latents by default: 343 GFLOP on SD 1.5's shapes) under each rung of the ladder
 (fp32, attention variants, fused QKV, channels_last, bf16, token merging, DeepCache, torch.compile, OpenVINO f32 and
-bf16, OpenVINO int8 through NNCF: calibrated on a few steps, set against an int8 matmul roofline),
+bf16, int8: OpenVINO's through NNCF, calibrated on a few steps, and with --compile torch's through torchao),
 warm-up excluded, median of repeats. FLOPs come from torch.utils.flop_counter; each rung's rate is set against the
-matmul roofline of its dtype, measured in the same run with the same threads (the faster of torch's and OpenVINO's
-matmul: on an AMD EPYC torch's fp32 matmul ran at half of OpenVINO's, whose UNet then showed 156% of it). A rung
+roofline of its dtype, measured in the same run with the same threads: the fastest of a 2048² matmul and SD 1.5's
+640-channel 3×3 convolution at 32², through torch and OpenVINO (on an AMD EPYC torch's fp32 matmul ran at half of
+OpenVINO's, and OpenVINO's bf16 UNet step ran at 118% of a matmul-only roofline). A rung
 this machine cannot run (bf16 without bf16 units, no compiler, a package missing) is listed as skipped with the
 reason. Published anchors are printed beside the table for context; compare ratios, not absolute times, across
 machines. DeepCache and token merging skip work: their rate (a full step's FLOPs over their time) is "effective",
 not achieved, so the summary's roofline share is the best full-step rung's. The best full-step PyTorch rung and
-OpenVINO's best are then timed again in turn (`--head-to-head` rounds): their ratio, free of the machine's drift.
+OpenVINO's best at the same precision are then timed again in turn (`--head-to-head` rounds), and the best int8
+rung of each engine: their ratios, free of the machine's drift.
 Prints a table and writes outputs/bench_latency.json.
 """
 
@@ -28,12 +30,14 @@ from helpers.core.models import RANDOM_MODELS, load_component
 from helpers.core.random_models import SD15_SCHEDULER_CONFIG
 from helpers.core.results import cpu_model, format_table, record_results
 from helpers.studies import latency
-from helpers.studies.openvino_engine import int8_matmul_rate
 
 DEFAULT_RUNGS = ["baseline", "classic_attention", "attention_slicing", "fused_qkv", "channels_last",
                  "fused_qkv + channels_last", "bf16", "bf16 + channels_last", "bf16 + channels_last + fused_qkv",
                  "tome", "deepcache", "bf16 + channels_last + fused_qkv + deepcache", "openvino", "openvino + bf16",
                  "openvino + int8"]
+# --compile adds these (a first call compiles: minutes on a CPU); torch's int8 (torchao) is only fast compiled
+COMPILE_RUNGS = ["compile", "bf16 + channels_last + fused_qkv + compile", "int8 + channels_last + fused_qkv + compile",
+                 "bf16 + int8 + channels_last + fused_qkv + compile"]
 ANCHORS = [  # published numbers, for context only: other machines, other shapes
     {"source": "diffusers docs (A100, SD 1.5, 512×512, 30 steps)", "config": "fp32", "seconds": 1.53},
     {"source": "diffusers docs (A100, SD 1.5, 512×512, 30 steps)", "config": "bf16 + SDPA + fused QKV + compile",
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch_size", "latent_size", "repeats", "deepcache_interval"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    rungs = args.rungs + (["compile", "bf16 + channels_last + fused_qkv + compile"] if args.compile else [])
+    rungs = args.rungs + (COMPILE_RUNGS if args.compile else [])
 
     unet = load_component(args.model, "unet", dtype=torch.float32).eval()
     scheduler = _scheduler(args.model)
@@ -114,13 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     scheduler.set_timesteps(20)
     t = scheduler.timesteps[0]
     flops = latency.count_flops(lambda: unet(sample, t, encoder_hidden_states=encoder_hidden_states))
-    rooflines, roofline_sources = latency.rooflines(unet.device)
-    if any(latency.parse_rung(name).int8 for name in rungs) and latency.why_not(latency.parse_rung("openvino + int8"),
-                                                                              unet.device) is None:
-        roofline_sources[torch.int8] = {"openvino": int8_matmul_rate()}
-        rooflines[torch.int8] = roofline_sources[torch.int8]["openvino"]
+    rooflines, roofline_sources = latency.rooflines(unet.device, int8=any(latency.parse_rung(name).int8
+                                                                          for name in rungs))
     print(f"{args.model} UNet, batch {args.batch_size} at {args.latent_size}×{args.latent_size} latents: "
-          f"{flops / 1e9:.0f} GFLOP per step; {cpu_model()}, {torch.get_num_threads()} threads; matmul roofline "
+          f"{flops / 1e9:.0f} GFLOP per step; {cpu_model()}, {torch.get_num_threads()} threads; roofline "
           + ", ".join(f"{str(d).removeprefix('torch.')} {r / 1e9:.0f} GFLOP/s ("
                       + ", ".join(f"{engine} {rate / 1e9:.0f}" for engine, rate in roofline_sources[d].items()) + ")"
                       for d, r in rooflines.items()),
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = _summary(rows)
     if args.head_to_head and summary["best full-step torch rung"] and summary["best OpenVINO rung"]:
         summary.update(_head_to_head(base, summary["best full-step torch rung"], summary["best OpenVINO rung"], args))
+    if args.head_to_head and summary["best torch int8 rung"] and summary["OpenVINO int8 rung"]:
+        summary.update(_head_to_head(base, summary["best torch int8 rung"], summary["OpenVINO int8 rung"], args,
+                                     label="int8 "))
     print(format_table([summary]))
     path = record_results("bench_latency", {
         "rows": rows, "anchors": ANCHORS, "summary": summary, "args": vars(args), "gflop_per_step": flops / 1e9,
@@ -158,39 +162,51 @@ def _scheduler(model: str):
         model, "scheduler")
 
 
-def _head_to_head(base: latency.UNetOnly, torch_rung: str, openvino_rung: str, args) -> dict:
-    """The two best full steps timed again in turn: the ladder times them minutes apart, and a shared machine
-    drifts 10-50% in that time; in turn, their ratio holds."""
+def _head_to_head(base: latency.UNetOnly, torch_rung: str, openvino_rung: str, args, label: str = "") -> dict:
+    """The two rungs timed again in turn: the ladder times them minutes apart, and a shared machine drifts 10-50% in
+    that time; in turn, their ratio holds. `label` prefixes the keys ("int8 ")."""
     configs = {name: latency.parse_rung(name) for name in (torch_rung, openvino_rung)}
     times = latency.interleaved_step_times(base, configs, args.batch_size, args.latent_size, args.head_to_head)
     torch_s, openvino_s = (statistics.median(times[name]) for name in (torch_rung, openvino_rung))
-    return {"head to head rounds": args.head_to_head, "head to head torch s": torch_s,
-            "head to head OpenVINO s": openvino_s, "head to head torch vs OpenVINO": openvino_s / torch_s}
+    return {f"{label}head to head rounds": args.head_to_head, f"{label}head to head torch s": torch_s,
+            f"{label}head to head OpenVINO s": openvino_s,
+            f"{label}head to head torch vs OpenVINO": openvino_s / torch_s}
 
 
 def _summary(rows: list[dict]) -> dict:
-    """The best PyTorch rung doing a full step's work (its share of the roofline is real), the best overall (with
-    cached or merged steps, whose rate is only effective), and OpenVINO's best at a float precision, each against the
-    others; and the best int8 rung with its share of the int8 roofline."""
+    """The best PyTorch rung doing a full step's float work (its share of the roofline is real) against OpenVINO's
+    best at the same precision; the best PyTorch rung overall (with cached or merged steps, whose rate is only
+    effective); and at int8, the best of each engine with its share of the int8 roofline."""
     ok = [r for r in rows if r["status"] == "ok"]
-    torch_rows = [r for r in ok if not r["rung"].startswith("openvino")]
-    full_rows = [r for r in torch_rows if r["rate"] == "measured"]
-    openvino_rows = [r for r in ok if r["rung"].startswith("openvino") and r["dtype"] != "int8"]
-    int8_rows = [r for r in ok if r["dtype"] == "int8"]
 
     def fastest(candidates):
         return min(candidates, key=lambda r: r["s per step"]) if candidates else None
 
-    full, best, best_ov, int8 = fastest(full_rows), fastest(torch_rows), fastest(openvino_rows), fastest(int8_rows)
-    return {"best full-step torch rung": full and full["rung"], "its s": full and full["s per step"],
-            "its roofline share": full and full["roofline share"],
-            "best torch rung": best and best["rung"], "best torch s": best and best["s per step"],
+    def is_openvino(row):
+        return row["rung"].startswith("openvino")
+
+    torch_rows = [r for r in ok if not is_openvino(r) and r["dtype"] != "int8"]
+    full = fastest([r for r in torch_rows if r["rate"] == "measured"])
+    best = fastest(torch_rows)
+    best_ov = fastest([r for r in ok if is_openvino(r) and full and r["dtype"] == full["dtype"]])
+    torch_int8 = fastest([r for r in ok if not is_openvino(r) and r["dtype"] == "int8"])
+    ov_int8 = fastest([r for r in ok if is_openvino(r) and r["dtype"] == "int8"])
+
+    def ratio(torch_row, openvino_row):
+        return openvino_row["s per step"] / torch_row["s per step"] if torch_row and openvino_row else None
+
+    return {"best full-step torch rung": full and full["rung"], "its dtype": full and full["dtype"],
+            "its s": full and full["s per step"], "its roofline share": full and full["roofline share"],
             "best OpenVINO rung": best_ov and best_ov["rung"], "OpenVINO s": best_ov and best_ov["s per step"],
             "OpenVINO roofline share": best_ov and best_ov["roofline share"],
-            "full-step torch vs OpenVINO": (best_ov["s per step"] / full["s per step"]) if full and best_ov else None,
-            "best torch vs OpenVINO": (best_ov["s per step"] / best["s per step"]) if best and best_ov else None,
-            "best int8 rung": int8 and int8["rung"], "int8 s": int8 and int8["s per step"],
-            "int8 roofline share": int8 and int8["roofline share"]}
+            "full-step torch vs OpenVINO": ratio(full, best_ov),
+            "best torch rung": best and best["rung"], "best torch s": best and best["s per step"],
+            "best torch vs OpenVINO": ratio(best, best_ov),
+            "best torch int8 rung": torch_int8 and torch_int8["rung"], "torch int8 s": torch_int8 and torch_int8[
+                "s per step"], "torch int8 roofline share": torch_int8 and torch_int8["roofline share"],
+            "OpenVINO int8 rung": ov_int8 and ov_int8["rung"], "OpenVINO int8 s": ov_int8 and ov_int8["s per step"],
+            "OpenVINO int8 roofline share": ov_int8 and ov_int8["roofline share"],
+            "torch vs OpenVINO int8": ratio(torch_int8, ov_int8)}
 
 
 if __name__ == "__main__":

@@ -28,19 +28,24 @@ def compile_config(precision: str) -> dict:
     return {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": torch.get_num_threads()}
 
 
-def matmul_rate(precision: str, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n×n @ n×n matmul run by OpenVINO's CPU plugin in `precision` ("f32" or "bf16"), with torch's
-    threads, median of repeats. Its oneDNN kernels can beat torch's own matmul (fp32 on one AMD EPYC thread: 193
-    against 92 GFLOP/s), so a roofline that ignored them would put OpenVINO above 100% of it."""
-    class MatMul(torch.nn.Module):
-        def forward(self, a, b):
-            return a @ b
+def layer_rate(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], flops: float, precision: str = "f32",
+               int8: bool = False, repeats: int = 5) -> float:
+    """FLOP/s (or int8 operations a second) of `module` on `inputs` run by OpenVINO's CPU plugin in `precision`
+    ("f32" or "bf16"), with torch's threads, median of repeats; `int8`: quantized first by NNCF (weights and
+    activations, VNNI or AMX-INT8 where the CPU has them), calibrated on random inputs of the same shapes. Its
+    oneDNN kernels can beat torch's own (fp32 matmul on one AMD EPYC thread: 193 against 92 GFLOP/s), so a roofline
+    that ignored them would put OpenVINO above 100% of it."""
+    with torch.no_grad():
+        model = openvino.convert_model(module.eval(), example_input=inputs)
+    if int8:
+        import nncf  # heavy (scikit-learn, pandas): only the int8 rungs need it
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    compiled = openvino.compile_model(openvino.convert_model(MatMul(), example_input=(a, b)), "CPU",
-                                      compile_config(precision))
-    inputs = [a.numpy(), b.numpy()]
-    return 2 * n**3 / measure("openvino matmul", lambda: compiled(inputs), repeats=repeats).median
+        calibration = nncf.Dataset([[torch.randn_like(x).numpy() for x in inputs] for _ in range(4)])
+        with quiet_nncf_progress():
+            model = nncf.quantize(model, calibration, subset_size=4)
+    compiled = openvino.compile_model(model, "CPU", compile_config(precision))
+    arrays = [x.numpy() for x in inputs]
+    return flops / measure("openvino layer", lambda: compiled(arrays), repeats=repeats).median
 
 
 @contextmanager
@@ -56,24 +61,6 @@ def quiet_nncf_progress():
         yield
     finally:
         rich._console = saved
-
-
-def int8_matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """Operations per second (2 n³ a product, as for FLOP/s) of an n×n activation times an n×n weight, both int8,
-    through NNCF's quantization of a `torch.nn.Linear` and OpenVINO's CPU plugin (VNNI or AMX-INT8 where the CPU has
-    them), with torch's threads: the int8 roofline the int8 rungs are set against."""
-    import nncf  # heavy (scikit-learn, pandas): only the int8 rungs need it
-
-    linear = torch.nn.Linear(n, n, bias=False).eval()
-    a = torch.randn(n, n)
-    with torch.no_grad():
-        model = openvino.convert_model(linear, example_input=(a,))
-    calibration = nncf.Dataset([[torch.randn(n, n).numpy()] for _ in range(4)])
-    with quiet_nncf_progress():
-        model = nncf.quantize(model, calibration, subset_size=4)
-    compiled = openvino.compile_model(model, "CPU", compile_config("f32"))
-    inputs = [a.numpy()]
-    return 2 * n**3 / measure("openvino int8 matmul", lambda: compiled(inputs), repeats=repeats).median
 
 
 class _OpenVINOModule(torch.nn.Module):

@@ -8,10 +8,10 @@ quality. Read in this order:
 - `speedups`: how each speed-up is applied, one small function each on a pipeline copy (`use_scheduler`, `use_lcm`
   (with `use_lcm_lora`: the toy's LCM-LoRA or SD 1.5's published one, and LCMScheduler), `use_half`,
   `use_attention_slicing`, `use_classic_attention`, `fuse_qkv`, `use_channels_last`, `use_tome`, `use_deepcache`,
-  `use_tgate`, `use_tiny_decoder`, `use_openvino`, `compile_unet`); `speedups(config)` lists a rung's calls, `recipe(config)`
-  prints them as code, `why_not(config, device)` says why this platform cannot run it. Device decisions (which
-  half, bf16, compile, OpenVINO) ask `helpers.core.accelerator`: under the rehearsal's pretended T4 the rungs are a
-  T4's while the CPU computes.
+  `use_tgate`, `use_tiny_decoder`, `use_openvino`, `quantize_int8`, `compile_unet`); `speedups(config)` lists a
+  rung's calls, `recipe(config)` prints them as code, `why_not(config, device)` says why this platform cannot run
+  it. Device decisions (which half, bf16, compile, OpenVINO) ask `helpers.core.accelerator`: under the rehearsal's
+  pretended T4 the rungs are a T4's while the CPU computes.
 - `ladder`: the copies (`copy_pipeline` shares the base's weights; only what a rung changes is its own, freed when
   the rung is done: SD 1.5 with a ControlNet and a copy per rung did not fit a 16 GB T4), `configure`, `run_rung`
   (warm-up excluded, median of repeats, through `helpers.core.stages.generate`), `Ladder` and its head-to-head in
@@ -19,8 +19,8 @@ quality. Read in this order:
 - `quality`: oracle prompt and control adherence on the toy, PSNR/SSIM against the baseline of the same seed;
   `pareto_front`, `within_bars` and `recommend`.
 - `profiling`: `part_timers` (every part of a generation, without touching the loop), `count_flops`,
-  `profile_top_ops`, `matmul_roofline` and `rooflines`; `bottlenecks`: each stage replayed alone against the
-  roofline, and one UNet step timed alone (the bench).
+  `profile_top_ops`, `matmul_roofline`, `conv_roofline` and `rooflines`; `bottlenecks`: each stage replayed alone
+  against the roofline, and one UNet step timed alone (the bench).
 """
 
 from helpers.studies.latency.bottlenecks import (
@@ -51,6 +51,7 @@ from helpers.studies.latency.ladder import (
 )
 from helpers.studies.latency.profiling import (
     PARTS,
+    conv_roofline,
     count_flops,
     matmul_roofline,
     part_timers,
@@ -79,6 +80,7 @@ from helpers.studies.latency.speedups import (
     finish_calibration,
     fuse_qkv,
     networks,
+    quantize_int8,
     recipe,
     slow_bf16_reason,
     speedups,
@@ -100,13 +102,13 @@ from helpers.studies.latency.speedups import (
 __all__ = [
     "HALF_DTYPES", "Inputs", "LCM_GUIDANCE_SCALE", "Ladder", "OPTIMISATIONS", "PARTS", "RungConfig", "RungResult",
     "RungSkipped", "SAME_ARITHMETIC", "STRENGTHS", "UNetOnly", "apply_speedups", "capture_stage_calls",
-    "compile_unet", "configure", "copy_pipeline", "count_flops", "decided_as", "finish_calibration", "fuse_qkv",
-    "generate_config", "half_name", "image_similarity", "interleaved_step_times", "interleaved_times",
-    "matmul_roofline", "networks", "out_of_memory", "owned_bytes", "pareto_front", "parse_rung", "part_timers",
-    "profile_top_ops", "quality", "quality_images", "recipe", "recommend", "release_memory", "rooflines",
-    "run_rung", "same_arithmetic_reference", "sd15_prompts", "sharing_copy", "skip_reason", "slow_bf16_reason",
-    "speedups", "stage_bottlenecks", "time_loads", "time_request", "time_unet_steps", "unet_step_inputs",
-    "use_attention_slicing", "use_channels_last", "use_classic_attention", "use_deepcache", "use_half", "use_lcm",
-    "use_lcm_lora", "use_openvino", "use_scheduler", "use_tgate", "use_tiny_decoder", "use_tome", "warm_up",
-    "why_not", "within_bars",
+    "compile_unet", "configure", "conv_roofline", "copy_pipeline", "count_flops", "decided_as",
+    "finish_calibration", "fuse_qkv", "generate_config", "half_name", "image_similarity", "interleaved_step_times",
+    "interleaved_times", "matmul_roofline", "networks", "out_of_memory", "owned_bytes", "pareto_front",
+    "parse_rung", "part_timers", "profile_top_ops", "quality", "quality_images", "quantize_int8", "recipe",
+    "recommend", "release_memory", "rooflines", "run_rung", "same_arithmetic_reference", "sd15_prompts",
+    "sharing_copy", "skip_reason", "slow_bf16_reason", "speedups", "stage_bottlenecks", "time_loads",
+    "time_request", "time_unet_steps", "unet_step_inputs", "use_attention_slicing", "use_channels_last",
+    "use_classic_attention", "use_deepcache", "use_half", "use_lcm", "use_lcm_lora", "use_openvino",
+    "use_scheduler", "use_tgate", "use_tiny_decoder", "use_tome", "warm_up", "why_not", "within_bars",
 ]

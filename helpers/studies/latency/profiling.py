@@ -1,5 +1,5 @@
-"""Where the time goes: timers on every part of a generation, FLOPs, torch.profiler's top operators, and the matmul
-roofline a network's rate is set against."""
+"""Where the time goes: timers on every part of a generation, FLOPs, torch.profiler's top operators, and the
+roofline (the faster of a large matmul and a large convolution) a network's rate is set against."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from helpers.core.measure import measure, synchronize, timed
 from helpers.studies.latency.rungs import decided_as
-from helpers.studies.openvino_engine import matmul_rate
+from helpers.studies.openvino_engine import layer_rate
 
 PARTS = ("preprocess", "text_encoder", "controlnet", "unet", "scheduler", "vae_decode", "postprocess")
 
@@ -115,21 +115,64 @@ def matmul_roofline(dtype: torch.dtype = torch.float32, device: torch.device | s
     return 2 * n**3 / measure("matmul", lambda: torch.matmul(a, b), repeats=repeats, device=device).median
 
 
+# SD 1.5's 640-channel 3×3 convolution at batch 2 (CFG) on a 512² picture's 32² level: a UNet step is about half
+# convolutions, and oneDNN runs them faster than a 2048² matmul on some CPUs (OpenVINO's bf16 UNet step reached 118%
+# of the matmul roofline on an AMD EPYC)
+CONV_SHAPE = (2, 640, 32, 32)
 OPENVINO_PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
-def rooflines(device: torch.device | str = "cpu", dtypes=None, n: int = 2048) -> tuple[dict, dict]:
-    """The ceiling per dtype that a network's dense layers can reach here, with these threads: the faster of torch's
-    matmul and, on a CPU with OpenVINO installed, OpenVINO's (oneDNN's kernels beat torch's fp32 matmul on some
-    CPUs). `dtypes`: fp32 and the accelerator's fast half (fp16 on CUDA, where the baseline runs; bf16 on a CPU).
-    Returns ({dtype: FLOP/s}, {dtype: {engine: FLOP/s}}), the second to record where each came from."""
+class _MatMul(torch.nn.Module):
+    def forward(self, a, b):
+        return a @ b
+
+
+def _conv_and_input(dtype: torch.dtype, device, shape=CONV_SHAPE) -> tuple[torch.nn.Conv2d, torch.Tensor, float]:
+    """A 3×3 convolution at `shape` in channels_last (oneDNN's layout), its input and its FLOPs."""
+    batch, channels, height, width = shape
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(device, dtype).to(memory_format=torch.channels_last)
+    x = torch.randn(shape, device=device).to(dtype).to(memory_format=torch.channels_last)
+    return conv, x, 2 * batch * height * width * channels * channels * 9
+
+
+def conv_roofline(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", shape=CONV_SHAPE,
+                  repeats: int = 5) -> float:
+    """The rate (FLOP/s) of a 3×3 convolution at `shape` (CONV_SHAPE) in `dtype` on `device` through torch (oneDNN
+    on a CPU, cuDNN on a GPU), median of repeats; fp16 on a CPU (no fast kernels) at a small shape."""
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        shape = (1, 64, 16, 16)
+    conv, x, flops = _conv_and_input(dtype, device, shape)
+    with torch.inference_mode():
+        return flops / measure("conv", lambda: conv(x), repeats=repeats, device=device).median
+
+
+def rooflines(device: torch.device | str = "cpu", dtypes=None, n: int = 2048, int8: bool = False,
+              conv_shape=CONV_SHAPE) -> tuple[dict, dict]:
+    """The ceiling per dtype that a network's dense layers can reach here, with these threads: the fastest of a large
+    matmul and a large convolution (CONV_SHAPE), through torch and, on a CPU with OpenVINO installed, OpenVINO
+    (oneDNN's kernels beat torch's fp32 matmul on some CPUs). `dtypes`: fp32 and the accelerator's fast half (fp16 on
+    CUDA, where the baseline runs; bf16 on a CPU). `int8`: also torch.int8, OpenVINO's matmul and convolution
+    quantized by NNCF. Returns ({dtype: FLOP/s}, {dtype: {"engine layer": FLOP/s}}), the second to record where each
+    came from."""
+    on_cpu_with_openvino = decided_as(device) == "cpu" and importlib.util.find_spec("openvino")
     fast_half = torch.float16 if decided_as(device) == "cuda" else torch.bfloat16
     sources = {}
     for dtype in dtypes or (torch.float32, fast_half):
-        sources[dtype] = {"torch": matmul_roofline(dtype, device, n)}
-        if decided_as(device) == "cpu" and importlib.util.find_spec("openvino") and dtype in OPENVINO_PRECISIONS:
-            sources[dtype]["openvino"] = matmul_rate(OPENVINO_PRECISIONS[dtype])
+        sources[dtype] = {"torch matmul": matmul_roofline(dtype, device, n),
+                          "torch conv": conv_roofline(dtype, device, conv_shape)}
+        if on_cpu_with_openvino and dtype in OPENVINO_PRECISIONS:
+            sources[dtype] |= _openvino_rates(n, conv_shape, OPENVINO_PRECISIONS[dtype])
+    if int8 and on_cpu_with_openvino and importlib.util.find_spec("nncf"):
+        sources[torch.int8] = _openvino_rates(n, conv_shape, "f32", int8=True)
     return {dtype: max(rates.values()) for dtype, rates in sources.items()}, sources
+
+
+def _openvino_rates(n: int, conv_shape, precision: str, int8: bool = False) -> dict[str, float]:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    conv, x, conv_flops = _conv_and_input(torch.float32, "cpu", conv_shape)
+    matmul = (torch.nn.Linear(n, n, bias=False), (a,)) if int8 else (_MatMul(), (a, b))  # int8: a weight to quantize
+    return {"openvino matmul": layer_rate(*matmul, 2 * n**3, precision, int8),
+            "openvino conv": layer_rate(conv, (x.contiguous(),), conv_flops, precision, int8)}
 
 
 def profile_top_ops(fn: Callable[[], object], k: int = 8, device: torch.device | str = "cpu") -> list[dict]:

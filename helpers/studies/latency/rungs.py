@@ -56,7 +56,9 @@ class RungConfig:
     control_guidance_end: float = 1.0  # ControlNet acts on the first share of the steps
     tiny_vae: bool = False
     engine: str = "torch"  # "torch" or "openvino"
-    int8: bool = False  # the OpenVINO UNet and ControlNet quantized to int8 by NNCF (weights and activations)
+    # int8 weights and activations in the UNet and ControlNet: with openvino, NNCF's static quantization of the graph;
+    # in torch, torchao's dynamic quantization of their linear layers (fast under compile)
+    int8: bool = False
 
     def generate_kwargs(self) -> dict:
         """What `helpers.core.stages.generate` needs from this config (the rest is applied to the pipeline)."""
@@ -114,9 +116,10 @@ SAME_ARITHMETIC = ("channels_last", "attention", "fuse_qkv", "compile", "engine"
 
 def same_arithmetic_reference(config: RungConfig) -> RungConfig | None:
     """`config` without its SAME_ARITHMETIC speed-ups: the rung that computes the same numbers the plain way; None
-    when `config` has none of them."""
+    when `config` has none of them. An int8 rung keeps its engine: each engine quantizes its own way."""
     default = RungConfig()
-    reference = dataclasses.replace(config, **{name: getattr(default, name) for name in SAME_ARITHMETIC})
+    names = [name for name in SAME_ARITHMETIC if not (config.int8 and name == "engine")]
+    reference = dataclasses.replace(config, **{name: getattr(default, name) for name in names})
     return None if reference == config else reference
 
 

@@ -211,6 +211,19 @@ def finish_calibration(pipe) -> None:
             network.finish_calibration()
 
 
+def quantize_int8(pipe) -> None:
+    """torchao's int8 dynamic quantization (`quantize_` with `Int8DynamicActivationInt8WeightConfig`) of every linear
+    layer in the UNet and the ControlNet: int8 weights (a scale per output channel) and activations quantized per
+    token as they come. Convolutions keep their precision (torchao quantizes linear layers). Eager, the quantize
+    steps cost about what the int8 matmuls save; under `torch.compile` Inductor fuses them into int8 GEMMs."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_  # optional: see why_not
+
+    for name in ("unet", "controlnet"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            quantize_(module, Int8DynamicActivationInt8WeightConfig())
+
+
 def compile_unet(pipe) -> None:
     """`torch.compile` the UNet (the first call compiles: minutes on a CPU, the warm-up); on a CPU with Inductor's
     freezing, which folds and prepacks the weights."""
@@ -263,6 +276,8 @@ def speedups(config: RungConfig) -> list[tuple[Callable, dict]]:
         calls.append((use_tiny_decoder, {}))
     if config.engine == "openvino":
         calls.append((use_openvino, {"precision": "bf16" if config.half == "bf16" else "f32", "int8": config.int8}))
+    if config.int8 and config.engine == "torch":
+        calls.append((quantize_int8, {}))
     if config.compile:
         calls.append((compile_unet, {}))
     return calls
@@ -304,8 +319,7 @@ def why_not(config: RungConfig, device: torch.device | str) -> str | None:
     if config.engine == "openvino":
         reasons.append(_openvino_why_not(config, device))
     if config.int8:
-        reasons.append("int8 is NNCF's quantization of the OpenVINO graph: name it with openvino ('openvino + int8')"
-                       if config.engine != "openvino" else _missing("nncf", "nncf"))
+        reasons.append(_int8_why_not(config, device))
     if config.compile:
         reasons.append(_compile_why_not(device))
     reasons = [r for r in reasons if r]
@@ -362,6 +376,15 @@ def _tgate_why_not(config: RungConfig) -> str | None:
         return (f"T-GATE replaces the forward of every attention layer with its own (SDPA, caches kept in Python), "
                 f"which {clashes} would skip, undo or trace: not combined")
     return None
+
+
+def _int8_why_not(config: RungConfig, device: torch.device) -> str | None:
+    if config.engine == "openvino":
+        return _missing("nncf", "nncf")
+    if decided_as(device) != "cpu":
+        return ("int8 is a CPU's rung here (torchao's dynamic int8, or NNCF's with openvino): a GPU's half is fp16, "
+                "and int8 matmuls on a T4 need kernels this ladder does not measure")
+    return _missing("torchao", "torchao")
 
 
 def _half_why_not(config: RungConfig, device: torch.device) -> str | None:
