@@ -63,6 +63,10 @@ def test_07_the_cuts_that_work_on_the_toy(rungs):
     cutoff, deepcache = rungs["cfg_cutoff"], rungs["deepcache"]
     assert cutoff["status"] == "ok" and deepcache["status"] == "ok"
     assert cutoff["config"] == {**rungs["baseline"]["config"], "cfg_cutoff": 0.5}, "one change on the baseline"
+    tgate = rungs["tgate"]
+    assert tgate["status"] == "ok", tgate["reason"]
+    assert tgate["config"] == {**rungs["baseline"]["config"], "tgate_gate": 0.4}, "one change on the baseline"
+    assert tgate["quality"]["psnr_db"] > 15, "cached cross-attention changes the picture a little, not entirely"
     tiny = rungs["tiny_vae"]
     assert tiny["status"] == "ok", tiny["reason"]
     assert tiny["quality"]["psnr_db"] > 20, "the tiny decoder decodes close to the VAE"

@@ -114,7 +114,7 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, dict]] = {
     "07": {  # smoke: 8-step baseline, 2 prompts, 1 repeat, a few rungs (no compile, no OpenVINO export), one LCM
         "smoke": {"N_PROMPTS": 2, "BASELINE_STEPS": 8, "REPEATS": 1, "MIN_RUN_S": 0.0, "QUALITY_BATCH": 2,
                   "SCHEDULER_RUNGS": ["dpm++"], "STEP_RUNGS": [4],
-                  "OPTIMISATION_RUNGS": ["fp16", "cfg_cutoff", "deepcache", "tiny_vae", "lcm 1"],
+                  "OPTIMISATION_RUNGS": ["fp16", "cfg_cutoff", "deepcache", "tgate", "tiny_vae", "lcm 1"],
                   "COMBINED_RUNGS": ["dpm++ 4 + cfg_cutoff + deepcache + tiny_vae"], "SHOW_RUNGS": 2,
                   "FINALISTS": 2, "HEAD_TO_HEAD_ROUNDS": 2},
         # cpu (the parameters cell, ~3.5 min on 2 cores): two schedulers at 10 and 6 steps and Align Your Steps;
