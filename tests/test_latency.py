@@ -489,8 +489,15 @@ def test_bench_latency_sets_int8_rungs_against_an_int8_roofline_and_in_turn(tmp_
     from helpers.bench import latency as bench
 
     monkeypatch.setenv("SD_OUTPUTS", str(tmp_path))
+    timed_quantized = []  # every timed OpenVINO int8 step, in the ladder and the head to head: quantized already?
+    real = latency.time_unet_steps
+    for module in (latency, latency.bottlenecks):
+        monkeypatch.setattr(module, "time_unet_steps", lambda holder, config, *a, **k: (
+            config.int8 and config.engine == "openvino" and timed_quantized.append(holder.unet.quantized))
+            or real(holder, config, *a, **k))
     assert bench.main(["--model", "tiny-random", "--rungs", "baseline", "openvino", "int8", "openvino + int8",
                        "--repeats", "1", "--latent-size", "8", "--head-to-head", "1"]) == 0
+    assert timed_quantized == [True] * 3, "the ladder's timing, then a warm-up and a round in turn: all NNCF's int8"
     record = json.loads((tmp_path / "bench_latency.json").read_text())
     rows = {row["rung"]: row for row in record["rows"]}
     for rung in ("int8", "openvino + int8"):

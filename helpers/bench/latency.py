@@ -59,9 +59,6 @@ def rung_dtype(config: latency.RungConfig) -> torch.dtype:
     return latency.HALF_DTYPES[config.half] if config.half else torch.float32
 
 
-CALIBRATION_STEPS = 4  # an int8 rung is calibrated on this many UNet calls at the schedule's first timesteps
-
-
 def bench_rung(base: latency.UNetOnly, name: str, args, flops: int, rooflines: dict) -> dict:
     strengths = dataclasses.replace(latency.STRENGTHS, deepcache_interval=args.deepcache_interval,
                                     tome_ratio=args.tome_ratio)
@@ -70,12 +67,7 @@ def bench_rung(base: latency.UNetOnly, name: str, args, flops: int, rooflines: d
     try:
         seconds: dict[str, float] = {}
         with timed(seconds, "setup s", base.device):
-            holder = latency.configure(base, config)
-            if config.int8:  # calibrated on a few steps' inputs (PyTorch answers them), then quantized by NNCF
-                sample, text = latency.unet_step_inputs(holder.unet, args.batch_size, args.latent_size)
-                for t in base.scheduler.timesteps[:CALIBRATION_STEPS]:
-                    holder.unet(sample, t, encoder_hidden_states=text)
-                latency.finish_calibration(holder)
+            holder = latency.configure_for_steps(base, config, args.batch_size, args.latent_size)  # int8: calibrated
         row.update(seconds)
         timing = latency.time_unet_steps(holder, config, args.batch_size, args.latent_size, repeats=args.repeats)
     except (latency.RungSkipped, ImportError, RuntimeError, NotImplementedError) as error:

@@ -25,6 +25,7 @@ quality. Read in this order:
 
 from helpers.studies.latency.bottlenecks import (
     capture_stage_calls,
+    configure_for_steps,
     interleaved_step_times,
     stage_bottlenecks,
     time_unet_steps,
@@ -102,11 +103,11 @@ from helpers.studies.latency.speedups import (
 __all__ = [
     "HALF_DTYPES", "Inputs", "LCM_GUIDANCE_SCALE", "Ladder", "OPTIMISATIONS", "PARTS", "RungConfig", "RungResult",
     "RungSkipped", "SAME_ARITHMETIC", "STRENGTHS", "UNetOnly", "apply_speedups", "capture_stage_calls",
-    "compile_unet", "configure", "conv_roofline", "copy_pipeline", "count_flops", "decided_as",
-    "finish_calibration", "fuse_qkv", "generate_config", "half_name", "image_similarity", "interleaved_step_times",
-    "interleaved_times", "matmul_roofline", "networks", "out_of_memory", "owned_bytes", "pareto_front",
-    "parse_rung", "part_timers", "profile_top_ops", "quality", "quality_images", "quantize_int8", "recipe",
-    "recommend", "release_memory", "rooflines", "run_rung", "same_arithmetic_reference", "sd15_prompts",
+    "compile_unet", "configure", "configure_for_steps", "conv_roofline", "copy_pipeline", "count_flops",
+    "decided_as", "finish_calibration", "fuse_qkv", "generate_config", "half_name", "image_similarity",
+    "interleaved_step_times", "interleaved_times", "matmul_roofline", "networks", "out_of_memory", "owned_bytes",
+    "pareto_front", "parse_rung", "part_timers", "profile_top_ops", "quality", "quality_images", "quantize_int8",
+    "recipe", "recommend", "release_memory", "rooflines", "run_rung", "same_arithmetic_reference", "sd15_prompts",
     "sharing_copy", "skip_reason", "slow_bf16_reason", "speedups", "stage_bottlenecks", "time_loads",
     "time_request", "time_unet_steps", "unet_step_inputs", "use_attention_slicing", "use_channels_last",
     "use_classic_attention", "use_deepcache", "use_half", "use_lcm", "use_lcm_lora", "use_openvino",

@@ -12,6 +12,7 @@ from helpers.core.measure import in_turn, measure
 from helpers.studies.latency.ladder import RungResult, UNetOnly, configure, generate_config
 from helpers.studies.latency.profiling import count_flops, profile_top_ops
 from helpers.studies.latency.rungs import Inputs, RungConfig
+from helpers.studies.latency.speedups import finish_calibration
 
 STAGE_MODULES = {"text_encoder": "text_encoder", "controlnet": "controlnet", "unet": "unet", "vae_decode": "vae"}
 
@@ -78,6 +79,23 @@ def unet_step_inputs(unet, batch_size: int, latent_size: int) -> tuple[torch.Ten
     return sample.to(unet.device, dtype), encoder_hidden_states.to(unet.device, dtype)
 
 
+CALIBRATION_STEPS = 4  # an NNCF int8 step is calibrated on this many UNet calls at the schedule's first timesteps
+
+
+def configure_for_steps(base: UNetOnly, config: RungConfig, batch_size: int, latent_size: int) -> UNetOnly:
+    """`configure(base, config)`, ready to time one UNet step: an NNCF int8 rung is calibrated on CALIBRATION_STEPS
+    calls at the schedule's first timesteps (PyTorch answers them) and quantized, as the ladder's warm-up request
+    does for whole pictures; until then its steps would be PyTorch's."""
+    holder = configure(base, config)
+    if config.int8 and config.engine == "openvino":
+        sample, encoder_hidden_states = unet_step_inputs(holder.unet, batch_size, latent_size)
+        holder.scheduler.set_timesteps(max(config.steps, CALIBRATION_STEPS))
+        for t in holder.scheduler.timesteps[:CALIBRATION_STEPS]:
+            holder.unet(sample, t, encoder_hidden_states=encoder_hidden_states)
+        finish_calibration(holder)
+    return holder
+
+
 def time_unet_steps(holder: UNetOnly, config: RungConfig, batch_size: int, latent_size: int, *, repeats: int = 3,
                     warmup: int = 1) -> dict:
     """Median seconds per UNet step of a configured `holder`. A timed call runs `deepcache_interval` consecutive
@@ -104,4 +122,5 @@ def interleaved_step_times(base: UNetOnly, configs: dict[str, RungConfig], batch
     def step_timer(holder: UNetOnly, config: RungConfig) -> Callable[[], float]:
         return lambda: time_unet_steps(holder, config, batch_size, latent_size, repeats=1, warmup=0)["step_s"]
 
-    return in_turn({name: step_timer(configure(base, config), config) for name, config in configs.items()}, rounds)
+    return in_turn({name: step_timer(configure_for_steps(base, config, batch_size, latent_size), config)
+                    for name, config in configs.items()}, rounds)
