@@ -113,7 +113,6 @@ class Budget:
     lcm_full_unet: bool = False  # distil into every UNet weight (the LCM paper's way) instead of a LoRA
     # every N steps the student is scored (LCM_VALIDATION) and the best weights so far are kept; 0: the last are saved
     lcm_validate_every: int = 100
-    lcm_guidance_scale: float = 7.5  # the teacher's guidance folded into the student (the baseline's)
     n_scenes: int = 20000
 
 
@@ -971,7 +970,7 @@ class LCMValidation:
         self.history: list[dict] = []
         self.best: tuple[float, list[torch.Tensor]] | None = None
         self.last_step = 0
-        self._pipe = self._scenes = None
+        self._pipe = self._scenes = self._control = None
 
     def __call__(self, step: int) -> None:
         self.last_step = step
@@ -993,15 +992,17 @@ class LCMValidation:
             self._pipe = load_pipeline("toy", controlnet=LCM_VALIDATION["controlnet"])
             self._pipe.scheduler = LCMScheduler.from_config(self._pipe.scheduler.config)
             self._scenes = sample_scenes(LCM_VALIDATION["n_prompts"], seed=LCM_VALIDATION["seed"])
+            self._control = self._scenes.control_images()
+        training = self.student.training
         self._pipe.unet = self.student.eval()
         scores = {}
         with torch.inference_mode():
             for steps in LCM_VALIDATION["steps"]:
                 images = generate_images(self._pipe, self._scenes.prompts, LCM_VALIDATION["seed"], batch_size=16,
-                                         image=self._scenes.control_images(), num_inference_steps=steps,
+                                         image=self._control, num_inference_steps=steps,
                                          guidance_scale=1.0)
                 scores[f"adherence {steps}"] = prompt_adherence(images, self._scenes.scenes)
-        self.student.train()
+        self.student.train(training)  # back to the mode it trained in
         return scores
 
     def record(self, row: dict) -> None:
@@ -1069,8 +1070,7 @@ def stage_lcm(work: Path, budget: Budget) -> list[float]:
             prompt_embeds = text_encoder(token_ids[idx])[0]  # (B, 77, hidden)
         prediction, lcm_target = lcm_targets_step(student, teacher, latents[idx] * scaling_factor, prompt_embeds,
                                                   uncond.expand_as(prompt_embeds), alphas_cumprod, prediction_type,
-                                                  generator, guidance_scale=budget.lcm_guidance_scale,
-                                                  target_net=target_net)
+                                                  generator, target_net=target_net)
         pixel_weight = object_pixel_weight(data["depths"][idx], prediction.shape[-1], OBJECT_LOSS_WEIGHT)
         loss = optimizer_step(optimizer, pseudo_huber(prediction, lcm_target, pixel_weight))
         with torch.no_grad():
@@ -1129,8 +1129,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the LCM stage's target network: EMA decay of the student (0: the student itself)")
     parser.add_argument("--lcm-validate-every", type=int, default=defaults.lcm_validate_every,
                         help="score the student every N steps and keep the best weights (0: keep the last)")
-    parser.add_argument("--lcm-guidance-scale", type=float, default=defaults.lcm_guidance_scale,
-                        help="the teacher's guidance distilled into the student")
     parser.add_argument("--lcm-full-unet", action="store_true",
                         help="the LCM stage distils into every UNet weight (-> weights/lcm-unet/), not a LoRA")
     parser.add_argument("--threads", type=int, default=2)
